@@ -76,10 +76,13 @@ $(O)/%.o: %.c
 	$(Q)$(CC) $(CFLAGS) -c -o $@ $<
 
 $(LIBINDEX): $(INDEX_OBJ)
+	@mkdir -p $(dir $@)
 	$(Q)rm -f $@ && ar rcs $@ $^
 $(LIBENGINE): $(ENGINE_OBJ)
+	@mkdir -p $(dir $@)
 	$(Q)rm -f $@ && ar rcs $@ $^ $(if $(ENGINE_OBJ),,)
 $(LIBGPU): $(GPU_OBJ)
+	@mkdir -p $(dir $@)
 	$(Q)rm -f $@ && ar rcs $@ $^
 
 $(O)/ckv: $(O)/tools/ckv.o $(LIBENGINE) $(LIBINDEX)

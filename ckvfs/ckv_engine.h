@@ -72,6 +72,13 @@ typedef struct ckv_chunk_ref {
 typedef struct ckv_slot ckv_slot;
 const void *ckv_slot_data(const ckv_slot *s);
 uint64_t ckv_slot_offset(const ckv_slot *s); /* from the arena base */
+/*
+ * ckv_slot_offset() of a detached slot: a chunk outside the arena, in memory
+ * of its own, freed at release. Only CKV_GET_STREAM gets return one, when
+ * the arena holds nothing such a read may evict (see engine.c); use
+ * ckv_slot_data() for it.
+ */
+#define CKV_SLOT_DETACHED UINT64_MAX
 uint64_t ckv_slot_len(const ckv_slot *s);
 
 enum {

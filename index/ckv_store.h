@@ -54,10 +54,13 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 
 /*
  * Publish from memory (ckv gen, engines in-process): tokens and a callback
- * that fills layer l, chunk j (chunk_bytes, zero-padded) of the prefix.
- * Only chunks after the longest stored chain match are asked for.
+ * that fills chunks [first, first+count) of layer l of the prefix into buf
+ * (count * chunk_bytes, each chunk zero-padded). Only chunks after the
+ * longest stored chain match are asked for, in increasing order per layer.
+ * A negative return aborts the publish with that error.
  */
-typedef int (*ckv_chunk_fill_fn)(void *arg, uint32_t layer, uint32_t chunk, void *buf);
+typedef int (*ckv_chunk_fill_fn)(void *arg, uint32_t layer, uint32_t first, uint32_t count,
+				 void *buf);
 int ckv_store_publish(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uint32_t n,
 		      ckv_chunk_fill_fn fill, void *arg, const ckv_import_opts *o,
 		      ckv_import_result *r, ckv_err *e);
@@ -68,6 +71,9 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 
 /* Look up one prefix; *out is the caller's (ckv_manifest_free + free). */
 int ckv_store_get(ckv_store *s, const ckv_hash *h, ckv_manifest **out, ckv_err *e);
+
+/* The tokens of a prefix, read from its segments; *out malloc'ed [m->tokens]. */
+int ckv_store_tokens(ckv_store *s, const ckv_manifest *m, uint32_t **out, ckv_err *e);
 
 /* Iterate every prefix in hash order; stop early when fn returns non-zero (returned). */
 typedef int (*ckv_prefix_fn)(void *arg, const ckv_manifest *m);

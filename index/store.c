@@ -1,0 +1,2449 @@
+/*
+ * store.c — the ckvfs store: segment and manifest files, the LMDB index,
+ * import / publish with chunk dedup, export, match, verify, rm, gc, reindex.
+ *
+ * The files are the truth; LMDB is a cache of what they say. Publishing a
+ * prefix (DESIGN §3.3):
+ *   1. under a shared flock on STORE/lock, write the new chunks as a segment
+ *      in STORE/staging/<id>/, fsync, rename it into seg/xx/<segment id>;
+ *   2. write the store record into prefix/xx/<hash>.json (tmp, fsync, rename);
+ *   3. one LMDB write transaction inserts the prefix, its chain links and the
+ *      segment reference counts. It commits last: until then nothing is visible.
+ * gc takes the flock exclusively, so it never sees an import in flight: any
+ * staging directory, segment without an index row, or record without an
+ * index row it finds is a leftover of a crash.
+ *
+ * LMDB databases (keys that are hashes are canonical big-endian):
+ *   prefix  hash[16]                      -> store record JSON (as the file)
+ *   chain   seed[8 BE] h_j[16]            -> dupsort {prefix[16], j[4 BE], ntok[4 BE]}
+ *   seg     segment id (string)           -> {refcount u32, chunks u32}
+ *   ret     "<segment>/<layer>" 0 chunk[4 BE] -> {I f64, F f64, last i64}
+ *   meta    "version" -> u32, "generation" -> u64
+ */
+#include "ckv_store.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <lmdb.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MANIFEST_MAX (1u << 20)
+#define IO_RUN (4u << 20) /* bytes moved per read/write call */
+
+struct ckv_store {
+	char *path;
+	int dirfd;
+	int lockfd; /* STORE/lock, flock: LOCK_SH by importers, LOCK_EX by gc */
+	MDB_env *env;
+	MDB_dbi db_prefix, db_chain, db_seg, db_ret, db_meta;
+};
+
+/* One adapter for LMDB errors. */
+static int mdb_errno(int rc)
+{
+	switch (rc) {
+	case MDB_SUCCESS:
+		return 0;
+	case MDB_NOTFOUND:
+		return -ENOENT;
+	case MDB_MAP_FULL:
+	case MDB_TXN_FULL:
+		return -ENOSPC;
+	case MDB_READERS_FULL:
+		return -EAGAIN;
+	case MDB_INVALID:
+	case MDB_CORRUPTED:
+	case MDB_PAGE_NOTFOUND:
+		return -EUCLEAN;
+	case MDB_VERSION_MISMATCH:
+		return -EPROTONOSUPPORT;
+	default:
+		return rc > 0 ? -rc : -EIO;
+	}
+}
+
+/* ---- small file helpers ------------------------------------------------------ */
+
+static int write_all(int fd, const void *buf, size_t len, off_t off)
+{
+	const char *p = buf;
+	while (len) {
+		ssize_t w = off >= 0 ? pwrite(fd, p, len, off) : write(fd, p, len);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += w;
+		len -= (size_t)w;
+		if (off >= 0)
+			off += w;
+	}
+	return 0;
+}
+
+static int read_all(int fd, void *buf, size_t len, off_t off)
+{
+	char *p = buf;
+	while (len) {
+		ssize_t r = pread(fd, p, len, off);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (r == 0)
+			return -ENODATA; /* short file */
+		p += r;
+		len -= (size_t)r;
+		off += r;
+	}
+	return 0;
+}
+
+static int fsync_dir(int dirfd, const char *rel)
+{
+	int fd = openat(dirfd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int rc = 0;
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) < 0)
+		rc = -errno;
+	close(fd);
+	return rc;
+}
+
+/* Write a whole small file atomically: tmp, fsync, rename, fsync dir. */
+static int write_file_atomic(int dirfd, const char *dir, const char *name, const void *buf,
+			     size_t len)
+{
+	char tmp[512], dst[512];
+	int fd, rc;
+
+	snprintf(tmp, sizeof(tmp), "%s/.%s.%d.tmp", dir, name, (int)getpid());
+	snprintf(dst, sizeof(dst), "%s/%s", dir, name);
+	fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return -errno;
+	rc = write_all(fd, buf, len, 0);
+	if (!rc && fsync(fd) < 0)
+		rc = -errno;
+	close(fd);
+	if (!rc && renameat(dirfd, tmp, dirfd, dst) < 0)
+		rc = -errno;
+	if (rc)
+		unlinkat(dirfd, tmp, 0);
+	else
+		rc = fsync_dir(dirfd, dir);
+	return rc;
+}
+
+/* Read a whole regular file (no symlinks) of at most max bytes. */
+static int slurp_at(int dirfd, const char *rel, size_t max, char **out, size_t *len)
+{
+	struct stat st;
+	char *buf;
+	int fd, rc;
+
+	fd = openat(dirfd, rel, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0) {
+		rc = -errno;
+		goto out_close;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		rc = -EINVAL;
+		goto out_close;
+	}
+	if ((uint64_t)st.st_size > max) {
+		rc = -EFBIG;
+		goto out_close;
+	}
+	buf = malloc((size_t)st.st_size + 1);
+	if (!buf) {
+		rc = -ENOMEM;
+		goto out_close;
+	}
+	rc = read_all(fd, buf, (size_t)st.st_size, 0);
+	if (rc) {
+		free(buf);
+		goto out_close;
+	}
+	buf[st.st_size] = 0;
+	*out = buf;
+	*len = (size_t)st.st_size;
+out_close:
+	close(fd);
+	return rc;
+}
+
+/* Remove a directory tree below dirfd; adds freed bytes to *bytes. */
+static int rm_tree(int at, const char *rel, uint64_t *bytes)
+{
+	struct stat st;
+	DIR *d;
+	struct dirent *de;
+	int fd, rc = 0;
+
+	if (fstatat(at, rel, &st, AT_SYMLINK_NOFOLLOW) < 0)
+		return errno == ENOENT ? 0 : -errno;
+	if (!S_ISDIR(st.st_mode)) {
+		if (bytes)
+			*bytes += (uint64_t)st.st_blocks * 512;
+		return unlinkat(at, rel, 0) < 0 && errno != ENOENT ? -errno : 0;
+	}
+	fd = openat(at, rel, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	d = fdopendir(fd);
+	if (!d) {
+		close(fd);
+		return -errno;
+	}
+	while ((de = readdir(d))) {
+		int r;
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		r = rm_tree(dirfd(d), de->d_name, bytes);
+		if (r && !rc)
+			rc = r;
+	}
+	closedir(d);
+	if (unlinkat(at, rel, AT_REMOVEDIR) < 0 && errno != ENOENT && !rc)
+		rc = -errno;
+	return rc;
+}
+
+static uint64_t tree_bytes(int at, const char *rel)
+{
+	struct stat st;
+	DIR *d;
+	struct dirent *de;
+	uint64_t sum = 0;
+	int fd;
+
+	if (fstatat(at, rel, &st, AT_SYMLINK_NOFOLLOW) < 0)
+		return 0;
+	if (!S_ISDIR(st.st_mode))
+		return (uint64_t)st.st_blocks * 512;
+	fd = openat(at, rel, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 || !(d = fdopendir(fd))) {
+		if (fd >= 0)
+			close(fd);
+		return 0;
+	}
+	while ((de = readdir(d)))
+		if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+			sum += tree_bytes(dirfd(d), de->d_name);
+	closedir(d);
+	return sum;
+}
+
+static void prefix_rel(const ckv_hash *h, char *dir, size_t dlen, char *name, size_t nlen)
+{
+	char hex[CKV_HASH_HEX + 1];
+	ckv_hash_hex(h, hex);
+	snprintf(dir, dlen, "prefix/%.2s", hex);
+	snprintf(name, nlen, "%s.json", hex);
+}
+
+void ckv_segment_path(const char *segid, char *out, size_t len)
+{
+	snprintf(out, len, "seg/%.2s/%s", segid, segid);
+}
+
+/* ---- open / init ------------------------------------------------------------- */
+
+static int open_env(ckv_store *s, ckv_err *e)
+{
+	MDB_txn *txn;
+	int rc;
+	char idx[4096];
+
+	snprintf(idx, sizeof(idx), "%s/index", s->path);
+	if ((rc = mdb_env_create(&s->env)))
+		return ckv_errf(e, mdb_errno(rc), "%s: lmdb: %s", idx, mdb_strerror(rc));
+	mdb_env_set_maxdbs(s->env, 8);
+	mdb_env_set_maxreaders(s->env, 1024);
+	mdb_env_set_mapsize(s->env, (size_t)64 << 30);
+	rc = mdb_env_open(s->env, idx, MDB_NOTLS, 0644);
+	if (rc) {
+		rc = ckv_errf(e, mdb_errno(rc), "%s: cannot open the index: %s", idx, mdb_strerror(rc));
+		goto out_close;
+	}
+	if ((rc = mdb_txn_begin(s->env, NULL, 0, &txn))) {
+		rc = ckv_errf(e, mdb_errno(rc), "%s: %s", idx, mdb_strerror(rc));
+		goto out_close;
+	}
+	if ((rc = mdb_dbi_open(txn, "prefix", MDB_CREATE, &s->db_prefix)) ||
+	    (rc = mdb_dbi_open(txn, "chain", MDB_CREATE | MDB_DUPSORT | MDB_DUPFIXED, &s->db_chain)) ||
+	    (rc = mdb_dbi_open(txn, "seg", MDB_CREATE, &s->db_seg)) ||
+	    (rc = mdb_dbi_open(txn, "ret", MDB_CREATE, &s->db_ret)) ||
+	    (rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &s->db_meta))) {
+		mdb_txn_abort(txn);
+		rc = ckv_errf(e, mdb_errno(rc), "%s: %s", idx, mdb_strerror(rc));
+		goto out_close;
+	}
+	{
+		MDB_val k = { 7, (void *)"version" }, v;
+		uint32_t ver = CKV_FORMAT_VERSION;
+		rc = mdb_get(txn, s->db_meta, &k, &v);
+		if (rc == MDB_NOTFOUND) {
+			v.mv_size = 4;
+			v.mv_data = &ver;
+			rc = mdb_put(txn, s->db_meta, &k, &v, 0);
+		} else if (rc == 0 && (v.mv_size != 4 || memcmp(v.mv_data, &ver, 4) != 0)) {
+			mdb_txn_abort(txn);
+			rc = ckv_errf(e, -EPROTONOSUPPORT, "%s: index format version differs from this build's (%u); run ckv reindex",
+				      idx, CKV_FORMAT_VERSION);
+			goto out_close;
+		}
+	}
+	if (rc || (rc = mdb_txn_commit(txn))) {
+		if (rc)
+			mdb_txn_abort(txn);
+		rc = ckv_errf(e, mdb_errno(rc), "%s: %s", idx, mdb_strerror(rc));
+		goto out_close;
+	}
+	return 0;
+out_close:
+	mdb_env_close(s->env);
+	s->env = NULL;
+	return rc;
+}
+
+int ckv_store_init(const char *path, ckv_err *e)
+{
+	static const char *const dirs[] = { "index", "seg", "prefix", "staging" };
+	ckv_store *s;
+	int rc;
+
+	if (mkdir(path, 0755) < 0 && errno != EEXIST)
+		return ckv_errf(e, -errno, "%s: cannot create: %s", path, strerror(errno));
+	for (size_t i = 0; i < sizeof(dirs) / sizeof(dirs[0]); i++) {
+		char p[4096];
+		snprintf(p, sizeof(p), "%s/%s", path, dirs[i]);
+		if (mkdir(p, 0755) < 0 && errno != EEXIST)
+			return ckv_errf(e, -errno, "%s: cannot create: %s", p, strerror(errno));
+	}
+	{
+		char p[4096];
+		int fd;
+		snprintf(p, sizeof(p), "%s/lock", path);
+		fd = open(p, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+		if (fd < 0)
+			return ckv_errf(e, -errno, "%s: cannot create: %s", p, strerror(errno));
+		close(fd);
+	}
+	rc = ckv_store_open(path, &s, e);
+	if (rc)
+		return rc;
+	ckv_store_close(s);
+	return 0;
+}
+
+int ckv_store_open(const char *path, ckv_store **out, ckv_err *e)
+{
+	ckv_store *s;
+	struct stat st;
+	int rc;
+
+	if (stat(path, &st) < 0)
+		return ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
+	if (!S_ISDIR(st.st_mode))
+		return ckv_errf(e, -ENOTDIR, "%s: not a directory", path);
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->lockfd = -1;
+	s->path = strdup(path);
+	if (!s->path) {
+		rc = -ENOMEM;
+		goto out_free;
+	}
+	s->dirfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (s->dirfd < 0) {
+		rc = ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
+		goto out_free;
+	}
+	if (faccessat(s->dirfd, "index", F_OK, 0) < 0 || faccessat(s->dirfd, "seg", F_OK, 0) < 0 ||
+	    faccessat(s->dirfd, "prefix", F_OK, 0) < 0) {
+		rc = ckv_errf(e, -ENOENT, "%s: not a ckv store (no index/, seg/ or prefix/; create one with 'ckv init')", path);
+		goto out_closefd;
+	}
+	mkdirat(s->dirfd, "staging", 0755);
+	s->lockfd = openat(s->dirfd, "lock", O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	if (s->lockfd < 0)
+		s->lockfd = openat(s->dirfd, "lock", O_RDONLY | O_CLOEXEC);
+	if (s->lockfd < 0) {
+		rc = ckv_errf(e, -errno, "%s/lock: %s", path, strerror(errno));
+		goto out_closefd;
+	}
+	rc = open_env(s, e);
+	if (rc)
+		goto out_closefd;
+	*out = s;
+	return 0;
+out_closefd:
+	if (s->lockfd >= 0)
+		close(s->lockfd);
+	close(s->dirfd);
+out_free:
+	free(s->path);
+	free(s);
+	return rc;
+}
+
+void ckv_store_close(ckv_store *s)
+{
+	if (!s)
+		return;
+	mdb_env_close(s->env);
+	close(s->lockfd);
+	close(s->dirfd);
+	free(s->path);
+	free(s);
+}
+
+const char *ckv_store_path(const ckv_store *s)
+{
+	return s->path;
+}
+
+int ckv_store_dirfd(const ckv_store *s)
+{
+	return s->dirfd;
+}
+
+/* ---- index records ------------------------------------------------------------- */
+
+static void be32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)(v >> 24);
+	p[1] = (uint8_t)(v >> 16);
+	p[2] = (uint8_t)(v >> 8);
+	p[3] = (uint8_t)v;
+}
+
+static uint32_t lbe32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void chain_key(uint8_t k[24], uint64_t seed, const ckv_hash *h)
+{
+	ckv_sum_store(k, seed);
+	memcpy(k + 8, h->b, 16);
+}
+
+struct chain_val {
+	uint8_t prefix[16];
+	uint8_t j[4];
+	uint8_t ntok[4];
+};
+
+static void chain_val_make(struct chain_val *v, const ckv_hash *prefix, uint32_t j, uint32_t ntok)
+{
+	memcpy(v->prefix, prefix->b, 16);
+	be32(v->j, j);
+	be32(v->ntok, ntok);
+}
+
+struct seg_val {
+	uint32_t refs;
+	uint32_t chunks;
+};
+
+static int get_record(ckv_store *s, MDB_txn *txn, const ckv_hash *h, ckv_manifest *m, ckv_err *e)
+{
+	MDB_val k = { 16, (void *)h->b }, v;
+	char hex[CKV_HASH_HEX + 1];
+	int rc = mdb_get(txn, s->db_prefix, &k, &v);
+	if (rc)
+		return mdb_errno(rc);
+	ckv_hash_hex(h, hex);
+	return ckv_manifest_parse(m, v.mv_data, v.mv_size, true, hex, e);
+}
+
+static int bump_generation(ckv_store *s, MDB_txn *txn)
+{
+	MDB_val k = { 10, (void *)"generation" }, v;
+	uint64_t g = 0;
+	if (mdb_get(txn, s->db_meta, &k, &v) == 0 && v.mv_size == 8)
+		memcpy(&g, v.mv_data, 8);
+	g++;
+	v.mv_size = 8;
+	v.mv_data = &g;
+	return mdb_errno(mdb_put(txn, s->db_meta, &k, &v, 0));
+}
+
+int ckv_store_generation(ckv_store *s, uint64_t *gen, uint64_t *nprefixes)
+{
+	MDB_txn *txn;
+	MDB_val k = { 10, (void *)"generation" }, v;
+	MDB_stat st;
+	int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+	if (rc)
+		return mdb_errno(rc);
+	*gen = 0;
+	if (mdb_get(txn, s->db_meta, &k, &v) == 0 && v.mv_size == 8)
+		memcpy(gen, v.mv_data, 8);
+	if (nprefixes) {
+		mdb_stat(txn, s->db_prefix, &st);
+		*nprefixes = st.ms_entries;
+	}
+	mdb_txn_abort(txn);
+	return 0;
+}
+
+int ckv_store_get(ckv_store *s, const ckv_hash *h, ckv_manifest **out, ckv_err *e)
+{
+	MDB_txn *txn;
+	ckv_manifest *m;
+	char hex[CKV_HASH_HEX + 1];
+	int rc;
+
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+	if (rc) {
+		free(m);
+		return mdb_errno(rc);
+	}
+	rc = get_record(s, txn, h, m, e);
+	mdb_txn_abort(txn);
+	if (rc) {
+		free(m);
+		if (rc == -ENOENT) {
+			ckv_hash_hex(h, hex);
+			ckv_errf(e, rc, "%s: no such prefix in %s", hex, s->path);
+		}
+		return rc;
+	}
+	*out = m;
+	return 0;
+}
+
+int ckv_store_list(ckv_store *s, ckv_prefix_fn fn, void *arg)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, op = MDB_FIRST;
+
+	/* Copy out in batches so the read transaction stays short. */
+	uint8_t last[16];
+	bool have_last = false;
+	for (;;) {
+		ckv_manifest batch[64];
+		int nb = 0;
+		rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+		if (rc)
+			return mdb_errno(rc);
+		rc = mdb_cursor_open(txn, s->db_prefix, &cur);
+		if (rc) {
+			mdb_txn_abort(txn);
+			return mdb_errno(rc);
+		}
+		if (have_last) {
+			k.mv_size = 16;
+			k.mv_data = last;
+			rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+			if (rc == 0 && k.mv_size == 16 && memcmp(k.mv_data, last, 16) == 0)
+				rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+		} else {
+			rc = mdb_cursor_get(cur, &k, &v, op);
+		}
+		while (rc == 0 && nb < 64) {
+			if (ckv_manifest_parse(&batch[nb], v.mv_data, v.mv_size, true, "index", NULL) == 0)
+				nb++;
+			memcpy(last, k.mv_data, 16);
+			have_last = true;
+			rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+		}
+		mdb_cursor_close(cur);
+		mdb_txn_abort(txn);
+		bool more = rc == 0;
+		int stop = 0;
+		for (int i = 0; i < nb; i++) {
+			if (!stop)
+				stop = fn(arg, &batch[i]);
+			ckv_manifest_free(&batch[i]);
+		}
+		if (stop)
+			return stop;
+		if (!more)
+			return 0;
+	}
+}
+
+/* ---- match ---------------------------------------------------------------------- */
+
+static int chain_lookup(ckv_store *s, MDB_txn *txn, uint64_t seed, const ckv_hash *h,
+			struct chain_val *out)
+{
+	uint8_t key[24];
+	MDB_val k = { 24, key }, v;
+	int rc;
+	chain_key(key, seed, h);
+	rc = mdb_get(txn, s->db_chain, &k, &v);
+	if (rc)
+		return mdb_errno(rc);
+	if (v.mv_size != sizeof(*out))
+		return -EUCLEAN;
+	memcpy(out, v.mv_data, sizeof(*out));
+	return 0;
+}
+
+/*
+ * Largest j < m with chain[j] stored (full chunks only: full_limit), by binary
+ * search; -1 if none. Relies on: h_j stored implies h_i stored for i < j.
+ */
+static int64_t chain_search(ckv_store *s, MDB_txn *txn, uint64_t seed, const ckv_hash *chain,
+			    uint32_t limit, struct chain_val *hit, uint32_t *lookups)
+{
+	int64_t lo = 0, hi = (int64_t)limit - 1, best = -1;
+	struct chain_val cv;
+	while (lo <= hi) {
+		int64_t mid = lo + (hi - lo) / 2;
+		(*lookups)++;
+		if (chain_lookup(s, txn, seed, &chain[mid], &cv) == 0) {
+			best = mid;
+			*hit = cv;
+			lo = mid + 1;
+		} else {
+			hi = mid - 1;
+		}
+	}
+	return best;
+}
+
+int ckv_store_match(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uint32_t n,
+		    ckv_hash *h, uint32_t *matched, uint32_t *lookups)
+{
+	uint32_t c = g->chunk_tokens, m = ckv_chunks_for(n, c), full = n / c;
+	ckv_hash *chain;
+	struct chain_val hit;
+	MDB_txn *txn;
+	uint32_t lk = 0;
+	int64_t j;
+	int rc;
+
+	*matched = 0;
+	if (n == 0)
+		goto out_none;
+	chain = malloc(sizeof(*chain) * m);
+	if (!chain)
+		return -ENOMEM;
+	ckv_chain(g, tokens, n, chain);
+	rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+	if (rc) {
+		free(chain);
+		return mdb_errno(rc);
+	}
+	j = chain_search(s, txn, g->seed, chain, full, &hit, &lk);
+	if (j >= 0)
+		*matched = (uint32_t)(j + 1) * c;
+	/* The tail: a stored prefix may end inside the next chunk. */
+	{
+		uint32_t base = (uint32_t)(j + 1) * c;
+		uint32_t avail = n - base < c ? n - base : c;
+		for (uint32_t k = avail; k >= 1 && base < n; k--) {
+			ckv_hash t;
+			struct chain_val cv;
+			ckv_chain_step(j >= 0 ? &chain[j] : NULL, tokens + base, k, g->seed, &t);
+			lk++;
+			if (chain_lookup(s, txn, g->seed, &t, &cv) == 0) {
+				hit = cv;
+				*matched = base + k;
+				break;
+			}
+		}
+	}
+	mdb_txn_abort(txn);
+	free(chain);
+	if (*matched)
+		memcpy(h->b, hit.prefix, 16);
+out_none:
+	if (lookups)
+		*lookups = lk;
+	return 0;
+}
+
+/* ---- publish ------------------------------------------------------------------ */
+
+static void maybe_crash(const ckv_import_opts *o, const char *stage)
+{
+	const char *at = o && o->crash_at ? o->crash_at : getenv("CKV_CRASH_AT");
+	if (at && strcmp(at, stage) == 0)
+		kill(getpid(), SIGKILL);
+}
+
+struct publish_src {
+	ckv_chunk_fill_fn fill;
+	void *arg;
+	/* Called once the shared chunk count is known, before anything is written. */
+	int (*check_shared)(void *arg, uint32_t shared, ckv_err *e);
+	const ckv_manifest *times; /* file times to keep, or NULL */
+};
+
+static void progress(const ckv_import_opts *o, const char *what, uint64_t done, uint64_t total)
+{
+	if (o && o->progress)
+		o->progress(o->progress_arg, what, done, total);
+}
+
+/* Write chunks [s0, m) of the prefix as a segment directory at dirfd/rel. */
+static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geom *g,
+			 const uint32_t *tokens, uint32_t n, uint32_t s0, uint32_t m,
+			 const struct publish_src *src, const ckv_import_opts *o, uint64_t *written,
+			 ckv_err *e)
+{
+	uint32_t k = m - s0, c = g->chunk_tokens;
+	uint64_t cb = g->chunk_bytes, total = (uint64_t)k * cb * g->layers, done = 0;
+	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
+	size_t dper = (size_t)g->kv_heads * g->head_dim;
+	uint8_t *buf = NULL, *sums = NULL, hdr[CKV_SIDE_HEADER];
+	float *dig = NULL;
+	ckv_side_header sh;
+	char name[64];
+	int fd = -1, rc;
+	(void)s;
+
+	if (mkdirat(dirfd, rel, 0755) < 0)
+		return ckv_errf(e, -errno, "%s: cannot create segment directory: %s", rel, strerror(errno));
+	buf = aligned_alloc(CKV_ALIGN, (size_t)run * cb);
+	sums = malloc((size_t)k * g->layers * 8);
+	dig = malloc(sizeof(float) * dper * k * g->layers);
+	if (!buf || !sums || !dig) {
+		rc = -ENOMEM;
+		goto out_free;
+	}
+	for (uint32_t l = 0; l < g->layers; l++) {
+		char path[600];
+		ckv_layer_name(l, name);
+		snprintf(path, sizeof(path), "%s/%s", rel, name);
+		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+		if (fd < 0) {
+			rc = ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
+			goto out_free;
+		}
+		for (uint32_t j = s0; j < m; j += run) {
+			uint32_t cnt = m - j < run ? m - j : run;
+			memset(buf, 0, (size_t)cnt * cb);
+			rc = src->fill(src->arg, l, j, cnt, buf);
+			if (rc < 0)
+				goto out_close;
+			for (uint32_t i = 0; i < cnt; i++) {
+				uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= n ? c : n - jj * c;
+				uint8_t *ch = buf + (size_t)i * cb;
+				size_t idx = (size_t)l * k + (jj - s0);
+				ckv_sum_store(sums + idx * 8, ckv_chunk_sum(ch, cb));
+				ckv_chunk_digest(g, ch, valid, dig + idx * dper);
+			}
+			rc = write_all(fd, buf, (size_t)cnt * cb, (off_t)(j - s0) * (off_t)cb);
+			if (rc) {
+				rc = ckv_errf(e, rc, "%s: write: %s", path, strerror(-rc));
+				goto out_close;
+			}
+			done += (uint64_t)cnt * cb;
+			progress(o, "import", done, total);
+		}
+		if (fsync(fd) < 0) {
+			rc = ckv_errf(e, -errno, "%s: fsync: %s", path, strerror(errno));
+			goto out_close;
+		}
+		close(fd);
+		fd = -1;
+	}
+	*written = total;
+
+	/* tokens.bin of the segment */
+	{
+		uint32_t t0 = s0 * c, nt = n - t0;
+		uint8_t *tb = malloc((size_t)nt * 4);
+		char path[600];
+		if (!tb) {
+			rc = -ENOMEM;
+			goto out_free;
+		}
+		for (uint32_t i = 0; i < nt; i++) {
+			uint32_t t = tokens[t0 + i];
+			tb[4 * i] = (uint8_t)t;
+			tb[4 * i + 1] = (uint8_t)(t >> 8);
+			tb[4 * i + 2] = (uint8_t)(t >> 16);
+			tb[4 * i + 3] = (uint8_t)(t >> 24);
+		}
+		snprintf(path, sizeof(path), "%s/tokens.bin", rel);
+		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+		rc = fd < 0 ? -errno : write_all(fd, tb, (size_t)nt * 4, 0);
+		free(tb);
+		if (!rc && fsync(fd) < 0)
+			rc = -errno;
+		if (rc) {
+			rc = ckv_errf(e, rc, "%s: %s", path, strerror(-rc));
+			goto out_close;
+		}
+		close(fd);
+		fd = -1;
+	}
+	/* sums.xxh3 and digest.bin */
+	for (int which = 0; which < 2; which++) {
+		char path[600];
+		memset(&sh, 0, sizeof(sh));
+		memcpy(sh.magic, which ? CKV_DIGEST_MAGIC : CKV_SUMS_MAGIC, 8);
+		sh.version = CKV_FORMAT_VERSION;
+		sh.layers = g->layers;
+		sh.chunks = k;
+		sh.per_chunk = which ? (uint32_t)dper : 1;
+		ckv_side_header_encode(&sh, hdr);
+		snprintf(path, sizeof(path), "%s/%s", rel, which ? "digest.bin" : "sums.xxh3");
+		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+		rc = fd < 0 ? -errno : write_all(fd, hdr, sizeof(hdr), 0);
+		if (!rc)
+			rc = which ? write_all(fd, dig, sizeof(float) * dper * k * g->layers, CKV_SIDE_HEADER)
+				   : write_all(fd, sums, (size_t)k * g->layers * 8, CKV_SIDE_HEADER);
+		if (!rc && fsync(fd) < 0)
+			rc = -errno;
+		if (rc) {
+			rc = ckv_errf(e, rc, "%s: %s", path, strerror(-rc));
+			goto out_close;
+		}
+		close(fd);
+		fd = -1;
+	}
+	rc = fsync_dir(dirfd, rel);
+out_close:
+	if (fd >= 0)
+		close(fd);
+out_free:
+	free(buf);
+	free(sums);
+	free(dig);
+	return rc;
+}
+
+/* Take chunks [0, count) of prefix p as extents. */
+static int extents_prefix(const ckv_manifest *p, uint32_t count, ckv_extent *out, uint32_t *n)
+{
+	uint32_t left = count, k = 0;
+	for (uint32_t i = 0; i < p->nextents && left; i++) {
+		out[k] = p->extents[i];
+		if (out[k].count > left)
+			out[k].count = left;
+		left -= out[k].count;
+		k++;
+	}
+	*n = k;
+	return left ? -EUCLEAN : 0;
+}
+
+static int staging_create(ckv_store *s, char *rel, size_t len, int *lockfd, ckv_err *e)
+{
+	char lk[600];
+	for (int tries = 0; tries < 100; tries++) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		snprintf(rel, len, "staging/%d-%08lx-%d", (int)getpid(),
+			 (unsigned long)(ts.tv_nsec ^ (ts.tv_sec << 12)), tries);
+		if (mkdirat(s->dirfd, rel, 0755) == 0)
+			break;
+		if (errno != EEXIST)
+			return ckv_errf(e, -errno, "%s/%s: %s", s->path, rel, strerror(errno));
+	}
+	snprintf(lk, sizeof(lk), "%s/.lock", rel);
+	*lockfd = openat(s->dirfd, lk, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	if (*lockfd < 0 || flock(*lockfd, LOCK_EX) < 0) {
+		int err = errno;
+		if (*lockfd >= 0)
+			close(*lockfd);
+		rm_tree(s->dirfd, rel, NULL);
+		return ckv_errf(e, -err, "%s/%s: %s", s->path, rel, strerror(err));
+	}
+	return 0;
+}
+
+/* The LMDB transaction that makes the prefix visible. -EAGAIN: retry without dedup. */
+static int commit_prefix(ckv_store *s, const ckv_manifest *m, const ckv_hash *chain,
+			 const char *newseg, uint32_t newseg_chunks, const char *record,
+			 size_t reclen, bool *existed)
+{
+	MDB_txn *txn;
+	MDB_val k, v;
+	int rc;
+
+	rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+	if (rc)
+		return mdb_errno(rc);
+	k.mv_size = 16;
+	k.mv_data = (void *)m->hash.b;
+	if (mdb_get(txn, s->db_prefix, &k, &v) == 0) {
+		*existed = true;
+		rc = 0;
+		goto out_abort;
+	}
+	/* Every referenced segment must still be alive (gc may have run). */
+	for (uint32_t i = 0; i < m->nextents; i++) {
+		struct seg_val sv;
+		MDB_val sk = { strlen(m->extents[i].segment), (void *)m->extents[i].segment }, svv;
+		bool fresh = newseg && strcmp(newseg, m->extents[i].segment) == 0;
+		rc = mdb_get(txn, s->db_seg, &sk, &svv);
+		if (rc == MDB_NOTFOUND && fresh) {
+			sv.refs = 0;
+			sv.chunks = newseg_chunks;
+		} else if (rc == 0 && svv.mv_size == sizeof(sv)) {
+			memcpy(&sv, svv.mv_data, sizeof(sv));
+			if (sv.refs == 0 && !fresh) {
+				rc = -EAGAIN;
+				goto out_abort;
+			}
+		} else if (rc == MDB_NOTFOUND) {
+			rc = -EAGAIN;
+			goto out_abort;
+		} else {
+			rc = mdb_errno(rc);
+			goto out_abort;
+		}
+		/* one reference per prefix, even if it names a segment twice */
+		bool seen = false;
+		for (uint32_t q = 0; q < i; q++)
+			seen |= strcmp(m->extents[q].segment, m->extents[i].segment) == 0;
+		if (!seen)
+			sv.refs++;
+		svv.mv_size = sizeof(sv);
+		svv.mv_data = &sv;
+		if ((rc = mdb_put(txn, s->db_seg, &sk, &svv, 0))) {
+			rc = mdb_errno(rc);
+			goto out_abort;
+		}
+	}
+	for (uint32_t j = 0; j < m->chunks; j++) {
+		uint8_t key[24];
+		struct chain_val cv;
+		uint32_t c = m->geom.chunk_tokens;
+		uint32_t ntok = (j + 1) * (uint64_t)c <= m->tokens ? c : m->tokens - j * c;
+		MDB_val ck = { 24, key }, cvv = { sizeof(cv), &cv };
+		chain_key(key, m->geom.seed, &chain[j]);
+		chain_val_make(&cv, &m->hash, j, ntok);
+		if ((rc = mdb_put(txn, s->db_chain, &ck, &cvv, MDB_NODUPDATA)) && rc != MDB_KEYEXIST) {
+			rc = mdb_errno(rc);
+			goto out_abort;
+		}
+	}
+	v.mv_size = reclen;
+	v.mv_data = (void *)record;
+	if ((rc = mdb_put(txn, s->db_prefix, &k, &v, 0)) || (rc = bump_generation(s, txn))) {
+		rc = rc > 0 ? mdb_errno(rc) : rc;
+		goto out_abort;
+	}
+	return mdb_errno(mdb_txn_commit(txn));
+out_abort:
+	mdb_txn_abort(txn);
+	return rc;
+}
+
+static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uint32_t n,
+			const struct publish_src *src, const ckv_import_opts *o,
+			ckv_import_result *r, ckv_err *e)
+{
+	uint32_t c = g->chunk_tokens, m = ckv_chunks_for(n, c);
+	ckv_hash *chain = NULL;
+	ckv_manifest man, *base = NULL;
+	char staging[256] = "", segid[80] = "", pdir[64], pname[64];
+	char *record = NULL;
+	size_t reclen;
+	int lockfd = -1, rc;
+	bool locked = false, seg_created = false;
+
+	memset(r, 0, sizeof(*r));
+	memset(&man, 0, sizeof(man));
+	if (n == 0 || n > CKV_MAX_TOKENS)
+		return ckv_errf(e, -EINVAL, "tokens: expected 1..%u tokens, got %u", CKV_MAX_TOKENS, n);
+	chain = malloc(sizeof(*chain) * m);
+	man.extents = calloc(m + 1, sizeof(*man.extents));
+	if (!chain || !man.extents) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	ckv_chain(g, tokens, n, chain);
+	man.geom = *g;
+	man.tokens = n;
+	man.chunks = m;
+	man.hash = chain[m - 1];
+	r->hash = man.hash;
+	if (src->times) {
+		man.has_times = src->times->has_times;
+		man.t_manifest = src->times->t_manifest;
+		man.t_tokens = src->times->t_tokens;
+		man.t_sums = src->times->t_sums;
+		man.t_layers = src->times->t_layers; /* borrowed: cleared before free */
+	}
+	man.created = time(NULL);
+
+	if (flock(s->lockfd, LOCK_SH) < 0) {
+		rc = ckv_errf(e, -errno, "%s/lock: %s", s->path, strerror(errno));
+		goto out;
+	}
+	locked = true;
+
+	for (int attempt = 0; attempt < 4; attempt++) {
+		uint32_t shared = 0, nx = 0;
+		bool existed = false;
+		MDB_txn *txn;
+
+		/* Longest full-chunk chain match (dedup base). */
+		rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+		if (rc) {
+			rc = mdb_errno(rc);
+			goto out;
+		}
+		{
+			MDB_val k = { 16, man.hash.b }, v;
+			if (mdb_get(txn, s->db_prefix, &k, &v) == 0) {
+				mdb_txn_abort(txn);
+				r->existed = true;
+				rc = src->check_shared ? src->check_shared(src->arg, m, e) : 0;
+				goto out;
+			}
+		}
+		if (attempt < 3) {
+			struct chain_val hit;
+			uint32_t lk = 0;
+			int64_t j = chain_search(s, txn, g->seed, chain, n / c, &hit, &lk);
+			if (j >= 0) {
+				ckv_hash ph;
+				memcpy(ph.b, hit.prefix, 16);
+				base = calloc(1, sizeof(*base));
+				if (!base || get_record(s, txn, &ph, base, NULL) < 0) {
+					free(base);
+					base = NULL;
+				} else {
+					shared = (uint32_t)j + 1;
+				}
+			}
+		}
+		mdb_txn_abort(txn);
+		if (base) {
+			rc = extents_prefix(base, shared, man.extents, &nx);
+			ckv_manifest_free(base);
+			free(base);
+			base = NULL;
+			if (rc) {
+				shared = 0;
+				nx = 0;
+			}
+		}
+		if (src->check_shared && (rc = src->check_shared(src->arg, shared, e)) < 0)
+			goto out;
+
+		/* New chunks go to a fresh segment. */
+		if (shared < m && !seg_created) {
+			char rel[300], dst[300], dstdir[16];
+			rc = staging_create(s, staging, sizeof(staging), &lockfd, e);
+			if (rc)
+				goto out;
+			maybe_crash(o, "staging");
+			ckv_segment_id(&chain[m - 1], shared, segid);
+			snprintf(rel, sizeof(rel), "%s/seg", staging);
+			rc = write_segment(s, s->dirfd, rel, g, tokens, n, shared, m, src, o,
+					   &r->bytes_written, e);
+			if (rc)
+				goto out;
+			maybe_crash(o, "segment");
+			snprintf(dstdir, sizeof(dstdir), "seg/%.2s", segid);
+			mkdirat(s->dirfd, dstdir, 0755);
+			ckv_segment_path(segid, dst, sizeof(dst));
+			if (renameat(s->dirfd, rel, s->dirfd, dst) < 0) {
+				if (errno != EEXIST && errno != ENOTEMPTY) {
+					rc = ckv_errf(e, -errno, "%s/%s: %s", s->path, dst, strerror(errno));
+					goto out;
+				}
+				/* An identical segment is already there (concurrent import). */
+			}
+			rc = fsync_dir(s->dirfd, dstdir);
+			if (rc)
+				goto out;
+			seg_created = true;
+			r->new_chunks = m - shared;
+		}
+		if (shared < m) {
+			ckv_extent *x = &man.extents[nx++];
+			snprintf(x->segment, sizeof(x->segment), "%s", segid);
+			x->first = 0;
+			x->count = m - shared;
+		}
+		man.nextents = nx;
+		r->shared_chunks = shared;
+
+		free(record);
+		record = NULL;
+		rc = ckv_manifest_emit(&man, true, &record, &reclen);
+		if (rc)
+			goto out;
+		prefix_rel(&man.hash, pdir, sizeof(pdir), pname, sizeof(pname));
+		mkdirat(s->dirfd, pdir, 0755);
+		rc = write_file_atomic(s->dirfd, pdir, pname, record, reclen);
+		if (rc) {
+			rc = ckv_errf(e, rc, "%s/%s/%s: %s", s->path, pdir, pname, strerror(-rc));
+			goto out;
+		}
+		maybe_crash(o, "manifest");
+		rc = commit_prefix(s, &man, chain, seg_created ? segid : NULL, m - shared, record,
+				   reclen, &existed);
+		if (rc == -EAGAIN) {
+			/* A dedup base vanished under us: retry, last time without dedup. */
+			if (seg_created && shared > 0) {
+				/* our segment starts at `shared`; it can't serve a no-dedup retry */
+				char dst[300];
+				ckv_segment_path(segid, dst, sizeof(dst));
+				rm_tree(s->dirfd, dst, NULL);
+				seg_created = false;
+			}
+			continue;
+		}
+		if (rc)
+			goto out;
+		if (existed)
+			r->existed = true;
+		maybe_crash(o, "commit");
+		break;
+	}
+	if (rc == -EAGAIN)
+		rc = ckv_errf(e, -EAGAIN, "%s: the store kept changing under the import; try again", s->path);
+out:
+	if (staging[0]) {
+		rm_tree(s->dirfd, staging, NULL);
+		fsync_dir(s->dirfd, "staging");
+	}
+	if (lockfd >= 0)
+		close(lockfd);
+	if (locked)
+		flock(s->lockfd, LOCK_UN);
+	man.t_layers = NULL;
+	ckv_manifest_free(&man);
+	free(record);
+	free(chain);
+	return rc;
+}
+
+int ckv_store_publish(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uint32_t n,
+		      ckv_chunk_fill_fn fill, void *arg, const ckv_import_opts *o,
+		      ckv_import_result *r, ckv_err *e)
+{
+	struct publish_src src = { .fill = fill, .arg = arg };
+	return publish_impl(s, g, tokens, n, &src, o, r, e);
+}
+
+/* ---- import ----------------------------------------------------------------------- */
+
+struct import_ctx {
+	const char *dir;
+	ckv_manifest *man;
+	int *layer_fd;
+	uint8_t *sums; /* provided sums.xxh3 entries, or NULL */
+	ckv_err *e;
+};
+
+static int check_sums(struct import_ctx *x, uint32_t l, uint32_t first, uint32_t count,
+		      const uint8_t *buf)
+{
+	const ckv_geom *g = &x->man->geom;
+	char name[32];
+	if (!x->sums)
+		return 0;
+	for (uint32_t i = 0; i < count; i++) {
+		uint64_t want = ckv_sum_load(x->sums + ((size_t)l * x->man->chunks + first + i) * 8);
+		if (ckv_chunk_sum(buf + (size_t)i * g->chunk_bytes, g->chunk_bytes) != want) {
+			ckv_layer_name(l, name);
+			return ckv_errf(x->e, -EBADMSG, "%s/%s: chunk %u does not match its checksum in sums.xxh3",
+					x->dir, name, first + i);
+		}
+	}
+	return 0;
+}
+
+static int import_fill(void *arg, uint32_t l, uint32_t first, uint32_t count, void *buf)
+{
+	struct import_ctx *x = arg;
+	uint64_t cb = x->man->geom.chunk_bytes;
+	char name[32];
+	int rc = read_all(x->layer_fd[l], buf, (size_t)count * cb, (off_t)first * (off_t)cb);
+	if (rc) {
+		ckv_layer_name(l, name);
+		return ckv_errf(x->e, rc == -ENODATA ? -EINVAL : rc, "%s/%s: read: %s", x->dir, name,
+				rc == -ENODATA ? "file shrank during import" : strerror(-rc));
+	}
+	return check_sums(x, l, first, count, buf);
+}
+
+/* With sums.xxh3 given, the chunks the store already holds are checked too. */
+static int import_check_shared(void *arg, uint32_t shared, ckv_err *e)
+{
+	struct import_ctx *x = arg;
+	uint64_t cb = x->man->geom.chunk_bytes;
+	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
+	uint8_t *buf;
+	int rc = 0;
+	(void)e;
+	if (!x->sums || !shared)
+		return 0;
+	buf = malloc((size_t)run * cb);
+	if (!buf)
+		return -ENOMEM;
+	for (uint32_t l = 0; l < x->man->geom.layers && !rc; l++)
+		for (uint32_t j = 0; j < shared && !rc; j += run) {
+			uint32_t cnt = shared - j < run ? shared - j : run;
+			rc = import_fill(x, l, j, cnt, buf);
+		}
+	free(buf);
+	return rc;
+}
+
+static bool expected_name(const char *name, uint32_t layers)
+{
+	unsigned l;
+	char tail[8];
+	if (!strcmp(name, "manifest.json") || !strcmp(name, "tokens.bin") || !strcmp(name, "sums.xxh3"))
+		return true;
+	if (sscanf(name, "layer_%u.kv%1s", &l, tail) == 1 && l < layers) {
+		char want[32];
+		ckv_layer_name(l, want);
+		return strcmp(want, name) == 0;
+	}
+	return false;
+}
+
+/* Open an input file: regular, not a symlink. */
+static int open_input(int dfd, const char *dir, const char *name, struct stat *st, ckv_err *e)
+{
+	int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0) {
+		if (errno == ELOOP)
+			return ckv_errf(e, -ELOOP, "%s/%s: is a symbolic link; expected a regular file", dir, name);
+		return ckv_errf(e, -errno, "%s/%s: %s", dir, name, strerror(errno));
+	}
+	if (fstat(fd, st) < 0 || !S_ISREG(st->st_mode)) {
+		close(fd);
+		return ckv_errf(e, -EINVAL, "%s/%s: not a regular file", dir, name);
+	}
+	return fd;
+}
+
+int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
+		     const ckv_import_opts *o, ckv_import_result *r, ckv_err *e)
+{
+	ckv_manifest man;
+	struct import_ctx x = { .dir = dir, .man = &man, .e = e };
+	struct stat st;
+	char *json = NULL, *tokbuf = NULL;
+	uint32_t *tokens = NULL;
+	size_t len;
+	int dfd, fd, rc;
+	DIR *d = NULL;
+	struct dirent *de;
+
+	memset(&man, 0, sizeof(man));
+	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0)
+		return ckv_errf(e, -errno, "%s: %s", dir, strerror(errno));
+
+	fd = open_input(dfd, dir, "manifest.json", &st, e);
+	if (fd < 0) {
+		rc = fd;
+		goto out_close;
+	}
+	if (st.st_size > MANIFEST_MAX) {
+		close(fd);
+		rc = ckv_errf(e, -EFBIG, "%s/manifest.json: larger than %u bytes", dir, MANIFEST_MAX);
+		goto out_close;
+	}
+	man.t_manifest.sec = st.st_mtim.tv_sec;
+	man.t_manifest.nsec = (uint32_t)st.st_mtim.tv_nsec;
+	json = malloc((size_t)st.st_size + 1);
+	rc = json ? read_all(fd, json, (size_t)st.st_size, 0) : -ENOMEM;
+	len = (size_t)st.st_size;
+	close(fd);
+	if (rc) {
+		rc = ckv_errf(e, rc, "%s/manifest.json: %s", dir, strerror(-rc));
+		goto out_close;
+	}
+	{
+		char what[4200];
+		ckv_ftime tm = man.t_manifest;
+		snprintf(what, sizeof(what), "%s/manifest.json", dir);
+		rc = ckv_manifest_parse(&man, json, len, false, what, e);
+		man.t_manifest = tm;
+		if (rc)
+			goto out_close;
+	}
+	man.t_layers = calloc(man.geom.layers, sizeof(*man.t_layers));
+	x.layer_fd = malloc(sizeof(int) * man.geom.layers);
+	if (!man.t_layers || !x.layer_fd) {
+		rc = -ENOMEM;
+		goto out_close;
+	}
+	for (uint32_t l = 0; l < man.geom.layers; l++)
+		x.layer_fd[l] = -1;
+
+	/* Nothing but the cache's own files. */
+	{
+		int dfd2 = dup(dfd);
+		d = dfd2 >= 0 ? fdopendir(dfd2) : NULL;
+		if (!d) {
+			rc = ckv_errf(e, -errno, "%s: %s", dir, strerror(errno));
+			goto out_close;
+		}
+		while ((de = readdir(d))) {
+			if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+				continue;
+			if (!expected_name(de->d_name, man.geom.layers)) {
+				rc = ckv_errf(e, -EINVAL, "%s/%s: unexpected file (a %u-layer cache holds manifest.json, tokens.bin, sums.xxh3 and layer_000.kv..layer_%03u.kv)",
+					      dir, de->d_name, man.geom.layers, man.geom.layers - 1);
+				goto out_close;
+			}
+		}
+	}
+
+	/* tokens.bin */
+	fd = open_input(dfd, dir, "tokens.bin", &st, e);
+	if (fd < 0) {
+		rc = fd;
+		goto out_close;
+	}
+	man.t_tokens.sec = st.st_mtim.tv_sec;
+	man.t_tokens.nsec = (uint32_t)st.st_mtim.tv_nsec;
+	if ((uint64_t)st.st_size != (uint64_t)man.tokens * 4) {
+		close(fd);
+		rc = ckv_errf(e, -EINVAL, "%s/tokens.bin: %lld bytes, expected %llu (field \"tokens\" = %u, 4 bytes each)",
+			      dir, (long long)st.st_size, (unsigned long long)man.tokens * 4, man.tokens);
+		goto out_close;
+	}
+	tokbuf = malloc((size_t)man.tokens * 4);
+	tokens = malloc((size_t)man.tokens * 4);
+	rc = tokbuf && tokens ? read_all(fd, tokbuf, (size_t)man.tokens * 4, 0) : -ENOMEM;
+	close(fd);
+	if (rc) {
+		rc = ckv_errf(e, rc, "%s/tokens.bin: %s", dir, strerror(-rc));
+		goto out_close;
+	}
+	for (uint32_t i = 0; i < man.tokens; i++) {
+		const uint8_t *p = (const uint8_t *)tokbuf + 4 * (size_t)i;
+		tokens[i] = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+	}
+	{
+		ckv_hash *chain = malloc(sizeof(*chain) * man.chunks);
+		char a[CKV_HASH_HEX + 1], b[CKV_HASH_HEX + 1];
+		if (!chain) {
+			rc = -ENOMEM;
+			goto out_close;
+		}
+		ckv_chain(&man.geom, tokens, man.tokens, chain);
+		if (!ckv_hash_eq(&chain[man.chunks - 1], &man.hash)) {
+			ckv_hash_hex(&chain[man.chunks - 1], a);
+			ckv_hash_hex(&man.hash, b);
+			free(chain);
+			rc = ckv_errf(e, -EINVAL, "%s/manifest.json: field \"hash\" is %s but tokens.bin hashes to %s", dir, b, a);
+			goto out_close;
+		}
+		free(chain);
+		if (expect_hash && !ckv_hash_eq(expect_hash, &man.hash)) {
+			ckv_hash_hex(expect_hash, a);
+			ckv_hash_hex(&man.hash, b);
+			rc = ckv_errf(e, -EINVAL, "%s: directory is named %s but its tokens hash to %s", dir, a, b);
+			goto out_close;
+		}
+	}
+
+	/* layer files */
+	for (uint32_t l = 0; l < man.geom.layers; l++) {
+		char name[32];
+		uint64_t want = (uint64_t)man.chunks * man.geom.chunk_bytes;
+		ckv_layer_name(l, name);
+		fd = open_input(dfd, dir, name, &st, e);
+		if (fd < 0) {
+			rc = fd;
+			goto out_close;
+		}
+		x.layer_fd[l] = fd;
+		if ((uint64_t)st.st_size != want) {
+			rc = ckv_errf(e, -EINVAL, "%s/%s: %lld bytes, expected %llu (%u chunks of %llu bytes)%s",
+				      dir, name, (long long)st.st_size, (unsigned long long)want, man.chunks,
+				      (unsigned long long)man.geom.chunk_bytes,
+				      (uint64_t)st.st_size < want ? ": truncated" : ": too large");
+			goto out_close;
+		}
+		man.t_layers[l].sec = st.st_mtim.tv_sec;
+		man.t_layers[l].nsec = (uint32_t)st.st_mtim.tv_nsec;
+	}
+
+	/* sums.xxh3, optional */
+	fd = openat(dfd, "sums.xxh3", O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+	if (fd >= 0 || errno != ENOENT) {
+		uint64_t want = CKV_SIDE_HEADER + (uint64_t)man.chunks * man.geom.layers * 8;
+		uint8_t hdr[CKV_SIDE_HEADER];
+		ckv_side_header sh;
+		char what[4200];
+		if (fd >= 0)
+			close(fd);
+		fd = open_input(dfd, dir, "sums.xxh3", &st, e);
+		if (fd < 0) {
+			rc = fd;
+			goto out_close;
+		}
+		man.t_sums.sec = st.st_mtim.tv_sec;
+		man.t_sums.nsec = (uint32_t)st.st_mtim.tv_nsec;
+		snprintf(what, sizeof(what), "%s/sums.xxh3", dir);
+		if ((uint64_t)st.st_size != want) {
+			close(fd);
+			rc = ckv_errf(e, -EINVAL, "%s: %lld bytes, expected %llu (header + 8 bytes per chunk per layer)",
+				      what, (long long)st.st_size, (unsigned long long)want);
+			goto out_close;
+		}
+		x.sums = malloc((size_t)(want - CKV_SIDE_HEADER));
+		rc = x.sums ? read_all(fd, hdr, sizeof(hdr), 0) : -ENOMEM;
+		if (!rc)
+			rc = read_all(fd, x.sums, (size_t)(want - CKV_SIDE_HEADER), CKV_SIDE_HEADER);
+		close(fd);
+		if (rc) {
+			rc = ckv_errf(e, rc, "%s: %s", what, strerror(-rc));
+			goto out_close;
+		}
+		if ((rc = ckv_side_header_decode(&sh, hdr, CKV_SUMS_MAGIC, what, e)) < 0)
+			goto out_close;
+		if (sh.layers != man.geom.layers || sh.chunks != man.chunks || sh.per_chunk != 1) {
+			rc = ckv_errf(e, -EINVAL, "%s: header says %u layers x %u chunks x %u, expected %u x %u x 1",
+				      what, sh.layers, sh.chunks, sh.per_chunk, man.geom.layers, man.chunks);
+			goto out_close;
+		}
+	} else {
+		struct timespec now;
+		clock_gettime(CLOCK_REALTIME, &now);
+		man.t_sums.sec = now.tv_sec;
+		man.t_sums.nsec = (uint32_t)now.tv_nsec;
+	}
+	man.has_times = true;
+
+	{
+		struct publish_src src = {
+			.fill = import_fill, .arg = &x, .check_shared = import_check_shared, .times = &man,
+		};
+		rc = publish_impl(s, &man.geom, tokens, man.tokens, &src, o, r, e);
+	}
+out_close:
+	if (d)
+		closedir(d);
+	if (x.layer_fd)
+		for (uint32_t l = 0; l < man.geom.layers; l++)
+			if (x.layer_fd[l] >= 0)
+				close(x.layer_fd[l]);
+	free(x.layer_fd);
+	free(x.sums);
+	free(tokens);
+	free(tokbuf);
+	free(json);
+	ckv_manifest_free(&man);
+	close(dfd);
+	return rc;
+}
+
+/* ---- reading prefixes back ------------------------------------------------------- */
+
+int ckv_segment_sums(ckv_store *s, const char *segid, const ckv_geom *g, uint64_t **sums,
+		     uint32_t *chunks, ckv_err *e)
+{
+	char rel[300];
+	uint8_t hdr[CKV_SIDE_HEADER], *raw = NULL;
+	ckv_side_header sh;
+	struct stat st;
+	uint64_t *out = NULL;
+	size_t cnt;
+	int fd, rc;
+
+	ckv_segment_path(segid, rel, sizeof(rel));
+	strcat(rel, "/sums.xxh3");
+	fd = openat(s->dirfd, rel, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return ckv_errf(e, -errno, "%s/%s: %s", s->path, rel, strerror(errno));
+	if (fstat(fd, &st) < 0 || (rc = read_all(fd, hdr, sizeof(hdr), 0))) {
+		rc = ckv_errf(e, -EIO, "%s/%s: cannot read header", s->path, rel);
+		goto out_close;
+	}
+	if ((rc = ckv_side_header_decode(&sh, hdr, CKV_SUMS_MAGIC, rel, e)) < 0)
+		goto out_close;
+	cnt = (size_t)sh.layers * sh.chunks;
+	if (sh.layers != g->layers || sh.per_chunk != 1 || sh.chunks == 0 ||
+	    (uint64_t)st.st_size != CKV_SIDE_HEADER + (uint64_t)cnt * 8) {
+		rc = ckv_errf(e, -EUCLEAN, "%s/%s: header does not match the segment", s->path, rel);
+		goto out_close;
+	}
+	raw = malloc(cnt * 8);
+	out = malloc(cnt * sizeof(*out));
+	if (!raw || !out) {
+		rc = -ENOMEM;
+		goto out_free;
+	}
+	if ((rc = read_all(fd, raw, cnt * 8, CKV_SIDE_HEADER))) {
+		rc = ckv_errf(e, -EIO, "%s/%s: short read", s->path, rel);
+		goto out_free;
+	}
+	for (size_t i = 0; i < cnt; i++)
+		out[i] = ckv_sum_load(raw + 8 * i);
+	*sums = out;
+	*chunks = sh.chunks;
+	out = NULL;
+out_free:
+	free(out);
+	free(raw);
+out_close:
+	close(fd);
+	return rc;
+}
+
+/* Tokens of a prefix, from its segments' tokens.bin files. */
+static int prefix_tokens(ckv_store *s, const ckv_manifest *m, uint32_t **out, ckv_err *e)
+{
+	uint32_t c = m->geom.chunk_tokens, pos = 0;
+	uint32_t *t = malloc((size_t)m->tokens * 4);
+	if (!t)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < m->nextents; i++) {
+		const ckv_extent *x = &m->extents[i];
+		char rel[320];
+		uint8_t *buf;
+		uint32_t want = x->count * c;
+		struct stat st;
+		int fd, rc;
+		if (want > m->tokens - pos)
+			want = m->tokens - pos;
+		ckv_segment_path(x->segment, rel, sizeof(rel));
+		strcat(rel, "/tokens.bin");
+		fd = openat(s->dirfd, rel, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		if (fd < 0 || fstat(fd, &st) < 0) {
+			rc = ckv_errf(e, -errno, "%s/%s: %s", s->path, rel, strerror(errno));
+			if (fd >= 0)
+				close(fd);
+			free(t);
+			return rc;
+		}
+		if ((uint64_t)st.st_size < ((uint64_t)x->first * c + want) * 4) {
+			close(fd);
+			free(t);
+			return ckv_errf(e, -EUCLEAN, "%s/%s: %lld bytes, too short for extent %u (chunks %u..%u)",
+					s->path, rel, (long long)st.st_size, i, x->first, x->first + x->count - 1);
+		}
+		buf = malloc((size_t)want * 4);
+		rc = buf ? read_all(fd, buf, (size_t)want * 4, (off_t)x->first * c * 4) : -ENOMEM;
+		close(fd);
+		if (rc) {
+			free(buf);
+			free(t);
+			return ckv_errf(e, rc, "%s/%s: %s", s->path, rel, strerror(-rc));
+		}
+		for (uint32_t k = 0; k < want; k++)
+			t[pos + k] = (uint32_t)buf[4 * k] | (uint32_t)buf[4 * k + 1] << 8 |
+				     (uint32_t)buf[4 * k + 2] << 16 | (uint32_t)buf[4 * k + 3] << 24;
+		free(buf);
+		pos += want;
+	}
+	if (pos != m->tokens) {
+		free(t);
+		return ckv_errf(e, -EUCLEAN, "extents hold %u tokens, expected %u", pos, m->tokens);
+	}
+	*out = t;
+	return 0;
+}
+
+int ckv_store_tokens(ckv_store *s, const ckv_manifest *m, uint32_t **out, ckv_err *e)
+{
+	return prefix_tokens(s, m, out, e);
+}
+
+static void set_times(int fd, const ckv_ftime *t)
+{
+	struct timespec ts[2] = { { t->sec, t->nsec }, { t->sec, t->nsec } };
+	futimens(fd, ts);
+}
+
+int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
+		     ckv_progress_fn prog, void *parg, ckv_err *e)
+{
+	ckv_manifest *m = NULL;
+	uint32_t *tokens = NULL;
+	uint8_t *buf = NULL, *sums = NULL, hdr[CKV_SIDE_HEADER];
+	char *json = NULL;
+	size_t jlen;
+	int dfd = -1, fd = -1, rc;
+	uint64_t cb, done = 0, total;
+	uint32_t run;
+	ckv_ftime tdef;
+
+	rc = ckv_store_get(s, h, &m, e);
+	if (rc)
+		return rc;
+	cb = m->geom.chunk_bytes;
+	run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
+	total = (uint64_t)m->chunks * cb * m->geom.layers;
+	tdef.sec = m->created;
+	tdef.nsec = 0;
+	if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+		rc = ckv_errf(e, -errno, "%s: %s", dir, strerror(errno));
+		goto out;
+	}
+	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0) {
+		rc = ckv_errf(e, -errno, "%s: %s", dir, strerror(errno));
+		goto out;
+	}
+	{
+		DIR *d = fdopendir(dup(dfd));
+		struct dirent *de;
+		bool empty = true;
+		while (d && (de = readdir(d)))
+			if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+				empty = false;
+		if (d)
+			closedir(d);
+		if (!empty) {
+			rc = ckv_errf(e, -EEXIST, "%s: directory is not empty", dir);
+			goto out;
+		}
+	}
+	rc = prefix_tokens(s, m, &tokens, e);
+	if (rc)
+		goto out;
+	buf = aligned_alloc(CKV_ALIGN, (size_t)run * cb);
+	sums = malloc((size_t)m->chunks * m->geom.layers * 8);
+	if (!buf || !sums) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	for (uint32_t l = 0; l < m->geom.layers; l++) {
+		char name[32];
+		uint32_t j = 0;
+		ckv_layer_name(l, name);
+		fd = openat(dfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			rc = ckv_errf(e, -errno, "%s/%s: %s", dir, name, strerror(errno));
+			goto out;
+		}
+		for (uint32_t i = 0; i < m->nextents; i++) {
+			const ckv_extent *x = &m->extents[i];
+			uint64_t *ssum = NULL;
+			uint32_t segchunks;
+			char rel[340];
+			int sfd;
+			rc = ckv_segment_sums(s, x->segment, &m->geom, &ssum, &segchunks, e);
+			if (rc)
+				goto out;
+			if (x->first + (uint64_t)x->count > segchunks) {
+				free(ssum);
+				rc = ckv_errf(e, -EUCLEAN, "segment %s: extent %u..%u beyond its %u chunks",
+					      x->segment, x->first, x->first + x->count, segchunks);
+				goto out;
+			}
+			ckv_segment_path(x->segment, rel, sizeof(rel));
+			strcat(rel, "/");
+			strcat(rel, name);
+			sfd = openat(s->dirfd, rel, O_RDONLY | O_CLOEXEC);
+			if (sfd < 0) {
+				free(ssum);
+				rc = ckv_errf(e, -errno, "%s/%s: %s", s->path, rel, strerror(errno));
+				goto out;
+			}
+			for (uint32_t k = 0; k < x->count; k += run) {
+				uint32_t cnt = x->count - k < run ? x->count - k : run;
+				rc = read_all(sfd, buf, (size_t)cnt * cb, (off_t)(x->first + k) * (off_t)cb);
+				if (rc) {
+					rc = ckv_errf(e, -EIO, "%s/%s: short read", s->path, rel);
+					break;
+				}
+				for (uint32_t q = 0; q < cnt; q++) {
+					uint64_t got = ckv_chunk_sum(buf + (size_t)q * cb, cb);
+					uint64_t want = ssum[(size_t)l * segchunks + x->first + k + q];
+					if (got != want) {
+						rc = ckv_errf(e, -EIO, "%s/%s: chunk %u (layer %u, prefix chunk %u) fails its checksum; the store is damaged (ckv verify)",
+							      s->path, rel, x->first + k + q, l, j + k + q);
+						break;
+					}
+					ckv_sum_store(sums + ((size_t)l * m->chunks + j + k + q) * 8, got);
+				}
+				if (rc)
+					break;
+				rc = write_all(fd, buf, (size_t)cnt * cb, (off_t)(j + k) * (off_t)cb);
+				if (rc) {
+					rc = ckv_errf(e, rc, "%s/%s: write: %s", dir, name, strerror(-rc));
+					break;
+				}
+				done += (uint64_t)cnt * cb;
+				if (prog)
+					prog(parg, "export", done, total);
+			}
+			close(sfd);
+			free(ssum);
+			if (rc)
+				goto out;
+			j += x->count;
+		}
+		set_times(fd, m->has_times ? &m->t_layers[l] : &tdef);
+		close(fd);
+		fd = -1;
+	}
+	/* tokens.bin */
+	{
+		uint8_t *tb = malloc((size_t)m->tokens * 4);
+		if (!tb) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		for (uint32_t i = 0; i < m->tokens; i++) {
+			tb[4 * i] = (uint8_t)tokens[i];
+			tb[4 * i + 1] = (uint8_t)(tokens[i] >> 8);
+			tb[4 * i + 2] = (uint8_t)(tokens[i] >> 16);
+			tb[4 * i + 3] = (uint8_t)(tokens[i] >> 24);
+		}
+		fd = openat(dfd, "tokens.bin", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		rc = fd < 0 ? -errno : write_all(fd, tb, (size_t)m->tokens * 4, 0);
+		free(tb);
+		if (rc) {
+			rc = ckv_errf(e, rc, "%s/tokens.bin: %s", dir, strerror(-rc));
+			goto out;
+		}
+		set_times(fd, m->has_times ? &m->t_tokens : &tdef);
+		close(fd);
+		fd = -1;
+	}
+	/* sums.xxh3 */
+	{
+		ckv_side_header sh = { .version = CKV_FORMAT_VERSION, .layers = m->geom.layers,
+				       .chunks = m->chunks, .per_chunk = 1 };
+		memcpy(sh.magic, CKV_SUMS_MAGIC, 8);
+		ckv_side_header_encode(&sh, hdr);
+		fd = openat(dfd, "sums.xxh3", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		rc = fd < 0 ? -errno : write_all(fd, hdr, sizeof(hdr), 0);
+		if (!rc)
+			rc = write_all(fd, sums, (size_t)m->chunks * m->geom.layers * 8, CKV_SIDE_HEADER);
+		if (rc) {
+			rc = ckv_errf(e, rc, "%s/sums.xxh3: %s", dir, strerror(-rc));
+			goto out;
+		}
+		set_times(fd, m->has_times ? &m->t_sums : &tdef);
+		close(fd);
+		fd = -1;
+	}
+	/* manifest.json last */
+	rc = ckv_manifest_emit(m, false, &json, &jlen);
+	if (rc)
+		goto out;
+	fd = openat(dfd, "manifest.json", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	rc = fd < 0 ? -errno : write_all(fd, json, jlen, 0);
+	if (rc) {
+		rc = ckv_errf(e, rc, "%s/manifest.json: %s", dir, strerror(-rc));
+		goto out;
+	}
+	set_times(fd, m->has_times ? &m->t_manifest : &tdef);
+out:
+	if (fd >= 0)
+		close(fd);
+	if (dfd >= 0)
+		close(dfd);
+	free(json);
+	free(buf);
+	free(sums);
+	free(tokens);
+	if (m) {
+		ckv_manifest_free(m);
+		free(m);
+	}
+	return rc;
+}
+
+/* ---- stat -------------------------------------------------------------------------- */
+
+int ckv_store_stat(ckv_store *s, const ckv_manifest *m, ckv_stat_info *st)
+{
+	MDB_txn *txn;
+	uint64_t per_chunk = m->geom.chunk_bytes * m->geom.layers;
+	char hdir[64], hname[64], rel[320];
+	int rc;
+
+	memset(st, 0, sizeof(*st));
+	st->bytes_total = per_chunk * m->chunks;
+	rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+	if (rc)
+		return mdb_errno(rc);
+	for (uint32_t i = 0; i < m->nextents; i++) {
+		MDB_val k = { strlen(m->extents[i].segment), (void *)m->extents[i].segment }, v;
+		struct seg_val sv = { 0, 0 };
+		if (mdb_get(txn, s->db_seg, &k, &v) == 0 && v.mv_size == sizeof(sv))
+			memcpy(&sv, v.mv_data, sizeof(sv));
+		if (sv.refs > 1)
+			st->bytes_shared += per_chunk * m->extents[i].count;
+	}
+	mdb_txn_abort(txn);
+	for (uint32_t i = 0; i < m->nextents; i++) {
+		bool seen = false;
+		for (uint32_t q = 0; q < i; q++)
+			seen |= strcmp(m->extents[q].segment, m->extents[i].segment) == 0;
+		if (seen)
+			continue;
+		ckv_segment_path(m->extents[i].segment, rel, sizeof(rel));
+		st->bytes_on_disk += tree_bytes(s->dirfd, rel);
+	}
+	prefix_rel(&m->hash, hdir, sizeof(hdir), hname, sizeof(hname));
+	snprintf(rel, sizeof(rel), "%s/%s", hdir, hname);
+	st->bytes_on_disk += tree_bytes(s->dirfd, rel);
+	return 0;
+}
+
+/* ---- rm ------------------------------------------------------------------------------ */
+
+static int unindex_prefix(ckv_store *s, MDB_txn *txn, const ckv_manifest *m)
+{
+	uint32_t *tokens = NULL;
+	ckv_hash *chain = NULL;
+	MDB_val k = { 16, (void *)m->hash.b };
+	int rc;
+
+	/* The chain is recomputed from the segments' tokens. */
+	rc = prefix_tokens(s, m, &tokens, NULL);
+	if (rc == 0) {
+		chain = malloc(sizeof(*chain) * m->chunks);
+		if (!chain) {
+			free(tokens);
+			return -ENOMEM;
+		}
+		ckv_chain(&m->geom, tokens, m->tokens, chain);
+		for (uint32_t j = 0; j < m->chunks; j++) {
+			uint8_t key[24];
+			struct chain_val cv;
+			uint32_t c = m->geom.chunk_tokens;
+			uint32_t ntok = (j + 1) * (uint64_t)c <= m->tokens ? c : m->tokens - j * c;
+			MDB_val ck = { 24, key }, cvv = { sizeof(cv), &cv };
+			chain_key(key, m->geom.seed, &chain[j]);
+			chain_val_make(&cv, &m->hash, j, ntok);
+			rc = mdb_del(txn, s->db_chain, &ck, &cvv);
+			if (rc && rc != MDB_NOTFOUND)
+				goto out;
+		}
+	} else {
+		/* Segments unreadable: sweep the chain db for this prefix's links. */
+		MDB_cursor *cur;
+		MDB_val ck, cv;
+		rc = mdb_cursor_open(txn, s->db_chain, &cur);
+		if (rc)
+			goto out;
+		for (rc = mdb_cursor_get(cur, &ck, &cv, MDB_FIRST); rc == 0;
+		     rc = mdb_cursor_get(cur, &ck, &cv, MDB_NEXT)) {
+			if (cv.mv_size == sizeof(struct chain_val) && memcmp(cv.mv_data, m->hash.b, 16) == 0)
+				mdb_cursor_del(cur, 0);
+		}
+		mdb_cursor_close(cur);
+	}
+	for (uint32_t i = 0; i < m->nextents; i++) {
+		MDB_val sk = { strlen(m->extents[i].segment), (void *)m->extents[i].segment }, sv;
+		struct seg_val v;
+		bool seen = false;
+		for (uint32_t q = 0; q < i; q++)
+			seen |= strcmp(m->extents[q].segment, m->extents[i].segment) == 0;
+		if (seen || mdb_get(txn, s->db_seg, &sk, &sv) || sv.mv_size != sizeof(v))
+			continue;
+		memcpy(&v, sv.mv_data, sizeof(v));
+		if (v.refs)
+			v.refs--;
+		sv.mv_data = &v;
+		if ((rc = mdb_put(txn, s->db_seg, &sk, &sv, 0)))
+			goto out;
+	}
+	rc = mdb_del(txn, s->db_prefix, &k, NULL);
+	if (rc == 0)
+		rc = bump_generation(s, txn) ? MDB_PANIC : 0;
+out:
+	free(chain);
+	free(tokens);
+	return rc > 0 ? mdb_errno(rc) : rc;
+}
+
+int ckv_store_rm(ckv_store *s, const ckv_hash *h, ckv_err *e)
+{
+	MDB_txn *txn;
+	ckv_manifest m;
+	char hex[CKV_HASH_HEX + 1], pdir[64], pname[64], rel[160];
+	int rc;
+
+	ckv_hash_hex(h, hex);
+	rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+	if (rc)
+		return ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
+	rc = get_record(s, txn, h, &m, e);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return rc == -ENOENT ? ckv_errf(e, rc, "%s: no such prefix in %s", hex, s->path) : rc;
+	}
+	rc = unindex_prefix(s, txn, &m);
+	ckv_manifest_free(&m);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return ckv_errf(e, rc, "%s: cannot remove: %s", hex, strerror(-rc));
+	}
+	rc = mdb_txn_commit(txn);
+	if (rc)
+		return ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
+	prefix_rel(h, pdir, sizeof(pdir), pname, sizeof(pname));
+	snprintf(rel, sizeof(rel), "%s/%s", pdir, pname);
+	unlinkat(s->dirfd, rel, 0);
+	fsync_dir(s->dirfd, pdir);
+	return 0;
+}
+
+/* ---- gc ------------------------------------------------------------------------------ */
+
+static bool seg_indexed(ckv_store *s, MDB_txn *txn, const char *id)
+{
+	MDB_val k = { strlen(id), (void *)id }, v;
+	(void)s;
+	return mdb_get(txn, s->db_seg, &k, &v) == 0;
+}
+
+int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	char **dead = NULL;
+	size_t ndead = 0, cap = 0;
+	int rc;
+
+	memset(r, 0, sizeof(*r));
+	if (flock(s->lockfd, LOCK_EX) < 0)
+		return ckv_errf(e, -errno, "%s/lock: %s", s->path, strerror(errno));
+
+	/* 1. Segments nothing references. */
+	rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+	if (rc) {
+		rc = ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
+		goto out_unlock;
+	}
+	rc = mdb_cursor_open(txn, s->db_seg, &cur);
+	if (rc) {
+		mdb_txn_abort(txn);
+		rc = mdb_errno(rc);
+		goto out_unlock;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct seg_val sv;
+		if (v.mv_size != sizeof(sv))
+			continue;
+		memcpy(&sv, v.mv_data, sizeof(sv));
+		if (sv.refs)
+			continue;
+		if (ndead == cap) {
+			cap = cap ? 2 * cap : 16;
+			char **nd = realloc(dead, cap * sizeof(*dead));
+			if (!nd) {
+				rc = -ENOMEM;
+				break;
+			}
+			dead = nd;
+		}
+		dead[ndead++] = strndup(k.mv_data, k.mv_size);
+		mdb_cursor_del(cur, 0);
+	}
+	mdb_cursor_close(cur);
+	if (rc == -ENOMEM) {
+		mdb_txn_abort(txn);
+		goto out_free;
+	}
+	rc = mdb_txn_commit(txn);
+	if (rc) {
+		rc = ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
+		goto out_free;
+	}
+	for (size_t i = 0; i < ndead; i++) {
+		char rel[320];
+		if (!dead[i])
+			continue;
+		ckv_segment_path(dead[i], rel, sizeof(rel));
+		rm_tree(s->dirfd, rel, &r->bytes);
+		r->segments++;
+	}
+
+	/* 2. Leftovers of crashed imports: staging, unindexed segments and records. */
+	rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+	if (rc) {
+		rc = mdb_errno(rc);
+		goto out_free;
+	}
+	{
+		static const char *const tops[] = { "seg", "prefix" };
+		for (int t = 0; t < 2; t++) {
+			int fd = openat(s->dirfd, tops[t], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+			DIR *d1 = fd >= 0 ? fdopendir(fd) : NULL;
+			struct dirent *a;
+			while (d1 && (a = readdir(d1))) {
+				int fd2;
+				DIR *d2;
+				struct dirent *b;
+				if (a->d_name[0] == '.')
+					continue;
+				fd2 = openat(dirfd(d1), a->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+				d2 = fd2 >= 0 ? fdopendir(fd2) : NULL;
+				while (d2 && (b = readdir(d2))) {
+					char rel[600];
+					bool keep;
+					if (!strcmp(b->d_name, ".") || !strcmp(b->d_name, ".."))
+						continue;
+					snprintf(rel, sizeof(rel), "%s/%s/%s", tops[t], a->d_name, b->d_name);
+					if (t == 0) {
+						keep = seg_indexed(s, txn, b->d_name);
+					} else {
+						ckv_hash h;
+						char hex[CKV_HASH_HEX + 1];
+						MDB_val hk = { 16, h.b }, hv;
+						snprintf(hex, sizeof(hex), "%.32s", b->d_name);
+						keep = strlen(b->d_name) == CKV_HASH_HEX + 5 &&
+						       !strcmp(b->d_name + CKV_HASH_HEX, ".json") &&
+						       ckv_hash_parse(&h, hex) == 0 &&
+						       mdb_get(txn, s->db_prefix, &hk, &hv) == 0;
+					}
+					if (keep)
+						continue;
+					rm_tree(s->dirfd, rel, &r->bytes);
+					if (t == 0)
+						r->segments++;
+					else
+						r->manifests++;
+				}
+				if (d2)
+					closedir(d2);
+				else if (fd2 >= 0)
+					close(fd2);
+			}
+			if (d1)
+				closedir(d1);
+			else if (fd >= 0)
+				close(fd);
+		}
+	}
+	mdb_txn_abort(txn);
+	{
+		int fd = openat(s->dirfd, "staging", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+		struct dirent *a;
+		while (d && (a = readdir(d))) {
+			char rel[600];
+			if (!strcmp(a->d_name, ".") || !strcmp(a->d_name, ".."))
+				continue;
+			snprintf(rel, sizeof(rel), "staging/%s", a->d_name);
+			rm_tree(s->dirfd, rel, &r->bytes);
+			r->staging++;
+		}
+		if (d)
+			closedir(d);
+		else if (fd >= 0)
+			close(fd);
+	}
+	rc = 0;
+out_free:
+	for (size_t i = 0; i < ndead; i++)
+		free(dead[i]);
+	free(dead);
+out_unlock:
+	flock(s->lockfd, LOCK_UN);
+	return rc;
+}
+
+/* ---- verify ------------------------------------------------------------------------- */
+
+struct verify_ctx {
+	ckv_store *s;
+	ckv_verify_fn fn;
+	void *arg;
+	ckv_progress_fn progress;
+	void *parg;
+	int problems;
+	uint64_t done, total;
+	char **checked; /* segments already checked */
+	size_t nchecked, cap;
+};
+
+static void vreport(struct verify_ctx *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void vreport(struct verify_ctx *v, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	v->problems++;
+	if (v->fn)
+		v->fn(v->arg, msg);
+}
+
+static int verify_segment(struct verify_ctx *v, const ckv_manifest *m, const char *segid)
+{
+	ckv_store *s = v->s;
+	uint64_t *sums = NULL, cb = m->geom.chunk_bytes;
+	uint32_t chunks, run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
+	uint8_t *buf;
+	char rel[320];
+	ckv_err e;
+	int rc;
+
+	for (size_t i = 0; i < v->nchecked; i++)
+		if (!strcmp(v->checked[i], segid))
+			return 0;
+	if (v->nchecked == v->cap) {
+		size_t nc = v->cap ? 2 * v->cap : 64;
+		char **n = realloc(v->checked, nc * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		v->checked = n;
+		v->cap = nc;
+	}
+	v->checked[v->nchecked++] = strdup(segid);
+
+	ckv_segment_path(segid, rel, sizeof(rel));
+	rc = ckv_segment_sums(s, segid, &m->geom, &sums, &chunks, &e);
+	if (rc) {
+		vreport(v, "%s", e.msg);
+		return 0;
+	}
+	buf = malloc((size_t)run * cb);
+	if (!buf) {
+		free(sums);
+		return -ENOMEM;
+	}
+	for (uint32_t l = 0; l < m->geom.layers; l++) {
+		char name[32], path[400];
+		struct stat st;
+		int fd;
+		ckv_layer_name(l, name);
+		snprintf(path, sizeof(path), "%s/%s", rel, name);
+		fd = openat(s->dirfd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		if (fd < 0 || fstat(fd, &st) < 0) {
+			vreport(v, "%s/%s: %s", s->path, path, strerror(errno));
+			if (fd >= 0)
+				close(fd);
+			continue;
+		}
+		if ((uint64_t)st.st_size != (uint64_t)chunks * cb) {
+			vreport(v, "%s/%s: layer %u: %lld bytes, expected %llu", s->path, path, l,
+				(long long)st.st_size, (unsigned long long)chunks * cb);
+			close(fd);
+			continue;
+		}
+		for (uint32_t j = 0; j < chunks; j += run) {
+			uint32_t cnt = chunks - j < run ? chunks - j : run;
+			if (read_all(fd, buf, (size_t)cnt * cb, (off_t)j * (off_t)cb)) {
+				vreport(v, "%s/%s: layer %u: read error at chunk %u", s->path, path, l, j);
+				break;
+			}
+			for (uint32_t q = 0; q < cnt; q++)
+				if (ckv_chunk_sum(buf + (size_t)q * cb, cb) != sums[(size_t)l * chunks + j + q])
+					vreport(v, "%s/%s: layer %u chunk %u: checksum mismatch", s->path, path,
+						l, j + q);
+			v->done += (uint64_t)cnt * cb;
+			if (v->progress)
+				v->progress(v->parg, "verify", v->done, v->total);
+		}
+		close(fd);
+	}
+	free(buf);
+	free(sums);
+	return 0;
+}
+
+static int verify_prefix(struct verify_ctx *v, const ckv_manifest *m)
+{
+	uint32_t *tokens;
+	ckv_hash *chain;
+	char hex[CKV_HASH_HEX + 1];
+	ckv_err e;
+	int rc;
+
+	ckv_hash_hex(&m->hash, hex);
+	rc = prefix_tokens(v->s, m, &tokens, &e);
+	if (rc) {
+		vreport(v, "prefix %s: tokens: %s", hex, e.msg);
+	} else {
+		chain = malloc(sizeof(*chain) * m->chunks);
+		if (!chain) {
+			free(tokens);
+			return -ENOMEM;
+		}
+		ckv_chain(&m->geom, tokens, m->tokens, chain);
+		if (!ckv_hash_eq(&chain[m->chunks - 1], &m->hash))
+			vreport(v, "prefix %s: its segments' tokens hash to a different prefix", hex);
+		free(chain);
+		free(tokens);
+	}
+	for (uint32_t i = 0; i < m->nextents; i++) {
+		rc = verify_segment(v, m, m->extents[i].segment);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+static int verify_total(void *arg, const ckv_manifest *m)
+{
+	struct verify_ctx *v = arg;
+	v->total += (uint64_t)m->chunks * m->geom.chunk_bytes * m->geom.layers;
+	return 0;
+}
+
+static int verify_one(void *arg, const ckv_manifest *m)
+{
+	return verify_prefix(arg, m);
+}
+
+int ckv_store_verify(ckv_store *s, const ckv_hash *h, ckv_verify_fn fn, void *arg,
+		     ckv_progress_fn prog, void *parg)
+{
+	struct verify_ctx v = { .s = s, .fn = fn, .arg = arg, .progress = prog, .parg = parg };
+	int rc;
+
+	if (h) {
+		ckv_manifest *m;
+		ckv_err e;
+		rc = ckv_store_get(s, h, &m, &e);
+		if (rc)
+			return rc;
+		verify_total(&v, m);
+		rc = verify_prefix(&v, m);
+		ckv_manifest_free(m);
+		free(m);
+	} else {
+		ckv_store_list(s, verify_total, &v);
+		rc = ckv_store_list(s, verify_one, &v);
+	}
+	for (size_t i = 0; i < v.nchecked; i++)
+		free(v.checked[i]);
+	free(v.checked);
+	return rc < 0 ? rc : v.problems;
+}
+
+/* ---- reindex ------------------------------------------------------------------------- */
+
+int ckv_store_reindex(ckv_store *s, ckv_err *e)
+{
+	MDB_txn *txn;
+	int rc, fd;
+	DIR *d1 = NULL;
+	struct dirent *a;
+
+	if (flock(s->lockfd, LOCK_EX) < 0)
+		return ckv_errf(e, -errno, "%s/lock: %s", s->path, strerror(errno));
+	rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+	if (rc) {
+		rc = ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
+		goto out_unlock;
+	}
+	if ((rc = mdb_drop(txn, s->db_prefix, 0)) || (rc = mdb_drop(txn, s->db_chain, 0)) ||
+	    (rc = mdb_drop(txn, s->db_seg, 0))) {
+		mdb_txn_abort(txn);
+		rc = ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
+		goto out_unlock;
+	}
+	fd = openat(s->dirfd, "prefix", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	d1 = fd >= 0 ? fdopendir(fd) : NULL;
+	while (d1 && (a = readdir(d1))) {
+		int fd2;
+		DIR *d2;
+		struct dirent *b;
+		if (a->d_name[0] == '.')
+			continue;
+		fd2 = openat(dirfd(d1), a->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		d2 = fd2 >= 0 ? fdopendir(fd2) : NULL;
+		while (d2 && (b = readdir(d2))) {
+			char rel[600], *json = NULL;
+			size_t len = 0;
+			ckv_manifest m;
+			uint32_t *tokens;
+			ckv_hash *chain;
+			MDB_val k, v;
+			if (b->d_name[0] == '.' || strlen(b->d_name) != CKV_HASH_HEX + 5)
+				continue;
+			snprintf(rel, sizeof(rel), "prefix/%s/%s", a->d_name, b->d_name);
+			if (slurp_at(s->dirfd, rel, MANIFEST_MAX, &json, &len))
+				continue;
+			if (ckv_manifest_parse(&m, json, len, true, rel, NULL)) {
+				free(json);
+				continue;
+			}
+			if (prefix_tokens(s, &m, &tokens, NULL) == 0) {
+				chain = malloc(sizeof(*chain) * m.chunks);
+				if (chain) {
+					ckv_chain(&m.geom, tokens, m.tokens, chain);
+					if (ckv_hash_eq(&chain[m.chunks - 1], &m.hash)) {
+						bool existed = false;
+						/* commit_prefix runs its own txn: stage it in ours instead */
+						k.mv_size = 16;
+						k.mv_data = m.hash.b;
+						v.mv_size = len;
+						v.mv_data = json;
+						(void)existed;
+						mdb_put(txn, s->db_prefix, &k, &v, 0);
+						for (uint32_t j = 0; j < m.chunks; j++) {
+							uint8_t key[24];
+							struct chain_val cv;
+							uint32_t c = m.geom.chunk_tokens;
+							uint32_t ntok = (j + 1) * (uint64_t)c <= m.tokens ? c : m.tokens - j * c;
+							MDB_val ck = { 24, key }, cvv = { sizeof(cv), &cv };
+							chain_key(key, m.geom.seed, &chain[j]);
+							chain_val_make(&cv, &m.hash, j, ntok);
+							mdb_put(txn, s->db_chain, &ck, &cvv, MDB_NODUPDATA);
+						}
+						for (uint32_t i = 0; i < m.nextents; i++) {
+							MDB_val sk = { strlen(m.extents[i].segment), m.extents[i].segment }, sv;
+							struct seg_val val = { 0, 0 };
+							bool seen = false;
+							for (uint32_t q = 0; q < i; q++)
+								seen |= !strcmp(m.extents[q].segment, m.extents[i].segment);
+							if (seen)
+								continue;
+							if (mdb_get(txn, s->db_seg, &sk, &sv) == 0 && sv.mv_size == sizeof(val))
+								memcpy(&val, sv.mv_data, sizeof(val));
+							val.refs++;
+							sv.mv_size = sizeof(val);
+							sv.mv_data = &val;
+							mdb_put(txn, s->db_seg, &sk, &sv, 0);
+						}
+					}
+					free(chain);
+				}
+				free(tokens);
+			}
+			ckv_manifest_free(&m);
+			free(json);
+		}
+		if (d2)
+			closedir(d2);
+		else if (fd2 >= 0)
+			close(fd2);
+	}
+	if (d1)
+		closedir(d1);
+	else if (fd >= 0)
+		close(fd);
+	if ((rc = bump_generation(s, txn)) || (rc = mdb_txn_commit(txn))) {
+		if (rc < 0)
+			mdb_txn_abort(txn);
+		rc = ckv_errf(e, rc < 0 ? rc : mdb_errno(rc), "%s: index: cannot commit", s->path);
+	}
+out_unlock:
+	flock(s->lockfd, LOCK_UN);
+	return rc;
+}
+
+/* ---- retention ------------------------------------------------------------------------ */
+
+struct ret_val {
+	double importance, freq;
+	int64_t last;
+};
+
+static size_t ret_key(uint8_t *k, const ckv_retention *r)
+{
+	int n = snprintf((char *)k, 100, "%s/%u", r->segment, r->layer);
+	k[n] = 0;
+	be32(k + n + 1, r->chunk);
+	return (size_t)n + 5;
+}
+
+int ckv_store_retention_put(ckv_store *s, const ckv_retention *r, size_t n)
+{
+	MDB_txn *txn;
+	int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+	if (rc)
+		return mdb_errno(rc);
+	for (size_t i = 0; i < n; i++) {
+		uint8_t key[128];
+		struct ret_val rv = { r[i].importance, r[i].freq, r[i].last };
+		MDB_val k = { ret_key(key, &r[i]), key }, v = { sizeof(rv), &rv };
+		if ((rc = mdb_put(txn, s->db_ret, &k, &v, 0))) {
+			mdb_txn_abort(txn);
+			return mdb_errno(rc);
+		}
+	}
+	return mdb_errno(mdb_txn_commit(txn));
+}
+
+static int ret_cmp(const void *a, const void *b)
+{
+	const ckv_retention *x = a, *y = b;
+	double sx = x->importance * x->freq, sy = y->importance * y->freq;
+	return sx < sy ? 1 : sx > sy ? -1 : 0;
+}
+
+int ckv_store_retention_top(ckv_store *s, size_t max, ckv_retention **out, size_t *n)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	ckv_retention *all = NULL;
+	size_t cnt = 0, cap = 0;
+	int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+	if (rc)
+		return mdb_errno(rc);
+	rc = mdb_cursor_open(txn, s->db_ret, &cur);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return mdb_errno(rc);
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		const char *ks = k.mv_data;
+		size_t sl = strnlen(ks, k.mv_size);
+		const char *slash;
+		struct ret_val rv;
+		ckv_retention *r;
+		if (sl + 5 != k.mv_size || v.mv_size != sizeof(rv))
+			continue;
+		if (cnt == cap) {
+			cap = cap ? 2 * cap : 256;
+			ckv_retention *na = realloc(all, cap * sizeof(*all));
+			if (!na) {
+				rc = -ENOMEM;
+				break;
+			}
+			all = na;
+		}
+		r = &all[cnt];
+		memset(r, 0, sizeof(*r));
+		slash = memrchr(ks, '/', sl);
+		if (!slash || (size_t)(slash - ks) >= sizeof(r->segment))
+			continue;
+		memcpy(r->segment, ks, (size_t)(slash - ks));
+		r->layer = (uint32_t)strtoul(slash + 1, NULL, 10);
+		r->chunk = lbe32((const uint8_t *)ks + sl + 1);
+		memcpy(&rv, v.mv_data, sizeof(rv));
+		r->importance = rv.importance;
+		r->freq = rv.freq;
+		r->last = rv.last;
+		cnt++;
+	}
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	if (rc == -ENOMEM) {
+		free(all);
+		return rc;
+	}
+	qsort(all, cnt, sizeof(*all), ret_cmp);
+	if (cnt > max)
+		cnt = max;
+	*out = all;
+	*n = cnt;
+	return 0;
+}
