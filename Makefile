@@ -31,12 +31,12 @@ PC_CFLAGS := $(shell pkg-config --cflags $(PKGS_PC) 2>/dev/null)
 PC_LIBS := $(shell pkg-config --libs $(PKGS_PC) 2>/dev/null)
 
 CFLAGS ?= -O2 -g
-CFLAGS += -std=gnu11 $(WARN) -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -fPIC -pthread \
+override CFLAGS += -std=gnu11 $(WARN) -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -fPIC -pthread \
 	-Iindex -Ickvfs -Igpu $(PC_CFLAGS) -MMD -MP
-LDLIBS += $(PC_LIBS) -lm -pthread
+override LDLIBS += $(PC_LIBS) -lm -pthread
 ifneq ($(SAN),)
-CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-LDFLAGS += -fsanitize=address,undefined
+override CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+override LDFLAGS += -fsanitize=address,undefined
 endif
 
 ifeq ($(V),1)
@@ -53,9 +53,9 @@ FS_SRC := ckvfs/fs.c ckvfs/main.c
 GPU_SRC := $(wildcard gpu/*.c)
 UNIT_SRC := $(wildcard tests/unit/*.c)
 
-INDEX_OBJ := $(INDEX_SRC:%.c=$(O)/%.o)
-ENGINE_OBJ := $(ENGINE_SRC:%.c=$(O)/%.o)
-GPU_OBJ := $(GPU_SRC:%.c=$(O)/%.o)
+INDEX_OBJ := $(INDEX_SRC:%.c=$(O)/obj/%.o)
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(O)/obj/%.o)
+GPU_OBJ := $(GPU_SRC:%.c=$(O)/obj/%.o)
 
 LIBINDEX := $(O)/libckvindex.a
 LIBENGINE := $(O)/libckvengine.a
@@ -70,7 +70,7 @@ UNIT_BINS := $(UNIT_SRC:tests/unit/%.c=$(O)/tests/%)
 .PHONY: all check demo asan deps install clean unit bats bench
 all: $(BINS) $(UNIT_BINS)
 
-$(O)/%.o: %.c
+$(O)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $<")
 	$(Q)$(CC) $(CFLAGS) -c -o $@ $<
@@ -85,15 +85,15 @@ $(LIBGPU): $(GPU_OBJ)
 	@mkdir -p $(dir $@)
 	$(Q)rm -f $@ && ar rcs $@ $^
 
-$(O)/ckv: $(O)/tools/ckv.o $(LIBENGINE) $(LIBINDEX)
+$(O)/ckv: $(O)/obj/tools/ckv.o $(LIBENGINE) $(LIBINDEX)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(O)/ckvfs: $(FS_SRC:%.c=$(O)/%.o) $(LIBENGINE) $(LIBINDEX)
+$(O)/ckvfs: $(FS_SRC:%.c=$(O)/obj/%.o) $(LIBENGINE) $(LIBINDEX)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(O)/tests/%: $(O)/tests/unit/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
+$(O)/tests/%: $(O)/obj/tests/unit/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)

@@ -54,6 +54,9 @@
  * retention iterator) run without the lock; the log sink may be called with
  * it held and must not call into the engine.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* memfd_create, O_DIRECT; the Makefile passes it too */
+#endif
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
@@ -744,6 +747,7 @@ static void slot_free(ckv_engine *e, ckv_slot *s)
 		else
 			partial_add(sl->cls, sl);
 	}
+	assert(f->nslots > 0);
 	f->nslots--;
 	efile_settle(e, f);
 }
@@ -857,7 +861,7 @@ static void slot_complete(ckv_engine *e, ckv_slot *s, int rc)
 	ckv_efile *f = s->f;
 	struct waiter *w, *next;
 
-	assert(s->state == SLOT_READING && s->queue == Q_NONE);
+	assert(s->state == SLOT_READING && s->queue == Q_NONE && f->nreading > 0);
 	f->nreading--;
 	w = s->waiters;
 	s->waiters = NULL;
@@ -1370,6 +1374,7 @@ static void efile_retire(ckv_engine *e, ckv_efile *f)
 		if (s && s->heap != HEAP_NONE)
 			slot_evict(e, s);
 	}
+	assert(f->nslots > 0);
 	f->nslots--;
 	efile_settle(e, f);
 }

@@ -22,6 +22,11 @@ int ckv_store_init(const char *path, ckv_err *e);
 int ckv_store_open(const char *path, ckv_store **out, ckv_err *e);
 void ckv_store_close(ckv_store *s);
 const char *ckv_store_path(const ckv_store *s);
+/*
+ * Bulk mode for generating test and benchmark data: skip per-file fsync and
+ * LMDB's commit sync; ckv_store_close then syncs once. Not crash-safe.
+ */
+void ckv_store_set_nosync(ckv_store *s, bool no_sync);
 /* Directory fd of the store root, owned by the store. */
 int ckv_store_dirfd(const ckv_store *s);
 
@@ -56,8 +61,9 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
  * Publish from memory (ckv gen, engines in-process): tokens and a callback
  * that fills chunks [first, first+count) of layer l of the prefix into buf
  * (count * chunk_bytes, each chunk zero-padded). Only chunks after the
- * longest stored chain match are asked for, in increasing order per layer.
- * A negative return aborts the publish with that error.
+ * longest stored chain match are asked for, in increasing order per layer;
+ * different layers may be filled from several threads at once. A negative
+ * return aborts the publish with that error.
  */
 typedef int (*ckv_chunk_fill_fn)(void *arg, uint32_t layer, uint32_t first, uint32_t count,
 				 void *buf);

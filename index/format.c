@@ -364,7 +364,7 @@ int ckv_side_header_decode(ckv_side_header *h, const uint8_t in[CKV_SIDE_HEADER]
 	return 0;
 }
 
-void ckv_chunk_digest(const ckv_geom *g, const void *chunk, uint32_t valid, float *out)
+__attribute__((optimize("tree-vectorize"))) void ckv_chunk_digest(const ckv_geom *g, const void *chunk, uint32_t valid, float *out)
 {
 	const uint8_t *p = chunk;
 	unsigned es = ckv_dtype_size(g->dtype);

@@ -15,8 +15,9 @@
  *
  * LMDB databases (keys that are hashes are canonical big-endian):
  *   prefix  hash[16]                      -> store record JSON (as the file)
- *   chain   seed[8 BE] h_j[16]            -> dupsort {prefix[16], j[4 BE], ntok[4 BE]}
- *   seg     segment id (string)           -> {refcount u32, chunks u32}
+ *   chain   seed[8 BE] h_j[16]            -> where that chunk lives (segment, index)
+ *   seg     segment id (string)           -> refcount, shape, chain hash of each chunk
+ *   segref  segment id, prefix[16]        -> chunks of the segment the prefix uses
  *   ret     "<segment>/<layer>" 0 chunk[4 BE] -> {I f64, F f64, last i64}
  *   meta    "version" -> u32, "generation" -> u64
  */
@@ -27,6 +28,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <lmdb.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -45,7 +47,8 @@ struct ckv_store {
 	int dirfd;
 	int lockfd; /* STORE/lock, flock: LOCK_SH by importers, LOCK_EX by gc */
 	MDB_env *env;
-	MDB_dbi db_prefix, db_chain, db_seg, db_ret, db_meta;
+	MDB_dbi db_prefix, db_chain, db_seg, db_segref, db_ret, db_meta;
+	bool no_sync; /* set once before use: bulk test/bench data, not crash-safe */
 };
 
 /* One adapter for LMDB errors. */
@@ -111,10 +114,19 @@ static int read_all(int fd, void *buf, size_t len, off_t off)
 	return 0;
 }
 
-static int fsync_dir(int dirfd, const char *rel)
+static int sync_fd(const ckv_store *s, int fd)
 {
-	int fd = openat(dirfd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	int rc = 0;
+	if (s && s->no_sync)
+		return 0;
+	return fsync(fd);
+}
+
+static int fsync_dir(const ckv_store *s, int dirfd, const char *rel)
+{
+	int fd, rc = 0;
+	if (s && s->no_sync)
+		return 0;
+	fd = openat(dirfd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
 	if (fsync(fd) < 0)
@@ -124,7 +136,7 @@ static int fsync_dir(int dirfd, const char *rel)
 }
 
 /* Write a whole small file atomically: tmp, fsync, rename, fsync dir. */
-static int write_file_atomic(int dirfd, const char *dir, const char *name, const void *buf,
+static int write_file_atomic(const ckv_store *s, int dirfd, const char *dir, const char *name, const void *buf,
 			     size_t len)
 {
 	char tmp[512], dst[512];
@@ -136,7 +148,7 @@ static int write_file_atomic(int dirfd, const char *dir, const char *name, const
 	if (fd < 0)
 		return -errno;
 	rc = write_all(fd, buf, len, 0);
-	if (!rc && fsync(fd) < 0)
+	if (!rc && sync_fd(s, fd) < 0)
 		rc = -errno;
 	close(fd);
 	if (!rc && renameat(dirfd, tmp, dirfd, dst) < 0)
@@ -144,7 +156,7 @@ static int write_file_atomic(int dirfd, const char *dir, const char *name, const
 	if (rc)
 		unlinkat(dirfd, tmp, 0);
 	else
-		rc = fsync_dir(dirfd, dir);
+		rc = fsync_dir(s, dirfd, dir);
 	return rc;
 }
 
@@ -274,7 +286,7 @@ static int open_env(ckv_store *s, ckv_err *e)
 	snprintf(idx, sizeof(idx), "%s/index", s->path);
 	if ((rc = mdb_env_create(&s->env)))
 		return ckv_errf(e, mdb_errno(rc), "%s: lmdb: %s", idx, mdb_strerror(rc));
-	mdb_env_set_maxdbs(s->env, 8);
+	mdb_env_set_maxdbs(s->env, 16);
 	mdb_env_set_maxreaders(s->env, 1024);
 	mdb_env_set_mapsize(s->env, (size_t)64 << 30);
 	rc = mdb_env_open(s->env, idx, MDB_NOTLS, 0644);
@@ -287,8 +299,9 @@ static int open_env(ckv_store *s, ckv_err *e)
 		goto out_close;
 	}
 	if ((rc = mdb_dbi_open(txn, "prefix", MDB_CREATE, &s->db_prefix)) ||
-	    (rc = mdb_dbi_open(txn, "chain", MDB_CREATE | MDB_DUPSORT | MDB_DUPFIXED, &s->db_chain)) ||
+	    (rc = mdb_dbi_open(txn, "chain", MDB_CREATE, &s->db_chain)) ||
 	    (rc = mdb_dbi_open(txn, "seg", MDB_CREATE, &s->db_seg)) ||
+	    (rc = mdb_dbi_open(txn, "segref", MDB_CREATE, &s->db_segref)) ||
 	    (rc = mdb_dbi_open(txn, "ret", MDB_CREATE, &s->db_ret)) ||
 	    (rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &s->db_meta))) {
 		mdb_txn_abort(txn);
@@ -409,11 +422,21 @@ void ckv_store_close(ckv_store *s)
 {
 	if (!s)
 		return;
+	if (s->no_sync) {
+		sync(); /* what was written without fsync reaches the disk before we say done */
+		mdb_env_sync(s->env, 1);
+	}
 	mdb_env_close(s->env);
 	close(s->lockfd);
 	close(s->dirfd);
 	free(s->path);
 	free(s);
+}
+
+void ckv_store_set_nosync(ckv_store *s, bool no_sync)
+{
+	s->no_sync = no_sync;
+	mdb_env_set_flags(s->env, MDB_NOSYNC, no_sync ? 1 : 0);
 }
 
 const char *ckv_store_path(const ckv_store *s)
@@ -447,23 +470,283 @@ static void chain_key(uint8_t k[24], uint64_t seed, const ckv_hash *h)
 	memcpy(k + 8, h->b, 16);
 }
 
-struct chain_val {
-	uint8_t prefix[16];
-	uint8_t j[4];
-	uint8_t ntok[4];
+/*
+ * Index rows besides prefix records:
+ *   chain   seed[8 BE] h[16] -> struct link_hdr + segment id: where the chunk
+ *           whose chain hash is h lives. One link per hash: the first live
+ *           segment that stored it. A segment's links go when it dies.
+ *   seg     segment id -> struct seg_row + the chain hash of each of its chunks
+ *   segref  segment id '\0' prefix[16] -> u32: the prefix uses chunks [0, n)
+ * So a child that shares 2,000 chunks with its parent adds one segref row,
+ * not 2,000 links, and match finds a live prefix through segref.
+ */
+struct link_hdr {
+	uint32_t idx;  /* chunk inside the segment */
+	uint32_t ntok; /* tokens in that chunk */
 };
 
-static void chain_val_make(struct chain_val *v, const ckv_hash *prefix, uint32_t j, uint32_t ntok)
+struct seg_row {
+	uint32_t refs;  /* prefixes referencing it (segref rows) */
+	uint32_t chunks;
+	uint64_t seed;
+	uint32_t chunk_tokens, last_ntok;
+	/* followed by chunks x 16 bytes of chain hashes */
+};
+
+struct link {
+	uint32_t idx, ntok;
+	char seg[80];
+};
+
+static int link_get(ckv_store *s, MDB_txn *txn, uint64_t seed, const ckv_hash *h, struct link *out)
 {
-	memcpy(v->prefix, prefix->b, 16);
-	be32(v->j, j);
-	be32(v->ntok, ntok);
+	uint8_t key[24];
+	MDB_val k = { 24, key }, v;
+	size_t idl;
+	int rc;
+	chain_key(key, seed, h);
+	rc = mdb_get(txn, s->db_chain, &k, &v);
+	if (rc)
+		return mdb_errno(rc);
+	idl = v.mv_size - sizeof(struct link_hdr);
+	if (v.mv_size <= sizeof(struct link_hdr) || idl >= sizeof(out->seg))
+		return -EUCLEAN;
+	memcpy(out, v.mv_data, sizeof(struct link_hdr));
+	memcpy(out->seg, (const char *)v.mv_data + sizeof(struct link_hdr), idl);
+	out->seg[idl] = 0;
+	return 0;
 }
 
-struct seg_val {
-	uint32_t refs;
-	uint32_t chunks;
-};
+/* Row of a segment; *links points into LMDB memory, valid for the txn. */
+static int seg_get(ckv_store *s, MDB_txn *txn, const char *id, struct seg_row *row,
+		   const uint8_t **links)
+{
+	MDB_val k = { strlen(id), (void *)id }, v;
+	int rc = mdb_get(txn, s->db_seg, &k, &v);
+	if (rc)
+		return mdb_errno(rc);
+	if (v.mv_size < sizeof(*row))
+		return -EUCLEAN;
+	memcpy(row, v.mv_data, sizeof(*row));
+	if (v.mv_size != sizeof(*row) + (size_t)row->chunks * 16)
+		return -EUCLEAN;
+	if (links)
+		*links = (const uint8_t *)v.mv_data + sizeof(*row);
+	return 0;
+}
+
+static int seg_put(ckv_store *s, MDB_txn *txn, const char *id, const struct seg_row *row,
+		   const uint8_t *links)
+{
+	MDB_val k = { strlen(id), (void *)id }, v;
+	size_t len = sizeof(*row) + (size_t)row->chunks * 16;
+	int rc;
+	v.mv_size = len;
+	rc = mdb_put(txn, s->db_seg, &k, &v, MDB_RESERVE);
+	if (rc)
+		return mdb_errno(rc);
+	memcpy(v.mv_data, row, sizeof(*row));
+	if (links != (const uint8_t *)v.mv_data + sizeof(*row))
+		memmove((uint8_t *)v.mv_data + sizeof(*row), links, (size_t)row->chunks * 16);
+	return 0;
+}
+
+static size_t segref_key(uint8_t *k, const char *segid, const ckv_hash *prefix)
+{
+	size_t n = strlen(segid);
+	memcpy(k, segid, n);
+	k[n] = 0;
+	memcpy(k + n + 1, prefix->b, 16);
+	return n + 17;
+}
+
+/* A live prefix using chunk idx of segment segid. */
+static int covering_prefix(ckv_store *s, MDB_txn *txn, const char *segid, uint32_t idx,
+			   ckv_hash *out)
+{
+	uint8_t key[128];
+	size_t n = strlen(segid);
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+	memcpy(key, segid, n);
+	key[n] = 0;
+	k.mv_size = n + 1;
+	k.mv_data = key;
+	rc = mdb_cursor_open(txn, s->db_segref, &cur);
+	if (rc)
+		return mdb_errno(rc);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		uint32_t covered;
+		if (k.mv_size != n + 17 || memcmp(k.mv_data, key, n + 1) != 0) {
+			rc = MDB_NOTFOUND;
+			break;
+		}
+		if (v.mv_size != 4)
+			continue;
+		memcpy(&covered, v.mv_data, 4);
+		if (covered > idx) {
+			memcpy(out->b, (const uint8_t *)k.mv_data + n + 1, 16);
+			break;
+		}
+	}
+	mdb_cursor_close(cur);
+	return mdb_errno(rc);
+}
+
+/* Delete the links that point into segment id (it died). */
+static int links_drop(ckv_store *s, MDB_txn *txn, const char *id)
+{
+	struct seg_row row;
+	const uint8_t *links;
+	uint8_t *copy;
+	int rc = seg_get(s, txn, id, &row, &links);
+	if (rc)
+		return rc == -ENOENT ? 0 : rc;
+	copy = malloc((size_t)row.chunks * 16 + 1);
+	if (!copy)
+		return -ENOMEM;
+	memcpy(copy, links, (size_t)row.chunks * 16);
+	for (uint32_t i = 0; i < row.chunks; i++) {
+		ckv_hash h;
+		struct link l;
+		uint8_t key[24];
+		MDB_val k = { 24, key };
+		memcpy(h.b, copy + 16 * (size_t)i, 16);
+		if (link_get(s, txn, row.seed, &h, &l) || strcmp(l.seg, id) || l.idx != i)
+			continue;
+		chain_key(key, row.seed, &h);
+		if ((rc = mdb_del(txn, s->db_chain, &k, NULL)) && rc != MDB_NOTFOUND) {
+			free(copy);
+			return mdb_errno(rc);
+		}
+	}
+	free(copy);
+	return 0;
+}
+
+/* Point the chain hashes of segment id at it, where no live segment has them. */
+static int links_add(ckv_store *s, MDB_txn *txn, const char *id, const struct seg_row *row,
+		     const uint8_t *links)
+{
+	size_t idl = strlen(id);
+	uint8_t val[sizeof(struct link_hdr) + 80];
+	for (uint32_t i = 0; i < row->chunks; i++) {
+		ckv_hash h;
+		struct link l;
+		struct seg_row other;
+		struct link_hdr lh = { i, i + 1 == row->chunks ? row->last_ntok : row->chunk_tokens };
+		uint8_t key[24];
+		MDB_val k = { 24, key }, v = { sizeof(lh) + idl, val };
+		int rc;
+		memcpy(h.b, links + 16 * (size_t)i, 16);
+		if (!memcmp(h.b, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", 16))
+			continue; /* unknown (reindex of a partly referenced segment) */
+		if (link_get(s, txn, row->seed, &h, &l) == 0 &&
+		    seg_get(s, txn, l.seg, &other, NULL) == 0 && other.refs > 0)
+			continue;
+		memcpy(val, &lh, sizeof(lh));
+		memcpy(val + sizeof(lh), id, idl);
+		chain_key(key, row->seed, &h);
+		if ((rc = mdb_put(txn, s->db_chain, &k, &v, 0)))
+			return mdb_errno(rc);
+	}
+	return 0;
+}
+
+/*
+ * Add prefix m's reference to each segment it names (covering [0, first+count)).
+ * new_id, when set, is a segment this publish wrote: its row is created with
+ * links (chain hashes of prefix chunks new_first..).
+ */
+static int refs_add(ckv_store *s, MDB_txn *txn, const ckv_manifest *m, const ckv_hash *chain,
+		    const char *new_id, uint32_t new_first, bool strict)
+{
+	uint32_t pos = 0;
+	for (uint32_t i = 0; i < m->nextents; pos += m->extents[i].count, i++) {
+		const ckv_extent *x = &m->extents[i];
+		struct seg_row row;
+		const uint8_t *links = NULL;
+		uint8_t *fresh = NULL, key[128];
+		uint32_t covered = x->first + x->count, old;
+		MDB_val k, v;
+		int rc = seg_get(s, txn, x->segment, &row, &links);
+
+		if (rc == -ENOENT && new_id && !strcmp(new_id, x->segment)) {
+			uint32_t c = m->geom.chunk_tokens;
+			memset(&row, 0, sizeof(row));
+			row.chunks = m->chunks - new_first;
+			row.seed = m->geom.seed;
+			row.chunk_tokens = c;
+			row.last_ntok = m->tokens - (m->chunks - 1) * c;
+			fresh = malloc((size_t)row.chunks * 16);
+			if (!fresh)
+				return -ENOMEM;
+			for (uint32_t q = 0; q < row.chunks; q++)
+				memcpy(fresh + 16 * (size_t)q, chain[new_first + q].b, 16);
+			links = fresh;
+		} else if (rc == -ENOENT || (rc == 0 && row.refs == 0 && strict)) {
+			return -EAGAIN; /* gone, or dying: gc may be deleting it */
+		} else if (rc) {
+			return rc;
+		}
+		if (covered > row.chunks) {
+			free(fresh);
+			return -EUCLEAN;
+		}
+		k.mv_size = segref_key(key, x->segment, &m->hash);
+		k.mv_data = key;
+		if (mdb_get(txn, s->db_segref, &k, &v) == 0 && v.mv_size == 4) {
+			memcpy(&old, v.mv_data, 4);
+			if (old > covered)
+				covered = old;
+		} else {
+			row.refs++;
+		}
+		v.mv_size = 4;
+		v.mv_data = &covered;
+		if ((rc = mdb_put(txn, s->db_segref, &k, &v, 0)) ||
+		    (rc = seg_put(s, txn, x->segment, &row, links))) {
+			free(fresh);
+			return rc > 0 ? mdb_errno(rc) : rc;
+		}
+		if (fresh) {
+			rc = links_add(s, txn, x->segment, &row, fresh);
+			free(fresh);
+			if (rc)
+				return rc;
+		}
+	}
+	(void)pos;
+	return 0;
+}
+
+/* Drop prefix m's references; segments left unreferenced lose their links. */
+static int refs_drop(ckv_store *s, MDB_txn *txn, const ckv_manifest *m)
+{
+	for (uint32_t i = 0; i < m->nextents; i++) {
+		const ckv_extent *x = &m->extents[i];
+		struct seg_row row;
+		const uint8_t *links;
+		uint8_t key[128];
+		MDB_val k = { segref_key(key, x->segment, &m->hash), key };
+		int rc = mdb_del(txn, s->db_segref, &k, NULL);
+		if (rc == MDB_NOTFOUND)
+			continue; /* named twice, already dropped */
+		if (rc)
+			return mdb_errno(rc);
+		if ((rc = seg_get(s, txn, x->segment, &row, &links)))
+			continue;
+		if (row.refs)
+			row.refs--;
+		if ((rc = seg_put(s, txn, x->segment, &row, links)))
+			return rc;
+		if (row.refs == 0 && (rc = links_drop(s, txn, x->segment)))
+			return rc;
+	}
+	return 0;
+}
 
 static int get_record(ckv_store *s, MDB_txn *txn, const ckv_hash *h, ckv_manifest *m, ckv_err *e)
 {
@@ -591,37 +874,33 @@ int ckv_store_list(ckv_store *s, ckv_prefix_fn fn, void *arg)
 
 /* ---- match ---------------------------------------------------------------------- */
 
+/* A stored chunk with chain hash h, used by a live prefix (*prefix). */
 static int chain_lookup(ckv_store *s, MDB_txn *txn, uint64_t seed, const ckv_hash *h,
-			struct chain_val *out)
+			ckv_hash *prefix, struct link *l)
 {
-	uint8_t key[24];
-	MDB_val k = { 24, key }, v;
-	int rc;
-	chain_key(key, seed, h);
-	rc = mdb_get(txn, s->db_chain, &k, &v);
+	int rc = link_get(s, txn, seed, h, l);
 	if (rc)
-		return mdb_errno(rc);
-	if (v.mv_size != sizeof(*out))
-		return -EUCLEAN;
-	memcpy(out, v.mv_data, sizeof(*out));
-	return 0;
+		return rc;
+	return covering_prefix(s, txn, l->seg, l->idx, prefix);
 }
 
 /*
- * Largest j < m with chain[j] stored (full chunks only: full_limit), by binary
- * search; -1 if none. Relies on: h_j stored implies h_i stored for i < j.
+ * Largest j < limit with chain[j] stored, by binary search; -1 if none.
+ * Relies on: chain[j] stored implies chain[i] stored for i < j (a prefix
+ * stores every chunk before its last).
  */
 static int64_t chain_search(ckv_store *s, MDB_txn *txn, uint64_t seed, const ckv_hash *chain,
-			    uint32_t limit, struct chain_val *hit, uint32_t *lookups)
+			    uint32_t limit, ckv_hash *hit, uint32_t *lookups)
 {
 	int64_t lo = 0, hi = (int64_t)limit - 1, best = -1;
-	struct chain_val cv;
+	struct link l;
+	ckv_hash p;
 	while (lo <= hi) {
 		int64_t mid = lo + (hi - lo) / 2;
 		(*lookups)++;
-		if (chain_lookup(s, txn, seed, &chain[mid], &cv) == 0) {
+		if (chain_lookup(s, txn, seed, &chain[mid], &p, &l) == 0) {
 			best = mid;
-			*hit = cv;
+			*hit = p;
 			lo = mid + 1;
 		} else {
 			hi = mid - 1;
@@ -634,8 +913,7 @@ int ckv_store_match(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uin
 		    ckv_hash *h, uint32_t *matched, uint32_t *lookups)
 {
 	uint32_t c = g->chunk_tokens, m = ckv_chunks_for(n, c), full = n / c;
-	ckv_hash *chain;
-	struct chain_val hit;
+	ckv_hash *chain, hit;
 	MDB_txn *txn;
 	uint32_t lk = 0;
 	int64_t j;
@@ -661,12 +939,12 @@ int ckv_store_match(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uin
 		uint32_t base = (uint32_t)(j + 1) * c;
 		uint32_t avail = n - base < c ? n - base : c;
 		for (uint32_t k = avail; k >= 1 && base < n; k--) {
-			ckv_hash t;
-			struct chain_val cv;
+			ckv_hash t, p;
+			struct link l;
 			ckv_chain_step(j >= 0 ? &chain[j] : NULL, tokens + base, k, g->seed, &t);
 			lk++;
-			if (chain_lookup(s, txn, g->seed, &t, &cv) == 0) {
-				hit = cv;
+			if (chain_lookup(s, txn, g->seed, &t, &p, &l) == 0) {
+				hit = p;
 				*matched = base + k;
 				break;
 			}
@@ -675,7 +953,7 @@ int ckv_store_match(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uin
 	mdb_txn_abort(txn);
 	free(chain);
 	if (*matched)
-		memcpy(h->b, hit.prefix, 16);
+		*h = hit;
 out_none:
 	if (lookups)
 		*lookups = lk;
@@ -705,69 +983,165 @@ static void progress(const ckv_import_opts *o, const char *what, uint64_t done, 
 		o->progress(o->progress_arg, what, done, total);
 }
 
-/* Write chunks [s0, m) of the prefix as a segment directory at dirfd/rel. */
+/* Shared by the layer workers of write_segment. */
+struct seg_writer {
+	ckv_store *s;
+	int dirfd;
+	const char *rel;
+	const ckv_geom *g;
+	uint32_t n, s0, m, k;
+	const struct publish_src *src;
+	const ckv_import_opts *o;
+	uint8_t *sums;
+	float *dig;
+	pthread_mutex_t lock;   /* protects next, done, rc, e and progress calls */
+	uint32_t next;          /* next layer to write */
+	uint64_t done, total;
+	int rc;                 /* first error */
+	ckv_err *e;
+};
+
+/* Write one layer file of the segment: fill, checksum, digest, write, fsync. */
+static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *e)
+{
+	const ckv_geom *g = w->g;
+	uint64_t cb = g->chunk_bytes;
+	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1, c = g->chunk_tokens;
+	size_t dper = (size_t)g->kv_heads * g->head_dim;
+	char name[32], path[600];
+	int fd, rc = 0;
+
+	ckv_layer_name(l, name);
+	snprintf(path, sizeof(path), "%s/%s", w->rel, name);
+	fd = openat(w->dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+	if (fd < 0)
+		return ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
+	for (uint32_t j = w->s0; j < w->m; j += run) {
+		uint32_t cnt = w->m - j < run ? w->m - j : run;
+		memset(buf, 0, (size_t)cnt * cb);
+		rc = w->src->fill(w->src->arg, l, j, cnt, buf);
+		if (rc < 0)
+			goto out_close;
+		for (uint32_t i = 0; i < cnt; i++) {
+			uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= w->n ? c : w->n - jj * c;
+			uint8_t *ch = buf + (size_t)i * cb;
+			size_t idx = (size_t)l * w->k + (jj - w->s0);
+			ckv_sum_store(w->sums + idx * 8, ckv_chunk_sum(ch, cb));
+			ckv_chunk_digest(g, ch, valid, w->dig + idx * dper);
+		}
+		rc = write_all(fd, buf, (size_t)cnt * cb, (off_t)(j - w->s0) * (off_t)cb);
+		if (rc) {
+			rc = ckv_errf(e, rc, "%s: write: %s", path, strerror(-rc));
+			goto out_close;
+		}
+		pthread_mutex_lock(&w->lock);
+		w->done += (uint64_t)cnt * cb;
+		progress(w->o, "import", w->done, w->total);
+		rc = w->rc;
+		pthread_mutex_unlock(&w->lock);
+		if (rc)
+			goto out_close; /* another layer failed: stop early */
+	}
+	if (sync_fd(w->s, fd) < 0)
+		rc = ckv_errf(e, -errno, "%s: fsync: %s", path, strerror(errno));
+out_close:
+	close(fd);
+	return rc;
+}
+
+static void *layer_worker(void *arg)
+{
+	struct seg_writer *w = arg;
+	uint64_t cb = w->g->chunk_bytes;
+	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
+	uint8_t *buf = aligned_alloc(CKV_ALIGN, (size_t)run * cb);
+	ckv_err e;
+
+	for (;;) {
+		uint32_t l;
+		int rc;
+		pthread_mutex_lock(&w->lock);
+		if (!buf && !w->rc)
+			w->rc = -ENOMEM;
+		l = w->rc ? w->g->layers : w->next++;
+		pthread_mutex_unlock(&w->lock);
+		if (l >= w->g->layers)
+			break;
+		rc = write_layer(w, l, buf, &e);
+		if (rc) {
+			pthread_mutex_lock(&w->lock);
+			if (!w->rc) {
+				w->rc = rc;
+				if (w->e)
+					*w->e = e;
+			}
+			pthread_mutex_unlock(&w->lock);
+		}
+	}
+	free(buf);
+	return NULL;
+}
+
+/*
+ * Write chunks [s0, m) of the prefix as a segment directory at dirfd/rel.
+ * Layers are independent files: up to IMPORT_THREADS workers write them in
+ * parallel (hashing, digests and copies are CPU work that one core can't
+ * keep up with against a fast disk).
+ */
+#define IMPORT_THREADS 4
 static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geom *g,
 			 const uint32_t *tokens, uint32_t n, uint32_t s0, uint32_t m,
 			 const struct publish_src *src, const ckv_import_opts *o, uint64_t *written,
 			 ckv_err *e)
 {
 	uint32_t k = m - s0, c = g->chunk_tokens;
-	uint64_t cb = g->chunk_bytes, total = (uint64_t)k * cb * g->layers, done = 0;
-	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
+	uint64_t cb = g->chunk_bytes, total = (uint64_t)k * cb * g->layers;
 	size_t dper = (size_t)g->kv_heads * g->head_dim;
-	uint8_t *buf = NULL, *sums = NULL, hdr[CKV_SIDE_HEADER];
+	uint8_t *sums = NULL, hdr[CKV_SIDE_HEADER];
 	float *dig = NULL;
 	ckv_side_header sh;
-	char name[64];
-	int fd = -1, rc;
-	(void)s;
+	struct seg_writer w;
+	pthread_t th[IMPORT_THREADS];
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	int nth, started = 0, fd = -1, rc;
 
 	if (mkdirat(dirfd, rel, 0755) < 0)
 		return ckv_errf(e, -errno, "%s: cannot create segment directory: %s", rel, strerror(errno));
-	buf = aligned_alloc(CKV_ALIGN, (size_t)run * cb);
 	sums = malloc((size_t)k * g->layers * 8);
 	dig = malloc(sizeof(float) * dper * k * g->layers);
-	if (!buf || !sums || !dig) {
+	if (!sums || !dig) {
 		rc = -ENOMEM;
 		goto out_free;
 	}
-	for (uint32_t l = 0; l < g->layers; l++) {
-		char path[600];
-		ckv_layer_name(l, name);
-		snprintf(path, sizeof(path), "%s/%s", rel, name);
-		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
-		if (fd < 0) {
-			rc = ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
-			goto out_free;
-		}
-		for (uint32_t j = s0; j < m; j += run) {
-			uint32_t cnt = m - j < run ? m - j : run;
-			memset(buf, 0, (size_t)cnt * cb);
-			rc = src->fill(src->arg, l, j, cnt, buf);
-			if (rc < 0)
-				goto out_close;
-			for (uint32_t i = 0; i < cnt; i++) {
-				uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= n ? c : n - jj * c;
-				uint8_t *ch = buf + (size_t)i * cb;
-				size_t idx = (size_t)l * k + (jj - s0);
-				ckv_sum_store(sums + idx * 8, ckv_chunk_sum(ch, cb));
-				ckv_chunk_digest(g, ch, valid, dig + idx * dper);
-			}
-			rc = write_all(fd, buf, (size_t)cnt * cb, (off_t)(j - s0) * (off_t)cb);
-			if (rc) {
-				rc = ckv_errf(e, rc, "%s: write: %s", path, strerror(-rc));
-				goto out_close;
-			}
-			done += (uint64_t)cnt * cb;
-			progress(o, "import", done, total);
-		}
-		if (fsync(fd) < 0) {
-			rc = ckv_errf(e, -errno, "%s: fsync: %s", path, strerror(errno));
-			goto out_close;
-		}
-		close(fd);
-		fd = -1;
-	}
+	memset(&w, 0, sizeof(w));
+	w.s = s;
+	w.dirfd = dirfd;
+	w.rel = rel;
+	w.g = g;
+	w.n = n;
+	w.s0 = s0;
+	w.m = m;
+	w.k = k;
+	w.src = src;
+	w.o = o;
+	w.sums = sums;
+	w.dig = dig;
+	w.total = total;
+	w.e = e;
+	pthread_mutex_init(&w.lock, NULL);
+	nth = ncpu < 1 ? 1 : ncpu > IMPORT_THREADS ? IMPORT_THREADS : (int)ncpu;
+	if ((uint32_t)nth > g->layers)
+		nth = (int)g->layers;
+	for (int i = 1; i < nth; i++)
+		if (pthread_create(&th[i], NULL, layer_worker, &w) == 0)
+			started++;
+	layer_worker(&w);
+	for (int i = 1; i <= started; i++)
+		pthread_join(th[i], NULL);
+	pthread_mutex_destroy(&w.lock);
+	rc = w.rc;
+	if (rc)
+		goto out_free;
 	*written = total;
 
 	/* tokens.bin of the segment */
@@ -790,7 +1164,7 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
 		rc = fd < 0 ? -errno : write_all(fd, tb, (size_t)nt * 4, 0);
 		free(tb);
-		if (!rc && fsync(fd) < 0)
+		if (!rc && sync_fd(s, fd) < 0)
 			rc = -errno;
 		if (rc) {
 			rc = ckv_errf(e, rc, "%s: %s", path, strerror(-rc));
@@ -815,7 +1189,7 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		if (!rc)
 			rc = which ? write_all(fd, dig, sizeof(float) * dper * k * g->layers, CKV_SIDE_HEADER)
 				   : write_all(fd, sums, (size_t)k * g->layers * 8, CKV_SIDE_HEADER);
-		if (!rc && fsync(fd) < 0)
+		if (!rc && sync_fd(s, fd) < 0)
 			rc = -errno;
 		if (rc) {
 			rc = ckv_errf(e, rc, "%s: %s", path, strerror(-rc));
@@ -824,12 +1198,11 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		close(fd);
 		fd = -1;
 	}
-	rc = fsync_dir(dirfd, rel);
+	rc = fsync_dir(s, dirfd, rel);
 out_close:
 	if (fd >= 0)
 		close(fd);
 out_free:
-	free(buf);
 	free(sums);
 	free(dig);
 	return rc;
@@ -877,7 +1250,7 @@ static int staging_create(ckv_store *s, char *rel, size_t len, int *lockfd, ckv_
 
 /* The LMDB transaction that makes the prefix visible. -EAGAIN: retry without dedup. */
 static int commit_prefix(ckv_store *s, const ckv_manifest *m, const ckv_hash *chain,
-			 const char *newseg, uint32_t newseg_chunks, const char *record,
+			 const char *newseg, uint32_t newseg_first, const char *record,
 			 size_t reclen, bool *existed)
 {
 	MDB_txn *txn;
@@ -895,53 +1268,9 @@ static int commit_prefix(ckv_store *s, const ckv_manifest *m, const ckv_hash *ch
 		goto out_abort;
 	}
 	/* Every referenced segment must still be alive (gc may have run). */
-	for (uint32_t i = 0; i < m->nextents; i++) {
-		struct seg_val sv;
-		MDB_val sk = { strlen(m->extents[i].segment), (void *)m->extents[i].segment }, svv;
-		bool fresh = newseg && strcmp(newseg, m->extents[i].segment) == 0;
-		rc = mdb_get(txn, s->db_seg, &sk, &svv);
-		if (rc == MDB_NOTFOUND && fresh) {
-			sv.refs = 0;
-			sv.chunks = newseg_chunks;
-		} else if (rc == 0 && svv.mv_size == sizeof(sv)) {
-			memcpy(&sv, svv.mv_data, sizeof(sv));
-			if (sv.refs == 0 && !fresh) {
-				rc = -EAGAIN;
-				goto out_abort;
-			}
-		} else if (rc == MDB_NOTFOUND) {
-			rc = -EAGAIN;
-			goto out_abort;
-		} else {
-			rc = mdb_errno(rc);
-			goto out_abort;
-		}
-		/* one reference per prefix, even if it names a segment twice */
-		bool seen = false;
-		for (uint32_t q = 0; q < i; q++)
-			seen |= strcmp(m->extents[q].segment, m->extents[i].segment) == 0;
-		if (!seen)
-			sv.refs++;
-		svv.mv_size = sizeof(sv);
-		svv.mv_data = &sv;
-		if ((rc = mdb_put(txn, s->db_seg, &sk, &svv, 0))) {
-			rc = mdb_errno(rc);
-			goto out_abort;
-		}
-	}
-	for (uint32_t j = 0; j < m->chunks; j++) {
-		uint8_t key[24];
-		struct chain_val cv;
-		uint32_t c = m->geom.chunk_tokens;
-		uint32_t ntok = (j + 1) * (uint64_t)c <= m->tokens ? c : m->tokens - j * c;
-		MDB_val ck = { 24, key }, cvv = { sizeof(cv), &cv };
-		chain_key(key, m->geom.seed, &chain[j]);
-		chain_val_make(&cv, &m->hash, j, ntok);
-		if ((rc = mdb_put(txn, s->db_chain, &ck, &cvv, MDB_NODUPDATA)) && rc != MDB_KEYEXIST) {
-			rc = mdb_errno(rc);
-			goto out_abort;
-		}
-	}
+	rc = refs_add(s, txn, m, chain, newseg, newseg_first, true);
+	if (rc)
+		goto out_abort;
 	v.mv_size = reclen;
 	v.mv_data = (void *)record;
 	if ((rc = mdb_put(txn, s->db_prefix, &k, &v, 0)) || (rc = bump_generation(s, txn))) {
@@ -1019,12 +1348,10 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 			}
 		}
 		if (attempt < 3) {
-			struct chain_val hit;
+			ckv_hash ph;
 			uint32_t lk = 0;
-			int64_t j = chain_search(s, txn, g->seed, chain, n / c, &hit, &lk);
+			int64_t j = chain_search(s, txn, g->seed, chain, n / c, &ph, &lk);
 			if (j >= 0) {
-				ckv_hash ph;
-				memcpy(ph.b, hit.prefix, 16);
 				base = calloc(1, sizeof(*base));
 				if (!base || get_record(s, txn, &ph, base, NULL) < 0) {
 					free(base);
@@ -1072,7 +1399,7 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 				}
 				/* An identical segment is already there (concurrent import). */
 			}
-			rc = fsync_dir(s->dirfd, dstdir);
+			rc = fsync_dir(s, s->dirfd, dstdir);
 			if (rc)
 				goto out;
 			seg_created = true;
@@ -1094,13 +1421,13 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 			goto out;
 		prefix_rel(&man.hash, pdir, sizeof(pdir), pname, sizeof(pname));
 		mkdirat(s->dirfd, pdir, 0755);
-		rc = write_file_atomic(s->dirfd, pdir, pname, record, reclen);
+		rc = write_file_atomic(s, s->dirfd, pdir, pname, record, reclen);
 		if (rc) {
 			rc = ckv_errf(e, rc, "%s/%s/%s: %s", s->path, pdir, pname, strerror(-rc));
 			goto out;
 		}
 		maybe_crash(o, "manifest");
-		rc = commit_prefix(s, &man, chain, seg_created ? segid : NULL, m - shared, record,
+		rc = commit_prefix(s, &man, chain, seg_created ? segid : NULL, shared, record,
 				   reclen, &existed);
 		if (rc == -EAGAIN) {
 			/* A dedup base vanished under us: retry, last time without dedup. */
@@ -1125,7 +1452,7 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 out:
 	if (staging[0]) {
 		rm_tree(s->dirfd, staging, NULL);
-		fsync_dir(s->dirfd, "staging");
+		fsync_dir(s, s->dirfd, "staging");
 	}
 	if (lockfd >= 0)
 		close(lockfd);
@@ -1784,11 +2111,9 @@ int ckv_store_stat(ckv_store *s, const ckv_manifest *m, ckv_stat_info *st)
 	if (rc)
 		return mdb_errno(rc);
 	for (uint32_t i = 0; i < m->nextents; i++) {
-		MDB_val k = { strlen(m->extents[i].segment), (void *)m->extents[i].segment }, v;
-		struct seg_val sv = { 0, 0 };
-		if (mdb_get(txn, s->db_seg, &k, &v) == 0 && v.mv_size == sizeof(sv))
-			memcpy(&sv, v.mv_data, sizeof(sv));
-		if (sv.refs > 1)
+		struct seg_row row = { 0 };
+		seg_get(s, txn, m->extents[i].segment, &row, NULL);
+		if (row.refs > 1)
 			st->bytes_shared += per_chunk * m->extents[i].count;
 	}
 	mdb_txn_abort(txn);
@@ -1811,68 +2136,14 @@ int ckv_store_stat(ckv_store *s, const ckv_manifest *m, ckv_stat_info *st)
 
 static int unindex_prefix(ckv_store *s, MDB_txn *txn, const ckv_manifest *m)
 {
-	uint32_t *tokens = NULL;
-	ckv_hash *chain = NULL;
 	MDB_val k = { 16, (void *)m->hash.b };
-	int rc;
-
-	/* The chain is recomputed from the segments' tokens. */
-	rc = prefix_tokens(s, m, &tokens, NULL);
-	if (rc == 0) {
-		chain = malloc(sizeof(*chain) * m->chunks);
-		if (!chain) {
-			free(tokens);
-			return -ENOMEM;
-		}
-		ckv_chain(&m->geom, tokens, m->tokens, chain);
-		for (uint32_t j = 0; j < m->chunks; j++) {
-			uint8_t key[24];
-			struct chain_val cv;
-			uint32_t c = m->geom.chunk_tokens;
-			uint32_t ntok = (j + 1) * (uint64_t)c <= m->tokens ? c : m->tokens - j * c;
-			MDB_val ck = { 24, key }, cvv = { sizeof(cv), &cv };
-			chain_key(key, m->geom.seed, &chain[j]);
-			chain_val_make(&cv, &m->hash, j, ntok);
-			rc = mdb_del(txn, s->db_chain, &ck, &cvv);
-			if (rc && rc != MDB_NOTFOUND)
-				goto out;
-		}
-	} else {
-		/* Segments unreadable: sweep the chain db for this prefix's links. */
-		MDB_cursor *cur;
-		MDB_val ck, cv;
-		rc = mdb_cursor_open(txn, s->db_chain, &cur);
-		if (rc)
-			goto out;
-		for (rc = mdb_cursor_get(cur, &ck, &cv, MDB_FIRST); rc == 0;
-		     rc = mdb_cursor_get(cur, &ck, &cv, MDB_NEXT)) {
-			if (cv.mv_size == sizeof(struct chain_val) && memcmp(cv.mv_data, m->hash.b, 16) == 0)
-				mdb_cursor_del(cur, 0);
-		}
-		mdb_cursor_close(cur);
-	}
-	for (uint32_t i = 0; i < m->nextents; i++) {
-		MDB_val sk = { strlen(m->extents[i].segment), (void *)m->extents[i].segment }, sv;
-		struct seg_val v;
-		bool seen = false;
-		for (uint32_t q = 0; q < i; q++)
-			seen |= strcmp(m->extents[q].segment, m->extents[i].segment) == 0;
-		if (seen || mdb_get(txn, s->db_seg, &sk, &sv) || sv.mv_size != sizeof(v))
-			continue;
-		memcpy(&v, sv.mv_data, sizeof(v));
-		if (v.refs)
-			v.refs--;
-		sv.mv_data = &v;
-		if ((rc = mdb_put(txn, s->db_seg, &sk, &sv, 0)))
-			goto out;
-	}
+	int rc = refs_drop(s, txn, m);
+	if (rc)
+		return rc;
 	rc = mdb_del(txn, s->db_prefix, &k, NULL);
-	if (rc == 0)
-		rc = bump_generation(s, txn) ? MDB_PANIC : 0;
-out:
-	free(chain);
-	free(tokens);
-	return rc > 0 ? mdb_errno(rc) : rc;
+	if (rc)
+		return mdb_errno(rc);
+	return bump_generation(s, txn);
 }
 
 int ckv_store_rm(ckv_store *s, const ckv_hash *h, ckv_err *e)
@@ -1903,7 +2174,7 @@ int ckv_store_rm(ckv_store *s, const ckv_hash *h, ckv_err *e)
 	prefix_rel(h, pdir, sizeof(pdir), pname, sizeof(pname));
 	snprintf(rel, sizeof(rel), "%s/%s", pdir, pname);
 	unlinkat(s->dirfd, rel, 0);
-	fsync_dir(s->dirfd, pdir);
+	fsync_dir(s, s->dirfd, pdir);
 	return 0;
 }
 
@@ -1942,11 +2213,11 @@ int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
 		goto out_unlock;
 	}
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		struct seg_val sv;
-		if (v.mv_size != sizeof(sv))
+		struct seg_row row;
+		if (v.mv_size < sizeof(row))
 			continue;
-		memcpy(&sv, v.mv_data, sizeof(sv));
-		if (sv.refs)
+		memcpy(&row, v.mv_data, sizeof(row));
+		if (row.refs)
 			continue;
 		if (ndead == cap) {
 			cap = cap ? 2 * cap : 16;
@@ -1958,9 +2229,17 @@ int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
 			dead = nd;
 		}
 		dead[ndead++] = strndup(k.mv_data, k.mv_size);
-		mdb_cursor_del(cur, 0);
 	}
 	mdb_cursor_close(cur);
+	for (size_t i = 0; i < ndead && rc != -ENOMEM; i++) {
+		MDB_val dk;
+		if (!dead[i])
+			continue;
+		dk.mv_size = strlen(dead[i]);
+		dk.mv_data = dead[i];
+		links_drop(s, txn, dead[i]);
+		mdb_del(txn, s->db_seg, &dk, NULL);
+	}
 	if (rc == -ENOMEM) {
 		mdb_txn_abort(txn);
 		goto out_free;
@@ -2237,6 +2516,122 @@ int ckv_store_verify(ckv_store *s, const ckv_hash *h, ckv_verify_fn fn, void *ar
 
 /* ---- reindex ------------------------------------------------------------------------- */
 
+/* Index one store record read from prefix/xx/<hash>.json (reindex). */
+static int reindex_one(ckv_store *s, MDB_txn *txn, const char *json, size_t len, const char *rel)
+{
+	ckv_manifest m;
+	uint32_t *tokens = NULL;
+	ckv_hash *chain = NULL;
+	uint32_t pos = 0;
+	MDB_val k, v;
+	int rc;
+
+	if (ckv_manifest_parse(&m, json, len, true, rel, NULL))
+		return 0; /* not a record: gc removes it */
+	rc = prefix_tokens(s, &m, &tokens, NULL);
+	if (rc)
+		goto out;
+	chain = malloc(sizeof(*chain) * m.chunks);
+	if (!chain) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	ckv_chain(&m.geom, tokens, m.tokens, chain);
+	if (!ckv_hash_eq(&chain[m.chunks - 1], &m.hash))
+		goto out; /* its segments hash to something else: leave it out */
+	/* Segment rows: chunk counts from their sums, chain hashes from this prefix. */
+	for (uint32_t i = 0; i < m.nextents; pos += m.extents[i].count, i++) {
+		const ckv_extent *x = &m.extents[i];
+		struct seg_row row;
+		const uint8_t *links;
+		uint8_t *buf;
+		if (seg_get(s, txn, x->segment, &row, &links) != 0) {
+			uint64_t *sums;
+			uint32_t chunks;
+			if (ckv_segment_sums(s, x->segment, &m.geom, &sums, &chunks, NULL) < 0)
+				goto out;
+			free(sums);
+			memset(&row, 0, sizeof(row));
+			row.chunks = chunks;
+			row.seed = m.geom.seed;
+			row.chunk_tokens = m.geom.chunk_tokens;
+			row.last_ntok = m.geom.chunk_tokens;
+			links = NULL;
+		}
+		if (x->first + (uint64_t)x->count > row.chunks)
+			goto out;
+		buf = calloc(row.chunks, 16);
+		if (!buf) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		if (links)
+			memcpy(buf, links, (size_t)row.chunks * 16);
+		for (uint32_t q = 0; q < x->count; q++)
+			memcpy(buf + 16 * ((size_t)x->first + q), chain[pos + q].b, 16);
+		if (x->first + x->count == row.chunks && pos + x->count == m.chunks)
+			row.last_ntok = m.tokens - (m.chunks - 1) * m.geom.chunk_tokens;
+		rc = seg_put(s, txn, x->segment, &row, buf);
+		free(buf);
+		if (rc)
+			goto out;
+	}
+	rc = refs_add(s, txn, &m, chain, NULL, 0, false);
+	if (rc)
+		goto out;
+	k.mv_size = 16;
+	k.mv_data = m.hash.b;
+	v.mv_size = len;
+	v.mv_data = (void *)json;
+	rc = mdb_errno(mdb_put(txn, s->db_prefix, &k, &v, 0));
+out:
+	free(chain);
+	free(tokens);
+	ckv_manifest_free(&m);
+	return rc;
+}
+
+/* After all records are in: point every chain hash at a segment holding it. */
+static int reindex_links(ckv_store *s, MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	char **ids = NULL;
+	size_t n = 0, cap = 0;
+	int rc = mdb_cursor_open(txn, s->db_seg, &cur);
+	if (rc)
+		return mdb_errno(rc);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (n == cap) {
+			char **ni = realloc(ids, (cap = cap ? 2 * cap : 64) * sizeof(*ids));
+			if (!ni)
+				break;
+			ids = ni;
+		}
+		ids[n++] = strndup(k.mv_data, k.mv_size);
+	}
+	mdb_cursor_close(cur);
+	rc = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct seg_row row;
+		const uint8_t *links;
+		uint8_t *copy;
+		if (!ids[i] || seg_get(s, txn, ids[i], &row, &links))
+			continue;
+		copy = malloc((size_t)row.chunks * 16 + 1);
+		if (copy) {
+			memcpy(copy, links, (size_t)row.chunks * 16);
+			if (!rc)
+				rc = links_add(s, txn, ids[i], &row, copy);
+			free(copy);
+		}
+	}
+	for (size_t i = 0; i < n; i++)
+		free(ids[i]);
+	free(ids);
+	return rc;
+}
+
 int ckv_store_reindex(ckv_store *s, ckv_err *e)
 {
 	MDB_txn *txn;
@@ -2252,14 +2647,14 @@ int ckv_store_reindex(ckv_store *s, ckv_err *e)
 		goto out_unlock;
 	}
 	if ((rc = mdb_drop(txn, s->db_prefix, 0)) || (rc = mdb_drop(txn, s->db_chain, 0)) ||
-	    (rc = mdb_drop(txn, s->db_seg, 0))) {
+	    (rc = mdb_drop(txn, s->db_seg, 0)) || (rc = mdb_drop(txn, s->db_segref, 0))) {
 		mdb_txn_abort(txn);
 		rc = ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
 		goto out_unlock;
 	}
 	fd = openat(s->dirfd, "prefix", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	d1 = fd >= 0 ? fdopendir(fd) : NULL;
-	while (d1 && (a = readdir(d1))) {
+	while (d1 && (a = readdir(d1)) && rc == 0) {
 		int fd2;
 		DIR *d2;
 		struct dirent *b;
@@ -2267,66 +2662,15 @@ int ckv_store_reindex(ckv_store *s, ckv_err *e)
 			continue;
 		fd2 = openat(dirfd(d1), a->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		d2 = fd2 >= 0 ? fdopendir(fd2) : NULL;
-		while (d2 && (b = readdir(d2))) {
+		while (d2 && (b = readdir(d2)) && rc == 0) {
 			char rel[600], *json = NULL;
 			size_t len = 0;
-			ckv_manifest m;
-			uint32_t *tokens;
-			ckv_hash *chain;
-			MDB_val k, v;
 			if (b->d_name[0] == '.' || strlen(b->d_name) != CKV_HASH_HEX + 5)
 				continue;
 			snprintf(rel, sizeof(rel), "prefix/%s/%s", a->d_name, b->d_name);
 			if (slurp_at(s->dirfd, rel, MANIFEST_MAX, &json, &len))
 				continue;
-			if (ckv_manifest_parse(&m, json, len, true, rel, NULL)) {
-				free(json);
-				continue;
-			}
-			if (prefix_tokens(s, &m, &tokens, NULL) == 0) {
-				chain = malloc(sizeof(*chain) * m.chunks);
-				if (chain) {
-					ckv_chain(&m.geom, tokens, m.tokens, chain);
-					if (ckv_hash_eq(&chain[m.chunks - 1], &m.hash)) {
-						bool existed = false;
-						/* commit_prefix runs its own txn: stage it in ours instead */
-						k.mv_size = 16;
-						k.mv_data = m.hash.b;
-						v.mv_size = len;
-						v.mv_data = json;
-						(void)existed;
-						mdb_put(txn, s->db_prefix, &k, &v, 0);
-						for (uint32_t j = 0; j < m.chunks; j++) {
-							uint8_t key[24];
-							struct chain_val cv;
-							uint32_t c = m.geom.chunk_tokens;
-							uint32_t ntok = (j + 1) * (uint64_t)c <= m.tokens ? c : m.tokens - j * c;
-							MDB_val ck = { 24, key }, cvv = { sizeof(cv), &cv };
-							chain_key(key, m.geom.seed, &chain[j]);
-							chain_val_make(&cv, &m.hash, j, ntok);
-							mdb_put(txn, s->db_chain, &ck, &cvv, MDB_NODUPDATA);
-						}
-						for (uint32_t i = 0; i < m.nextents; i++) {
-							MDB_val sk = { strlen(m.extents[i].segment), m.extents[i].segment }, sv;
-							struct seg_val val = { 0, 0 };
-							bool seen = false;
-							for (uint32_t q = 0; q < i; q++)
-								seen |= !strcmp(m.extents[q].segment, m.extents[i].segment);
-							if (seen)
-								continue;
-							if (mdb_get(txn, s->db_seg, &sk, &sv) == 0 && sv.mv_size == sizeof(val))
-								memcpy(&val, sv.mv_data, sizeof(val));
-							val.refs++;
-							sv.mv_size = sizeof(val);
-							sv.mv_data = &val;
-							mdb_put(txn, s->db_seg, &sk, &sv, 0);
-						}
-					}
-					free(chain);
-				}
-				free(tokens);
-			}
-			ckv_manifest_free(&m);
+			rc = reindex_one(s, txn, json, len, rel);
 			free(json);
 		}
 		if (d2)
@@ -2338,11 +2682,17 @@ int ckv_store_reindex(ckv_store *s, ckv_err *e)
 		closedir(d1);
 	else if (fd >= 0)
 		close(fd);
-	if ((rc = bump_generation(s, txn)) || (rc = mdb_txn_commit(txn))) {
-		if (rc < 0)
-			mdb_txn_abort(txn);
-		rc = ckv_errf(e, rc < 0 ? rc : mdb_errno(rc), "%s: index: cannot commit", s->path);
+	if (!rc)
+		rc = reindex_links(s, txn);
+	if (!rc)
+		rc = bump_generation(s, txn);
+	if (rc) {
+		mdb_txn_abort(txn);
+		rc = ckv_errf(e, rc, "%s: index: cannot rebuild: %s", s->path, strerror(-rc));
+		goto out_unlock;
 	}
+	if ((rc = mdb_txn_commit(txn)))
+		rc = ckv_errf(e, mdb_errno(rc), "%s: index: cannot commit: %s", s->path, mdb_strerror(rc));
 out_unlock:
 	flock(s->lockfd, LOCK_UN);
 	return rc;

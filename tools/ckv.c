@@ -129,7 +129,8 @@ struct shape_opts {
 
 enum {
 	OPT_LAYERS = 1000, OPT_KVHEADS, OPT_HEADDIM, OPT_DTYPE, OPT_CHUNK, OPT_MODELID, OPT_SALT,
-	OPT_EXTENDS, OPT_SEED, OPT_PLANT, OPT_PLANT_OUT, OPT_JSON, OPT_TOKENS_TXT,
+	OPT_EXTENDS, OPT_SEED, OPT_PLANT, OPT_PLANT_OUT, OPT_JSON, OPT_TOKENS_TXT, OPT_COUNT,
+	OPT_NOSYNC,
 };
 
 #define SHAPE_LONGOPTS                                                  \
@@ -386,19 +387,11 @@ static inline uint16_t f32_to_fp16(float f)
 static inline uint8_t f32_to_fp8(float f)
 {
 	/* nearest E4M3FN value by search over the 127 positive codes */
-	static float table[127];
-	static bool init;
 	uint8_t sign = f < 0 ? 0x80 : 0, best = 0;
 	float a = fabsf(f), bd = INFINITY;
-	if (!init) {
-		for (int i = 0; i < 127; i++) {
-			uint8_t b = (uint8_t)i;
-			table[i] = ckv_dtype_to_f32(CKV_DTYPE_FP8_E4M3, &b);
-		}
-		init = true;
-	}
 	for (int i = 0; i < 127; i++) {
-		float d = fabsf(table[i] - a);
+		uint8_t b = (uint8_t)i;
+		float d = fabsf(ckv_dtype_to_f32(CKV_DTYPE_FP8_E4M3, &b) - a);
 		if (d < bd) {
 			bd = d;
 			best = (uint8_t)i;
@@ -536,6 +529,8 @@ static void gen_usage(void)
 	       "  --plant-out FILE     where to write it (default ./<hash>.plant.json)\n"
 	       "  --layers L --kv-heads H --head-dim D --dtype bf16|fp16|fp8_e4m3|fp32 --chunk C\n"
 	       "  --model-id ID --salt S   override the shape / identity\n"
+	       "  --count K            generate K prefixes, seeds S, S+1, ... (one hash per line)\n"
+	       "  --no-sync            skip per-file fsync (bulk test data; synced once at exit)\n"
 	       "  -q                   print only the prefix hash\n");
 }
 
@@ -548,14 +543,16 @@ static int cmd_gen(int argc, char **argv)
 		{ "seed", required_argument, NULL, OPT_SEED },
 		{ "plant", required_argument, NULL, OPT_PLANT },
 		{ "plant-out", required_argument, NULL, OPT_PLANT_OUT },
+		{ "count", required_argument, NULL, OPT_COUNT },
+		{ "no-sync", no_argument, NULL, OPT_NOSYNC },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct shape_opts so = { 0 };
 	const char *err, *extends = NULL, *plant_out = NULL;
-	long ntok = -1, seed = 1;
+	long ntok = -1, seed = 1, count = 1;
 	double plant = -1;
-	bool quiet = false;
+	bool quiet = false, nosync = false;
 	ckv_store *s;
 	ckv_geom g;
 	uint32_t *tokens = NULL, n, base_n = 0, m;
@@ -594,6 +591,13 @@ static int cmd_gen(int argc, char **argv)
 		}
 		case OPT_PLANT_OUT:
 			plant_out = optarg;
+			break;
+		case OPT_COUNT:
+			if (!parse_long(optarg, 1, 10000000, &count))
+				return usage_err("gen", "--count %s: expected an integer 1..10000000", optarg);
+			break;
+		case OPT_NOSYNC:
+			nosync = true;
 			break;
 		default:
 			rc = shape_opt(&so, c, optarg, &err);
@@ -661,79 +665,85 @@ static int cmd_gen(int argc, char **argv)
 			return fail("gen", "out of memory");
 		}
 	}
-	n = base_n + (uint32_t)ntok;
-	for (uint32_t i = base_n; i < n; i++)
-		tokens[i] = gen_token((uint64_t)seed, i);
-	m = ckv_chunks_for(n, g.chunk_tokens);
+	if (nosync)
+		ckv_store_set_nosync(s, true);
+	for (long it = 0; it < count; it++) {
+		n = base_n + (uint32_t)ntok;
+		for (uint32_t i = base_n; i < n; i++)
+			tokens[i] = gen_token((uint64_t)seed + (uint64_t)it, i);
+		m = ckv_chunks_for(n, g.chunk_tokens);
 
-	if (plant > 0) {
-		uint32_t first = base_n / g.chunk_tokens, avail, want, got = 0;
-		uint64_t st = splitmix64((uint64_t)seed ^ 0x51a7ull);
-		planted = calloc(m, 1);
-		dirs = malloc(sizeof(float) * g.layers * g.kv_heads * g.head_dim);
-		if (!planted || !dirs) {
-			rc = fail("gen", "out of memory");
-			goto out;
-		}
-		/* candidates: new chunks except the first and the last (always selected anyway) */
-		if (first < 1)
-			first = 1;
-		avail = m > first + 1 ? m - 1 - first : 0;
-		want = (uint32_t)llround(plant * (double)m);
-		if (want < 1)
-			want = 1;
-		if (want > avail) {
-			rc = usage_err("gen", "--plant %.3f: %u chunks wanted but only %u new chunks can be planted", plant, want, avail);
-			goto out;
-		}
-		while (got < want) {
-			uint32_t j = first + (uint32_t)((st = splitmix64(st)) % avail);
-			if (!planted[j]) {
-				planted[j] = 1;
-				got++;
-			}
-		}
-		for (size_t v = 0; v < (size_t)g.layers * g.kv_heads; v++) {
-			float *d = dirs + v * g.head_dim, norm = 0;
-			for (uint32_t k = 0; k < g.head_dim; k++) {
-				st = splitmix64(st);
-				d[k] = (float)((double)(st >> 11) / 9007199254740992.0 - 0.5);
-				norm += d[k] * d[k];
-			}
-			norm = sqrtf(norm);
-			for (uint32_t k = 0; k < g.head_dim; k++)
-				d[k] /= norm;
-		}
-	}
-
-	{
-		struct gen_ctx x = { .g = &g, .tokens = tokens, .n = n, .seed = (uint64_t)seed,
-				     .planted = planted, .dirs = dirs };
-		ckv_import_opts o = { .progress = progress_cb, .progress_arg = &pr };
-		progress_init(&pr);
-		rc = ckv_store_publish(s, &g, tokens, n, gen_fill, &x, &o, &r, &e);
-		progress_end(&pr);
-	}
-	if (rc < 0) {
-		rc = fail("gen", "%s", e.msg);
-		goto out;
-	}
-	{
-		char hex[CKV_HASH_HEX + 1], b[32];
-		ckv_hash_hex(&r.hash, hex);
-		if (planted) {
-			char def[64];
-			snprintf(def, sizeof(def), "%s.plant.json", hex);
-			if ((rc = write_plant("gen", plant_out ? plant_out : def, &g, &r.hash, plant, planted, m, dirs)))
+		if (plant > 0) {
+			uint32_t first = base_n / g.chunk_tokens, avail, want, got = 0;
+			uint64_t st = splitmix64(((uint64_t)seed + (uint64_t)it) ^ 0x51a7ull);
+			free(planted);
+			free(dirs);
+			planted = calloc(m, 1);
+			dirs = malloc(sizeof(float) * g.layers * g.kv_heads * g.head_dim);
+			if (!planted || !dirs) {
+				rc = fail("gen", "out of memory");
 				goto out;
+			}
+			/* candidates: new chunks except the first and the last (always selected anyway) */
+			if (first < 1)
+				first = 1;
+			avail = m > first + 1 ? m - 1 - first : 0;
+			want = (uint32_t)llround(plant * (double)m);
+			if (want < 1)
+				want = 1;
+			if (want > avail) {
+				rc = usage_err("gen", "--plant %.3f: %u chunks wanted but only %u new chunks can be planted", plant, want, avail);
+				goto out;
+			}
+			while (got < want) {
+				uint32_t j = first + (uint32_t)((st = splitmix64(st)) % avail);
+				if (!planted[j]) {
+					planted[j] = 1;
+					got++;
+				}
+			}
+			for (size_t v = 0; v < (size_t)g.layers * g.kv_heads; v++) {
+				float *d = dirs + v * g.head_dim, norm = 0;
+				for (uint32_t k = 0; k < g.head_dim; k++) {
+					st = splitmix64(st);
+					d[k] = (float)((double)(st >> 11) / 9007199254740992.0 - 0.5);
+					norm += d[k] * d[k];
+				}
+				norm = sqrtf(norm);
+				for (uint32_t k = 0; k < g.head_dim; k++)
+					d[k] /= norm;
+			}
 		}
-		if (!quiet) {
-			human(r.bytes_written, b, sizeof(b));
-			printf("model %s  tokens %u  chunks %u  %s\n", g.model, n, m,
-			       r.existed ? "(already stored)" : "");
-			printf("new chunks %u  shared chunks %u  written %s\n", r.new_chunks, r.shared_chunks, b);
+
+		{
+			struct gen_ctx x = { .g = &g, .tokens = tokens, .n = n, .seed = (uint64_t)seed + (uint64_t)it,
+					     .planted = planted, .dirs = dirs };
+			ckv_import_opts o = { .progress = progress_cb, .progress_arg = &pr };
+			progress_init(&pr);
+			rc = ckv_store_publish(s, &g, tokens, n, gen_fill, &x, &o, &r, &e);
+			progress_end(&pr);
 		}
-		printf("%s\n", hex);
+		if (rc < 0) {
+			rc = fail("gen", "%s", e.msg);
+			goto out;
+		}
+		{
+			char hex[CKV_HASH_HEX + 1], b[32];
+			ckv_hash_hex(&r.hash, hex);
+			if (planted) {
+				char def[64];
+				snprintf(def, sizeof(def), "%s.plant.json", hex);
+				if ((rc = write_plant("gen", plant_out ? plant_out : def, &g, &r.hash, plant, planted, m, dirs)))
+					goto out;
+			}
+			if (!quiet && count == 1) {
+				human(r.bytes_written, b, sizeof(b));
+				printf("model %s  tokens %u  chunks %u  %s\n", g.model, n, m,
+				       r.existed ? "(already stored)" : "");
+				printf("new chunks %u  shared chunks %u  written %s\n", r.new_chunks, r.shared_chunks, b);
+			}
+			printf("%s\n", hex);
+		}
 	}
 	rc = 0;
 out:

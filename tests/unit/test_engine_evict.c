@@ -301,6 +301,36 @@ static void test_classes(struct tdir *d)
 	tfile_free(&big);
 }
 
+/* Hundreds of half-lives pass: values are rescaled, heaps rebuilt, order kept. */
+static void test_rebase(struct tdir *d)
+{
+	struct tfile t;
+	ckv_engine_opts o = { .arena_bytes = 1u << 20, .halflife_s = 0.001 };
+	ckv_engine *e;
+	ckv_efile *f;
+	ckv_chunk_ref refs[4];
+	float sc[4] = { 1, 1, 1, 1 };
+
+	CHECK_RC(ckv_engine_open(&o, &e));
+	tfile_make(d, &t, "rebase", K64, 40, 601);
+	f = tfile_reg(e, d, &t);
+	for (uint32_t c = 0; c < 16; c++)
+		t_get1(e, f, &t, c, CKV_GET_DEMAND);
+	for (uint32_t i = 0; i < 4; i++)
+		refs[i] = (ckv_chunk_ref){ f, i };
+	CHECK_RC(ckv_engine_score(e, refs, sc, 4));
+	t_sleep_ms(600); /* > 256 half-lives */
+	for (uint32_t c = 16; c < 40; c++)
+		t_get1(e, f, &t, c, CKV_GET_STREAM);
+	for (uint32_t c = 0; c < 4; c++)
+		CHECK(t_resident(e, f, c)); /* I decayed but is not zero */
+	for (uint32_t c = 16; c < 40; c++)
+		t_get1(e, f, &t, c, CKV_GET_DEMAND);
+	ckv_engine_file_put(e, f);
+	tfile_free(&t);
+	ckv_engine_close(e);
+}
+
 int main(void)
 {
 	struct tdir d;
@@ -313,6 +343,7 @@ int main(void)
 	test_demand_order(&d, CKV_POLICY_ATTN);
 	test_demand_order(&d, CKV_POLICY_LRU);
 	test_classes(&d);
+	test_rebase(&d);
 	tdir_close(&d);
 	printf("test_engine_evict: ok\n");
 	return 0;

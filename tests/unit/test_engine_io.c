@@ -496,6 +496,33 @@ static void test_registration(struct tdir *d)
 	ckv_engine_close(e);
 }
 
+/* With one read at a time and 200 background reads queued, a demand read
+ * does not wait for them. */
+static void test_priority(struct tdir *d)
+{
+	struct tfile t;
+	ckv_engine_opts o = { .arena_bytes = 32u << 20, .queue_depth = 1 };
+	ckv_engine *e;
+	ckv_efile *f;
+	ckv_chunk_ref refs[200];
+	int res = 0;
+
+	CHECK_RC(ckv_engine_open(&o, &e));
+	tfile_make(d, &t, "prio", 65536, 402, 29);
+	f = tfile_reg(e, d, &t);
+	for (uint32_t i = 0; i < 200; i++)
+		refs[i] = (ckv_chunk_ref){ f, 2 * i }; /* not adjacent: 200 reads */
+	CHECK_RC(ckv_engine_prefetch(e, refs, 200));
+	t_get1(e, f, &t, 401, CKV_GET_DEMAND);
+	for (uint32_t i = 0; i < 200; i++)
+		res += t_resident(e, f, 2 * i);
+	printf("priority: %d of 200 background reads done when the demand read returned\n", res);
+	CHECK(res < 200);
+	ckv_engine_file_put(e, f);
+	ckv_engine_close(e); /* cancels what is still queued */
+	tfile_free(&t);
+}
+
 int main(void)
 {
 	struct tdir d;
@@ -510,6 +537,7 @@ int main(void)
 	test_async(&d);
 	test_retention(&d);
 	test_registration(&d);
+	test_priority(&d);
 	tdir_close(&d);
 	printf("test_engine_io: ok\n");
 	return 0;
