@@ -670,6 +670,7 @@ static int refs_add(ckv_store *s, MDB_txn *txn, const ckv_manifest *m, const ckv
 		const uint8_t *links = NULL;
 		uint8_t *fresh = NULL, key[128];
 		uint32_t covered = x->first + x->count, old;
+		bool revive = false;
 		MDB_val k, v;
 		int rc = seg_get(s, txn, x->segment, &row, &links);
 
@@ -686,10 +687,17 @@ static int refs_add(ckv_store *s, MDB_txn *txn, const ckv_manifest *m, const ckv
 			for (uint32_t q = 0; q < row.chunks; q++)
 				memcpy(fresh + 16 * (size_t)q, chain[new_first + q].b, 16);
 			links = fresh;
-		} else if (rc == -ENOENT || (rc == 0 && row.refs == 0 && strict)) {
-			return -EAGAIN; /* gone, or dying: gc may be deleting it */
+		} else if (rc == -ENOENT) {
+			return -EAGAIN; /* gone (gc ran between our look-up and now) */
 		} else if (rc) {
 			return rc;
+		} else if (row.refs == 0) {
+			/*
+			 * Unreferenced but not yet collected: publishers hold the
+			 * store lock shared and gc takes it exclusively, so its
+			 * files are whole. Revive it, links included.
+			 */
+			revive = strict; /* reindex adds every link at the end */
 		}
 		if (covered > row.chunks) {
 			free(fresh);
@@ -711,8 +719,11 @@ static int refs_add(ckv_store *s, MDB_txn *txn, const ckv_manifest *m, const ckv
 			free(fresh);
 			return rc > 0 ? mdb_errno(rc) : rc;
 		}
-		if (fresh) {
-			rc = links_add(s, txn, x->segment, &row, fresh);
+		if (fresh || revive) {
+			const uint8_t *l = fresh;
+			if (!l && (rc = seg_get(s, txn, x->segment, &row, &l)))
+				return rc;
+			rc = links_add(s, txn, x->segment, &row, l);
 			free(fresh);
 			if (rc)
 				return rc;
@@ -1248,6 +1259,17 @@ static int staging_create(ckv_store *s, char *rel, size_t len, int *lockfd, ckv_
 	return 0;
 }
 
+static bool segment_indexed(ckv_store *s, const char *id)
+{
+	MDB_txn *txn;
+	bool yes;
+	if (mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn))
+		return false;
+	yes = seg_get(s, txn, id, &(struct seg_row){ 0 }, NULL) == 0;
+	mdb_txn_abort(txn);
+	return yes;
+}
+
 /* The LMDB transaction that makes the prefix visible. -EAGAIN: retry without dedup. */
 static int commit_prefix(ckv_store *s, const ckv_manifest *m, const ckv_hash *chain,
 			 const char *newseg, uint32_t newseg_first, const char *record,
@@ -1397,12 +1419,27 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 					rc = ckv_errf(e, -errno, "%s/%s: %s", s->path, dst, strerror(errno));
 					goto out;
 				}
-				/* An identical segment is already there (concurrent import). */
+				/*
+				 * The same segment is there already: indexed (a concurrent
+				 * or earlier identical import: use it), or an orphan left
+				 * by a crash (maybe partial: replace it).
+				 */
+				if (!segment_indexed(s, segid)) {
+					rm_tree(s->dirfd, dst, NULL);
+					if (renameat(s->dirfd, rel, s->dirfd, dst) < 0) {
+						rc = ckv_errf(e, -errno, "%s/%s: %s", s->path, dst, strerror(errno));
+						goto out;
+					}
+				}
 			}
 			rc = fsync_dir(s, s->dirfd, dstdir);
 			if (rc)
 				goto out;
 			seg_created = true;
+			/*
+			 * Orphan check and commit are not atomic, but both run under
+			 * the shared store lock that gc and reindex take exclusively.
+			 */
 			r->new_chunks = m - shared;
 		}
 		if (shared < m) {
@@ -1431,7 +1468,7 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 				   reclen, &existed);
 		if (rc == -EAGAIN) {
 			/* A dedup base vanished under us: retry, last time without dedup. */
-			if (seg_created && shared > 0) {
+			if (seg_created && shared > 0 && !segment_indexed(s, segid)) {
 				/* our segment starts at `shared`; it can't serve a no-dedup retry */
 				char dst[300];
 				ckv_segment_path(segid, dst, sizeof(dst));
