@@ -155,6 +155,7 @@ int ckv_manifest_emit(const ckv_manifest *m, bool store_record, char **out, size
 /* sums.xxh3: header, then XXH3-64 (canonical BE) of every chunk, [layer][chunk]. */
 #define CKV_SUMS_MAGIC "CKVSUMS1"
 #define CKV_DIGEST_MAGIC "CKVDGST1"
+#define CKV_HALVES_MAGIC "CKVHALF1" /* per chunk: XXH3-64 of the K half, then of the V half */
 #define CKV_SIDE_HEADER 32
 
 typedef struct ckv_side_header {

@@ -20,6 +20,13 @@ typedef struct ckv_store ckv_store;
 int ckv_store_init(const char *path, ckv_err *e);
 /* Open; -ENOENT / -ENOTDIR when path is not a store. */
 int ckv_store_open(const char *path, ckv_store **out, ckv_err *e);
+/*
+ * For ckv reindex: as ckv_store_open, but an index that cannot be opened
+ * (corrupt, another version) is removed and an empty one created, for
+ * ckv_store_reindex to fill from the files. Processes that still have the
+ * old index open keep using it until they reopen the store.
+ */
+int ckv_store_open_rebuild(const char *path, ckv_store **out, ckv_err *e);
 void ckv_store_close(ckv_store *s);
 const char *ckv_store_path(const ckv_store *s);
 /*
@@ -133,6 +140,13 @@ void ckv_segment_path(const char *segid, char *out, size_t len);
  */
 int ckv_segment_sums(ckv_store *s, const char *segid, const ckv_geom *g, uint64_t **sums,
 		     uint32_t *chunks, ckv_err *e);
+
+/*
+ * The sums of the K and V halves of every chunk (halves.xxh3), for reads of
+ * one half only: *halves is malloc'ed [layers][chunks][2] (K, V).
+ */
+int ckv_segment_halves(ckv_store *s, const char *segid, const ckv_geom *g, uint64_t **halves,
+		       uint32_t *chunks, ckv_err *e);
 
 /* --- retention state (DESIGN §3.4): scores per physical chunk --- */
 typedef struct ckv_retention {

@@ -418,6 +418,29 @@ out_free:
 	return rc;
 }
 
+int ckv_store_open_rebuild(const char *path, ckv_store **out, ckv_err *e)
+{
+	static const char *const files[] = { "index/data.mdb", "index/lock.mdb" };
+	int rc = ckv_store_open(path, out, e), dfd;
+
+	/* only an index LMDB or our version check rejected; not "no such store" */
+	if (rc != -EUCLEAN && rc != -EPROTONOSUPPORT && rc != -EIO && rc != -EINVAL)
+		return rc;
+	dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0)
+		return ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
+	for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+		if (unlinkat(dfd, files[i], 0) < 0 && errno != ENOENT) {
+			rc = ckv_errf(e, -errno, "%s/%s: cannot remove the damaged index: %s", path,
+				      files[i], strerror(errno));
+			close(dfd);
+			return rc;
+		}
+	}
+	close(dfd);
+	return ckv_store_open(path, out, e);
+}
+
 void ckv_store_close(ckv_store *s)
 {
 	if (!s)
@@ -1004,6 +1027,7 @@ struct seg_writer {
 	const struct publish_src *src;
 	const ckv_import_opts *o;
 	uint8_t *sums;
+	uint8_t *halves; /* [layer][chunk][K, V] */
 	float *dig;
 	pthread_mutex_t lock;   /* protects next, done, rc, e and progress calls */
 	uint32_t next;          /* next layer to write */
@@ -1038,6 +1062,8 @@ static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *
 			uint8_t *ch = buf + (size_t)i * cb;
 			size_t idx = (size_t)l * w->k + (jj - w->s0);
 			ckv_sum_store(w->sums + idx * 8, ckv_chunk_sum(ch, cb));
+			ckv_sum_store(w->halves + idx * 16, ckv_chunk_sum(ch, g->half_bytes));
+			ckv_sum_store(w->halves + idx * 16 + 8, ckv_chunk_sum(ch + g->half_bytes, g->half_bytes));
 			ckv_chunk_digest(g, ch, valid, w->dig + idx * dper);
 		}
 		rc = write_all(fd, buf, (size_t)cnt * cb, (off_t)(j - w->s0) * (off_t)cb);
@@ -1108,7 +1134,7 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	uint32_t k = m - s0, c = g->chunk_tokens;
 	uint64_t cb = g->chunk_bytes, total = (uint64_t)k * cb * g->layers;
 	size_t dper = (size_t)g->kv_heads * g->head_dim;
-	uint8_t *sums = NULL, hdr[CKV_SIDE_HEADER];
+	uint8_t *sums = NULL, *halves = NULL, hdr[CKV_SIDE_HEADER];
 	float *dig = NULL;
 	ckv_side_header sh;
 	struct seg_writer w;
@@ -1119,12 +1145,14 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	if (mkdirat(dirfd, rel, 0755) < 0)
 		return ckv_errf(e, -errno, "%s: cannot create segment directory: %s", rel, strerror(errno));
 	sums = malloc((size_t)k * g->layers * 8);
+	halves = malloc((size_t)k * g->layers * 16);
 	dig = malloc(sizeof(float) * dper * k * g->layers);
-	if (!sums || !dig) {
+	if (!sums || !halves || !dig) {
 		rc = -ENOMEM;
 		goto out_free;
 	}
 	memset(&w, 0, sizeof(w));
+	w.halves = halves;
 	w.s = s;
 	w.dirfd = dirfd;
 	w.rel = rel;
@@ -1184,22 +1212,25 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		close(fd);
 		fd = -1;
 	}
-	/* sums.xxh3 and digest.bin */
-	for (int which = 0; which < 2; which++) {
+	/* sums.xxh3, halves.xxh3 and digest.bin */
+	for (int which = 0; which < 3; which++) {
+		static const char *const magic[] = { CKV_SUMS_MAGIC, CKV_HALVES_MAGIC, CKV_DIGEST_MAGIC };
+		static const char *const fname[] = { "sums.xxh3", "halves.xxh3", "digest.bin" };
+		const void *data[] = { sums, halves, dig };
+		size_t per[] = { 8, 16, sizeof(float) * dper };
 		char path[600];
 		memset(&sh, 0, sizeof(sh));
-		memcpy(sh.magic, which ? CKV_DIGEST_MAGIC : CKV_SUMS_MAGIC, 8);
+		memcpy(sh.magic, magic[which], 8);
 		sh.version = CKV_FORMAT_VERSION;
 		sh.layers = g->layers;
 		sh.chunks = k;
-		sh.per_chunk = which ? (uint32_t)dper : 1;
+		sh.per_chunk = which == 2 ? (uint32_t)dper : (uint32_t)which + 1;
 		ckv_side_header_encode(&sh, hdr);
-		snprintf(path, sizeof(path), "%s/%s", rel, which ? "digest.bin" : "sums.xxh3");
+		snprintf(path, sizeof(path), "%s/%s", rel, fname[which]);
 		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
 		rc = fd < 0 ? -errno : write_all(fd, hdr, sizeof(hdr), 0);
 		if (!rc)
-			rc = which ? write_all(fd, dig, sizeof(float) * dper * k * g->layers, CKV_SIDE_HEADER)
-				   : write_all(fd, sums, (size_t)k * g->layers * 8, CKV_SIDE_HEADER);
+			rc = write_all(fd, data[which], per[which] * k * g->layers, CKV_SIDE_HEADER);
 		if (!rc && sync_fd(s, fd) < 0)
 			rc = -errno;
 		if (rc) {
@@ -1214,6 +1245,7 @@ out_close:
 	if (fd >= 0)
 		close(fd);
 out_free:
+	free(halves);
 	free(sums);
 	free(dig);
 	return rc;
@@ -1824,8 +1856,8 @@ out_close:
 
 /* ---- reading prefixes back ------------------------------------------------------- */
 
-int ckv_segment_sums(ckv_store *s, const char *segid, const ckv_geom *g, uint64_t **sums,
-		     uint32_t *chunks, ckv_err *e)
+static int segment_side_sums(ckv_store *s, const char *segid, const ckv_geom *g, const char *fname,
+			     const char *magic, uint32_t per, uint64_t **sums, uint32_t *chunks, ckv_err *e)
 {
 	char rel[300];
 	uint8_t hdr[CKV_SIDE_HEADER], *raw = NULL;
@@ -1836,7 +1868,8 @@ int ckv_segment_sums(ckv_store *s, const char *segid, const ckv_geom *g, uint64_
 	int fd, rc;
 
 	ckv_segment_path(segid, rel, sizeof(rel));
-	strcat(rel, "/sums.xxh3");
+	strcat(rel, "/");
+	strcat(rel, fname);
 	fd = openat(s->dirfd, rel, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
 		return ckv_errf(e, -errno, "%s/%s: %s", s->path, rel, strerror(errno));
@@ -1844,10 +1877,10 @@ int ckv_segment_sums(ckv_store *s, const char *segid, const ckv_geom *g, uint64_
 		rc = ckv_errf(e, -EIO, "%s/%s: cannot read header", s->path, rel);
 		goto out_close;
 	}
-	if ((rc = ckv_side_header_decode(&sh, hdr, CKV_SUMS_MAGIC, rel, e)) < 0)
+	if ((rc = ckv_side_header_decode(&sh, hdr, magic, rel, e)) < 0)
 		goto out_close;
-	cnt = (size_t)sh.layers * sh.chunks;
-	if (sh.layers != g->layers || sh.per_chunk != 1 || sh.chunks == 0 ||
+	cnt = (size_t)sh.layers * sh.chunks * per;
+	if (sh.layers != g->layers || sh.per_chunk != per || sh.chunks == 0 ||
 	    (uint64_t)st.st_size != CKV_SIDE_HEADER + (uint64_t)cnt * 8) {
 		rc = ckv_errf(e, -EUCLEAN, "%s/%s: header does not match the segment", s->path, rel);
 		goto out_close;
@@ -1873,6 +1906,18 @@ out_free:
 out_close:
 	close(fd);
 	return rc;
+}
+
+int ckv_segment_sums(ckv_store *s, const char *segid, const ckv_geom *g, uint64_t **sums,
+		     uint32_t *chunks, ckv_err *e)
+{
+	return segment_side_sums(s, segid, g, "sums.xxh3", CKV_SUMS_MAGIC, 1, sums, chunks, e);
+}
+
+int ckv_segment_halves(ckv_store *s, const char *segid, const ckv_geom *g, uint64_t **halves,
+		       uint32_t *chunks, ckv_err *e)
+{
+	return segment_side_sums(s, segid, g, "halves.xxh3", CKV_HALVES_MAGIC, 2, halves, chunks, e);
 }
 
 /* Tokens of a prefix, from its segments' tokens.bin files. */
@@ -2566,8 +2611,12 @@ static int reindex_one(ckv_store *s, MDB_txn *txn, const char *json, size_t len,
 	if (ckv_manifest_parse(&m, json, len, true, rel, NULL))
 		return 0; /* not a record: gc removes it */
 	rc = prefix_tokens(s, &m, &tokens, NULL);
-	if (rc)
+	if (rc) {
+		/* its segments are gone or damaged: leave it out, like a hash mismatch */
+		if (rc != -ENOMEM)
+			rc = 0;
 		goto out;
+	}
 	chain = malloc(sizeof(*chain) * m.chunks);
 	if (!chain) {
 		rc = -ENOMEM;
