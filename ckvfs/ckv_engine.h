@@ -60,6 +60,16 @@ void *ckv_engine_arena_base(const ckv_engine *e);
 int ckv_engine_file_get(ckv_engine *e, int dirfd, const char *relpath, const char *key,
 			uint64_t chunk_bytes, uint32_t nchunks, const uint64_t *sums,
 			ckv_efile **out);
+/*
+ * The same for a part of each chunk: the engine's chunk i is chunk_bytes at
+ * base + i * pitch in the file (e.g. the K half of KV-HCD chunks: len
+ * half_bytes, pitch chunk_bytes, base 0; the V half: base half_bytes), with
+ * sums of those parts. Reads of adjacent chunks merge only when pitch ==
+ * chunk_bytes. Use a key of its own ("<segment>/<layer>/k").
+ */
+int ckv_engine_file_get_part(ckv_engine *e, int dirfd, const char *relpath, const char *key,
+			     uint64_t chunk_bytes, uint64_t pitch, uint64_t base, uint32_t nchunks,
+			     const uint64_t *sums, ckv_efile **out);
 void ckv_engine_file_put(ckv_engine *e, ckv_efile *f);
 const char *ckv_efile_key(const ckv_efile *f);
 

@@ -114,7 +114,8 @@ struct rkey {
 struct ckv_efile {
 	struct ckv_efile *prev, *next; /* e->files; e->lock */
 	struct rkey *rk;               /* immutable */
-	uint64_t chunk_bytes;          /* immutable */
+	uint64_t chunk_bytes;          /* bytes read per chunk; immutable */
+	uint64_t pitch, base;          /* chunk i is at base + i * pitch in the file; immutable */
 	uint64_t stride;               /* slot size: chunk_bytes rounded to 4096; immutable */
 	uint32_t nchunks;              /* immutable */
 	uint64_t *sums;                /* [nchunks] or NULL (unverified); immutable */
@@ -953,7 +954,7 @@ static void run_submit(ckv_engine *e, ckv_slot **run, uint32_t n)
 	op->rcs = (int *)(op->slots + n);
 	op->f = f;
 	op->n = n;
-	op->off = (uint64_t)run[0]->chunk * f->chunk_bytes;
+	op->off = f->base + (uint64_t)run[0]->chunk * f->pitch;
 	op->total = (uint64_t)n * f->chunk_bytes;
 	for (uint32_t i = 0; i < n; i++) {
 		op->slots[i] = run[i];
@@ -1015,6 +1016,7 @@ static void io_build(ckv_engine *e)
 			for (i = 0; i < m; i = j) {
 				for (j = i + 1; j < m && j - i < CKV_MAX_IOV &&
 						e->batch[j]->f == e->batch[i]->f &&
+						e->batch[i]->f->pitch == e->batch[i]->f->chunk_bytes &&
 						e->batch[j]->chunk == e->batch[j - 1]->chunk + 1;
 				     j++)
 					;
@@ -1354,10 +1356,11 @@ void *ckv_engine_arena_base(const ckv_engine *e)
 
 /* ---- files -------------------------------------------------------------- */
 
-static bool efile_same(const ckv_efile *f, uint64_t chunk_bytes, uint32_t nchunks,
-		       const uint64_t *sums)
+static bool efile_same(const ckv_efile *f, uint64_t chunk_bytes, uint64_t pitch, uint64_t base,
+		       uint32_t nchunks, const uint64_t *sums)
 {
-	if (f->chunk_bytes != chunk_bytes || f->nchunks != nchunks || !f->sums != !sums)
+	if (f->chunk_bytes != chunk_bytes || f->pitch != pitch || f->base != base ||
+	    f->nchunks != nchunks || !f->sums != !sums)
 		return false;
 	return !sums || memcmp(f->sums, sums, (size_t)nchunks * sizeof(*sums)) == 0;
 }
@@ -1383,12 +1386,20 @@ int ckv_engine_file_get(ckv_engine *e, int dirfd, const char *relpath, const cha
 			uint64_t chunk_bytes, uint32_t nchunks, const uint64_t *sums,
 			ckv_efile **out)
 {
+	return ckv_engine_file_get_part(e, dirfd, relpath, key, chunk_bytes, chunk_bytes, 0, nchunks,
+					sums, out);
+}
+
+int ckv_engine_file_get_part(ckv_engine *e, int dirfd, const char *relpath, const char *key,
+			     uint64_t chunk_bytes, uint64_t pitch, uint64_t base, uint32_t nchunks,
+			     const uint64_t *sums, ckv_efile **out)
+{
 	ckv_efile *f;
 	struct rkey *rk;
 	int rc;
 
-	if (!e || !relpath || !key || !out || chunk_bytes == 0 ||
-	    chunk_bytes > (UINT64_MAX >> 1) / (nchunks ? nchunks : 1))
+	if (!e || !relpath || !key || !out || chunk_bytes == 0 || pitch < chunk_bytes ||
+	    pitch > (UINT64_MAX >> 2) / (nchunks ? nchunks : 1) || base > pitch)
 		return -EINVAL;
 
 	pthread_mutex_lock(&e->lock);
@@ -1398,7 +1409,7 @@ int ckv_engine_file_get(ckv_engine *e, int dirfd, const char *relpath, const cha
 		goto out_unlock;
 	}
 	f = rk->live;
-	if (f && efile_same(f, chunk_bytes, nchunks, sums)) {
+	if (f && efile_same(f, chunk_bytes, pitch, base, nchunks, sums)) {
 		if (f->users == 0 && f->fd < 0) {
 			/* Cached chunks only: take the caller's current location. */
 			int nd = dirfd == AT_FDCWD ? AT_FDCWD : fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
@@ -1435,6 +1446,8 @@ int ckv_engine_file_get(ckv_engine *e, int dirfd, const char *relpath, const cha
 	}
 	f->rk = rk;
 	f->chunk_bytes = chunk_bytes;
+	f->pitch = pitch;
+	f->base = base;
 	f->stride = (chunk_bytes + CKV_SLOT_ALIGN - 1) & ~(CKV_SLOT_ALIGN - 1);
 	f->nchunks = nchunks;
 	f->fd = -1;

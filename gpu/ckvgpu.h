@@ -1,0 +1,206 @@
+/*
+ * ckvgpu.h — libckvgpu: load only the important chunks of a stored prefix's
+ * KV cache into GPU (or host) memory, layer by layer, with disk I/O
+ * overlapped with the caller's compute (DESIGN §6).
+ *
+ * Where the bytes come from:
+ *   - ckv_loader_open(MOUNTPOINT): connects to the ckvfs daemon's control
+ *     socket (MOUNTPOINT/.ckv/ctl, docs/PROTOCOL.md), receives its arena
+ *     read-only, and asks the daemon to bring chunks into it. Chunk data is
+ *     never read through FUSE.
+ *   - ckv_loader_open(STORE DIRECTORY): the embedded default — the same
+ *     chunk engine runs in-process over the store; no daemon, no FUSE.
+ * Either way chunks land in an arena (a memfd) that the CUDA backend
+ * registers once (cudaHostRegister, read-only where it is the daemon's) and
+ * a gather kernel copies chunk sets from it to device memory in one launch.
+ *
+ * Backends: CUDA (built when nvcc exists, used when a GPU is present) and
+ * host (memcpy; identical semantics; what CI tests).
+ *
+ * Errors: 0 or a negative errno; ckv_loader_error() has a message for the
+ * last failure of a call on that loader in the calling thread.
+ *
+ * Ownership and lifetimes:
+ *   - a ckv_loader owns its connection (or engine and store), the arena
+ *     mapping and the backend; close it last.
+ *   - a ckv_prefix belongs to its loader and must be closed before it; it
+ *     holds the prefix open on the daemon (a removed prefix stays readable
+ *     through it).
+ *   - a ckv_fetch belongs to its prefix; wait on it exactly once. Until
+ *     ckv_fetch_wait returns, the chunks are pinned in the arena; after it
+ *     returns, the copy into dst is complete in the order of `stream` (host
+ *     backend: complete). Pins are dropped once the copy has executed.
+ *   - destination memory is the caller's; it must stay valid until the copy
+ *     executes on the stream.
+ *   - a ckv_pipeline belongs to its prefix; the layer views it returns are
+ *     valid until the next ckv_pipeline_layer call for a layer that reuses
+ *     the same buffer slot (opts.depth layers later) or until close.
+ * A loader may be used from several threads, but each prefix, fetch and
+ * pipeline from one thread at a time.
+ */
+#ifndef CKVGPU_H
+#define CKVGPU_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ckv_loader ckv_loader;
+typedef struct ckv_prefix ckv_prefix;
+typedef struct ckv_fetch ckv_fetch;
+typedef struct ckv_pipeline ckv_pipeline;
+
+typedef enum ckv_backend_kind {
+	CKV_BACKEND_AUTO = 0, /* CUDA when built in and a device is present, else host */
+	CKV_BACKEND_HOST = 1,
+	CKV_BACKEND_CUDA = 2,
+} ckv_backend_kind;
+
+typedef struct ckv_loader_opts {
+	ckv_backend_kind backend;
+	int device;                /* CUDA device ordinal */
+	uint64_t arena_bytes;      /* embedded: DRAM cache size (default 1 GiB) */
+	int policy;                /* embedded: 0 attention-guided, 1 LRU */
+	uint64_t gpu_cache_bytes;  /* GPU tier budget; 0 = no GPU tier */
+} ckv_loader_opts;
+
+int ckv_loader_open(const char *path, const ckv_loader_opts *opts, ckv_loader **out);
+void ckv_loader_close(ckv_loader *l);
+const char *ckv_loader_error(const ckv_loader *l);
+bool ckv_loader_remote(const ckv_loader *l);          /* talking to a daemon */
+ckv_backend_kind ckv_loader_backend(const ckv_loader *l);
+
+/* Shape of an opened prefix (from its manifest). */
+typedef struct ckv_shape {
+	char hash[33];
+	char model[256];
+	char dtype[16];            /* "bf16", "fp16", "fp8_e4m3", "fp32" */
+	uint32_t layers, kv_heads, head_dim, chunk_tokens;
+	uint32_t tokens, chunks;
+	uint64_t chunk_bytes;      /* padded to 4 KiB */
+	uint64_t half_bytes;       /* K (or V) part of a chunk: kv_heads*chunk_tokens*head_dim*esize */
+} ckv_shape;
+
+/*
+ * Longest stored prefix of tokens for a model shape given as a preset name
+ * ("qwen2.5-7b") or a fingerprint-compatible description
+ * "model=<id>,dtype=bf16,layers=28,kv_heads=4,head_dim=128,chunk=16[,salt=]".
+ * hash receives 32 hex digits + NUL; *matched the tokens shared (0: none).
+ */
+int ckv_loader_match(ckv_loader *l, const char *shape, const uint32_t *tokens, uint32_t n,
+		     char hash[33], uint32_t *matched);
+
+int ckv_prefix_open(ckv_loader *l, const char *hash, ckv_prefix **out);
+void ckv_prefix_close(ckv_prefix *p);
+void ckv_prefix_shape(const ckv_prefix *p, ckv_shape *out);
+
+/* ---- chunk-granular fetch ------------------------------------------------- */
+
+enum ckv_part {
+	CKV_PART_KV = 0, /* whole chunk: chunk_bytes per chunk in dst */
+	CKV_PART_K = 1,  /* K half only: half_bytes per chunk in dst */
+	CKV_PART_V = 2,  /* V half only */
+};
+
+/*
+ * Start fetching chunks[0..n) of one layer: disk reads are issued now and
+ * run in the background; the copy to dst is enqueued by ckv_fetch_wait.
+ * Chunk chunks[i] goes to dst + i * (part == KV ? chunk_bytes : half_bytes),
+ * or to dst_ptrs[i] when dst_ptrs is non-NULL. dst is device memory for the
+ * CUDA backend (host memory for the host backend). stream is a cudaStream_t
+ * (NULL: the default stream); ignored by the host backend.
+ */
+int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n,
+		    enum ckv_part part, void *dst, void *const *dst_ptrs, void *stream,
+		    ckv_fetch **out);
+/* Wait for the reads, enqueue the gather, free the handle. -EIO: a chunk failed its checksum. */
+int ckv_fetch_wait(ckv_fetch *f);
+
+/* Read-ahead hint: bring chunks into the arena, no copy. */
+int ckv_prefetch(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n);
+
+/* Importance feedback for retention (attention mass per chunk). */
+int ckv_score_feedback(ckv_prefix *p, uint32_t layer, const uint32_t *chunks,
+		       const float *scores, uint32_t n);
+
+/* ---- selection ----------------------------------------------------------- */
+
+/*
+ * Chunk scores of one layer from the key digests (digest.bin: per chunk and
+ * kv head the mean key) and the new tokens' queries at that layer:
+ * query is fp32 [q_tokens][q_heads][head_dim] in host memory; query head h
+ * maps to kv head h / (q_heads / kv_heads) (GQA). score[j] =
+ * sum over tokens t, heads h of q[t][h] . digest[j][kvh(h)] / sqrt(head_dim).
+ * scores receives m floats. CPU reference; the CUDA backend has the same
+ * on device (ckv_digest_scores_device).
+ */
+int ckv_digest_scores(ckv_prefix *p, uint32_t layer, const float *query, uint32_t q_tokens,
+		      uint32_t q_heads, float *scores);
+
+/*
+ * Top ceil(budget * m) chunks by score, always keeping chunk 0 (attention
+ * sink) and chunk m-1 (most recent tokens); ascending chunk ids into out
+ * (room for m); returns the count, or -EINVAL.
+ */
+int ckv_select_topk(const float *scores, uint32_t m, double budget, uint32_t *out);
+
+/* ---- the layer pipeline -------------------------------------------------- */
+
+typedef enum ckv_mode {
+	CKV_MODE_FULL = 0,   /* every chunk, layer-wise pipelined */
+	CKV_MODE_PERIOD = 1, /* identify at each period's first layer, load the period at once */
+	CKV_MODE_LAYER = 2,  /* digests every layer, next layer speculated from the current set */
+	CKV_MODE_RERANK = 3, /* digests pick r x budget candidates, exact K scores pick the winners */
+} ckv_mode;
+
+typedef struct ckv_pipeline_opts {
+	ckv_mode mode;
+	double budget;       /* fraction of chunks per layer, (0, 1] */
+	uint32_t period;     /* p, default 8 */
+	uint32_t subperiod;  /* sp, default 4: run-ahead bound in layers */
+	uint32_t rerank;     /* r, default 2 */
+	bool no_prefetch;    /* issue each layer's reads only when it is asked for */
+	uint32_t q_heads;    /* query heads of the model */
+	uint32_t q_tokens;   /* new tokens (suffix) */
+	void *stream;        /* cudaStream_t for copies */
+} ckv_pipeline_opts;
+
+/* What a layer gets: its selected chunks, in device (or host) memory. */
+typedef struct ckv_layer_view {
+	uint32_t layer;
+	uint32_t nchunks;
+	const uint32_t *chunks; /* ascending chunk ids */
+	void *kv;               /* [nchunks][chunk_bytes]: KV-HCD chunks, in order of chunks[] */
+} ckv_layer_view;
+
+int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **out);
+/*
+ * Layer `layer` (0, 1, ... in order) is about to compute attention; query as
+ * for ckv_digest_scores (NULL allowed in FULL mode). Blocks until the
+ * layer's chunks are in its buffer (in stream order), having issued the
+ * reads for layers ahead as the mode prescribes.
+ */
+int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
+		       ckv_layer_view *out);
+
+typedef struct ckv_pipeline_stats {
+	double wait_s;              /* time ckv_pipeline_layer blocked on I/O (bubbles) */
+	double total_s;             /* wall time from open to the last layer's return */
+	uint64_t bytes_k, bytes_v;  /* bytes brought into the arena from disk, K and V halves */
+	uint64_t bytes_needed;      /* bytes of the chunks finally used */
+	uint64_t chunks_used, chunks_read;
+	uint64_t spec_used, spec_wasted; /* speculative (prefetched) chunks used / not used */
+	uint64_t hits_gpu, hits_arena, misses;
+	uint64_t identifications;   /* layers whose set was (re)computed */
+} ckv_pipeline_stats;
+void ckv_pipeline_get_stats(const ckv_pipeline *pl, ckv_pipeline_stats *st);
+void ckv_pipeline_close(ckv_pipeline *pl);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
