@@ -1,0 +1,79 @@
+/*
+ * source.h — where a loader's chunks come from (internal to libckvgpu).
+ *
+ * Two implementations with one contract:
+ *   embedded (gpu/source_embedded.c): the store and a chunk engine in this
+ *     process, chunks addressed through ckv_pview;
+ *   remote (gpu/client.c): a ckvfs daemon over its control socket
+ *     (docs/PROTOCOL.md); the daemon's arena is mapped read-only here.
+ * In both, a fetched chunk is a range [off, off + len) of the arena, pinned
+ * until released with the token the completion carried.
+ */
+#ifndef CKV_SOURCE_H
+#define CKV_SOURCE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "ckv_format.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ckv_source ckv_source;
+
+/* Completion of one chunk of a get: on a source thread; must not block. */
+typedef void (*ckv_source_cb)(void *arg, uint32_t i, uint64_t off, uint64_t len, uint64_t token,
+			      int rc);
+
+enum ckv_source_part { CKV_SRC_KV = 0, CKV_SRC_K = 1, CKV_SRC_V = 2 };
+
+struct ckv_source_ops {
+	/* Longest stored prefix of tokens under geometry g (ckv_store_match). */
+	int (*match)(ckv_source *s, const ckv_geom *g, const uint32_t *tokens, uint32_t n,
+		     ckv_hash *h, uint32_t *matched);
+	/* Open a prefix; *m is malloc'ed (the exported manifest fields: geometry, tokens, chunks, hash). */
+	int (*open)(ckv_source *s, const ckv_hash *h, ckv_manifest **m, uint32_t *pid);
+	void (*close)(ckv_source *s, uint32_t pid);
+	/*
+	 * Bring chunks[0..n) of a layer (part) into the arena, pinned; cb once
+	 * per chunk (i = index into chunks). Returns 0 once every request is
+	 * queued (callbacks may already have run), or a negative errno and no
+	 * callback at all.
+	 */
+	int (*get)(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		   const uint32_t *chunks, uint32_t n, ckv_source_cb cb, void *arg);
+	void (*release)(ckv_source *s, const uint64_t *tokens, uint32_t n);
+	/* Background read-ahead; no pins, no callbacks. */
+	int (*prefetch)(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+			const uint32_t *chunks, uint32_t n);
+	int (*score)(ckv_source *s, uint32_t pid, uint32_t layer, const uint32_t *chunks,
+		     const float *scores, uint32_t n);
+	/* Key digests of a layer: chunks * kv_heads * head_dim fp32 into out. */
+	int (*digests)(ckv_source *s, uint32_t pid, uint32_t layer, float *out);
+	void (*destroy)(ckv_source *s);
+};
+
+struct ckv_source {
+	const struct ckv_source_ops *ops;
+	void *arena;          /* mapped arena (read-only for remote) */
+	uint64_t arena_size;
+	bool arena_readonly;
+	char err[512];        /* message of the last failure */
+};
+
+typedef struct ckv_source_opts {
+	uint64_t arena_bytes; /* embedded */
+	int policy;           /* embedded */
+} ckv_source_opts;
+
+int ckv_source_embedded(const char *store, const ckv_source_opts *o, ckv_source **out,
+			ckv_err *e);
+/* path: a mountpoint (its .ckv/ctl) or a socket path. */
+int ckv_source_remote(const char *path, ckv_source **out, ckv_err *e);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
