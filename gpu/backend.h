@@ -53,6 +53,13 @@ struct ckv_backend_ops {
 	int (*digest_scores)(ckv_backend *b, const float *q, uint32_t q_tokens, uint32_t q_heads,
 			     const float *dig, uint32_t m, uint32_t kv_heads, uint32_t head_dim,
 			     float *scores, void *stream);
+	/*
+	 * Replay `seconds` of compute on the stream (benchmarks: per-layer
+	 * compute measured on the real model, replayed so that I/O overlap is
+	 * measured against it). CUDA: a spin kernel timed by %globaltimer;
+	 * host: busy-wait on the calling thread.
+	 */
+	int (*compute)(ckv_backend *b, double seconds, void *stream);
 	void (*destroy)(ckv_backend *b);
 };
 
