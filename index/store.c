@@ -1104,6 +1104,7 @@ static void *layer_worker(void *arg)
 		pthread_mutex_unlock(&w->lock);
 		if (l >= w->g->layers)
 			break;
+		e.msg[0] = 0; /* a failing fill reports into its own context */
 		rc = write_layer(w, l, buf, &e);
 		if (rc) {
 			pthread_mutex_lock(&w->lock);
@@ -1302,10 +1303,17 @@ static bool segment_indexed(ckv_store *s, const char *id)
 	return yes;
 }
 
-/* The LMDB transaction that makes the prefix visible. -EAGAIN: retry without dedup. */
+/*
+ * The LMDB transaction that makes the prefix visible. -EAGAIN: retry without dedup.
+ * The record file prefix/xx/<hash>.json is written inside it, after the check that
+ * the prefix is not stored yet: LMDB's writer lock serializes publishers, so two
+ * imports of one prefix (maybe with different dedup bases, so other extents)
+ * cannot leave a file that says other than the index.
+ */
 static int commit_prefix(ckv_store *s, const ckv_manifest *m, const ckv_hash *chain,
 			 const char *newseg, uint32_t newseg_first, const char *record,
-			 size_t reclen, bool *existed)
+			 size_t reclen, const char *pdir, const char *pname,
+			 const ckv_import_opts *o, bool *existed, ckv_err *e)
 {
 	MDB_txn *txn;
 	MDB_val k, v;
@@ -1331,6 +1339,13 @@ static int commit_prefix(ckv_store *s, const ckv_manifest *m, const ckv_hash *ch
 		rc = rc > 0 ? mdb_errno(rc) : rc;
 		goto out_abort;
 	}
+	mkdirat(s->dirfd, pdir, 0755);
+	rc = write_file_atomic(s, s->dirfd, pdir, pname, record, reclen);
+	if (rc) {
+		rc = ckv_errf(e, rc, "%s/%s/%s: %s", s->path, pdir, pname, strerror(-rc));
+		goto out_abort;
+	}
+	maybe_crash(o, "manifest");
 	return mdb_errno(mdb_txn_commit(txn));
 out_abort:
 	mdb_txn_abort(txn);
@@ -1489,15 +1504,8 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 		if (rc)
 			goto out;
 		prefix_rel(&man.hash, pdir, sizeof(pdir), pname, sizeof(pname));
-		mkdirat(s->dirfd, pdir, 0755);
-		rc = write_file_atomic(s, s->dirfd, pdir, pname, record, reclen);
-		if (rc) {
-			rc = ckv_errf(e, rc, "%s/%s/%s: %s", s->path, pdir, pname, strerror(-rc));
-			goto out;
-		}
-		maybe_crash(o, "manifest");
 		rc = commit_prefix(s, &man, chain, seg_created ? segid : NULL, shared, record,
-				   reclen, &existed);
+				   reclen, pdir, pname, o, &existed, e);
 		if (rc == -EAGAIN) {
 			/* A dedup base vanished under us: retry, last time without dedup. */
 			if (seg_created && shared > 0 && !segment_indexed(s, segid)) {
@@ -1549,7 +1557,12 @@ struct import_ctx {
 	ckv_manifest *man;
 	int *layer_fd;
 	uint8_t *sums; /* provided sums.xxh3 entries, or NULL */
-	ckv_err *e;
+	/*
+	 * [layers]: the error of import_fill, per layer. Layers are filled by
+	 * parallel workers, so each reports into its own slot; ckv_store_import
+	 * hands the first one to the caller.
+	 */
+	ckv_err *layer_err;
 };
 
 static int check_sums(struct import_ctx *x, uint32_t l, uint32_t first, uint32_t count,
@@ -1563,7 +1576,7 @@ static int check_sums(struct import_ctx *x, uint32_t l, uint32_t first, uint32_t
 		uint64_t want = ckv_sum_load(x->sums + ((size_t)l * x->man->chunks + first + i) * 8);
 		if (ckv_chunk_sum(buf + (size_t)i * g->chunk_bytes, g->chunk_bytes) != want) {
 			ckv_layer_name(l, name);
-			return ckv_errf(x->e, -EBADMSG, "%s/%s: chunk %u does not match its checksum in sums.xxh3",
+			return ckv_errf(&x->layer_err[l], -EBADMSG, "%s/%s: chunk %u does not match its checksum in sums.xxh3",
 					x->dir, name, first + i);
 		}
 	}
@@ -1578,7 +1591,7 @@ static int import_fill(void *arg, uint32_t l, uint32_t first, uint32_t count, vo
 	int rc = read_all(x->layer_fd[l], buf, (size_t)count * cb, (off_t)first * (off_t)cb);
 	if (rc) {
 		ckv_layer_name(l, name);
-		return ckv_errf(x->e, rc == -ENODATA ? -EINVAL : rc, "%s/%s: read: %s", x->dir, name,
+		return ckv_errf(&x->layer_err[l], rc == -ENODATA ? -EINVAL : rc, "%s/%s: read: %s", x->dir, name,
 				rc == -ENODATA ? "file shrank during import" : strerror(-rc));
 	}
 	return check_sums(x, l, first, count, buf);
@@ -1641,7 +1654,7 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 		     const ckv_import_opts *o, ckv_import_result *r, ckv_err *e)
 {
 	ckv_manifest man;
-	struct import_ctx x = { .dir = dir, .man = &man, .e = e };
+	struct import_ctx x = { .dir = dir, .man = &man };
 	struct stat st;
 	char *json = NULL, *tokbuf = NULL;
 	uint32_t *tokens = NULL;
@@ -1686,7 +1699,8 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 	}
 	man.t_layers = calloc(man.geom.layers, sizeof(*man.t_layers));
 	x.layer_fd = malloc(sizeof(int) * man.geom.layers);
-	if (!man.t_layers || !x.layer_fd) {
+	x.layer_err = calloc(man.geom.layers, sizeof(*x.layer_err));
+	if (!man.t_layers || !x.layer_fd || !x.layer_err) {
 		rc = -ENOMEM;
 		goto out_close;
 	}
@@ -1836,6 +1850,11 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 			.fill = import_fill, .arg = &x, .check_shared = import_check_shared, .times = &man,
 		};
 		rc = publish_impl(s, &man.geom, tokens, man.tokens, &src, o, r, e);
+		for (uint32_t l = 0; rc < 0 && e && l < man.geom.layers; l++)
+			if (x.layer_err[l].msg[0]) {
+				*e = x.layer_err[l];
+				break;
+			}
 	}
 out_close:
 	if (d)
@@ -1845,6 +1864,7 @@ out_close:
 			if (x.layer_fd[l] >= 0)
 				close(x.layer_fd[l]);
 	free(x.layer_fd);
+	free(x.layer_err);
 	free(x.sums);
 	free(tokens);
 	free(tokbuf);

@@ -34,8 +34,8 @@ for r in $(seq "$REPS"); do
 	t0=$(now); cp -r "$DIR/cache" "$DIR/cp"; sync; t1=$(now)
 	drop
 	t2=$(now); "$CKV" import -q "$DIR/dst" "$DIR/cache" >/dev/null; t3=$(now)
-	best_cp=$(echo "$t1 - $t0" | bc -l | awk -v b="$best_cp" '{print ($1<b)?$1:b}')
-	best_imp=$(echo "$t3 - $t2" | bc -l | awk -v b="$best_imp" '{print ($1<b)?$1:b}')
+	best_cp=$(echo "$t1 - $t0" | bc -l | awk -v b="$best_cp" '{ if ($1 < b) print $1; else print b }')
+	best_imp=$(echo "$t3 - $t2" | bc -l | awk -v b="$best_imp" '{ if ($1 < b) print $1; else print b }')
 done
 printf '\n| %-34s | %10s | %10s |\n' "import of $MODEL, $TOKENS tokens" "seconds" "MB/s"
 printf '|%s|%s|%s|\n' "------------------------------------" "------------" "------------"

@@ -1245,8 +1245,8 @@ static int cmd_reindex(int argc, char **argv)
 	}
 	if (argc - optind != 1)
 		return usage_err("reindex", "expected one argument: STORE");
-	if ((rc = open_store("reindex", argv[optind], &s)))
-		return rc;
+	if ((rc = ckv_store_open_rebuild(argv[optind], &s, &e)))
+		return fail("reindex", "%s", e.msg);
 	rc = ckv_store_reindex(s, &e);
 	if (rc == 0)
 		ckv_store_generation(s, &gen, &n);
