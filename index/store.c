@@ -971,7 +971,8 @@ int ckv_store_match(ckv_store *s, const ckv_geom *g, const uint32_t *tokens, uin
 	/* The tail: a stored prefix may end inside the next chunk. */
 	{
 		uint32_t base = (uint32_t)(j + 1) * c;
-		uint32_t avail = n - base < c ? n - base : c;
+		/* a whole next chunk was ruled out by the search; a partial one was not */
+		uint32_t avail = n - base < c ? n - base : c - 1;
 		for (uint32_t k = avail; k >= 1 && base < n; k--) {
 			ckv_hash t, p;
 			struct link l;
@@ -1366,6 +1367,8 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 	bool locked = false, seg_created = false;
 
 	memset(r, 0, sizeof(*r));
+	if (e)
+		e->msg[0] = 0;
 	memset(&man, 0, sizeof(man));
 	if (n == 0 || n > CKV_MAX_TOKENS)
 		return ckv_errf(e, -EINVAL, "tokens: expected 1..%u tokens, got %u", CKV_MAX_TOKENS, n);
@@ -1517,8 +1520,11 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 			}
 			continue;
 		}
-		if (rc)
+		if (rc) {
+			if (e && !e->msg[0])
+				ckv_errf(e, rc, "%s: index: cannot publish: %s", s->path, strerror(-rc));
 			goto out;
+		}
 		if (existed)
 			r->existed = true;
 		maybe_crash(o, "commit");
@@ -2017,6 +2023,7 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 	uint64_t cb, done = 0, total;
 	uint32_t run;
 	ckv_ftime tdef;
+	bool created = false, owned = false;
 
 	rc = ckv_store_get(s, h, &m, e);
 	if (rc)
@@ -2026,7 +2033,9 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 	total = (uint64_t)m->chunks * cb * m->geom.layers;
 	tdef.sec = m->created;
 	tdef.nsec = 0;
-	if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+	if (mkdir(dir, 0755) == 0)
+		created = true;
+	else if (errno != EEXIST) {
 		rc = ckv_errf(e, -errno, "%s: %s", dir, strerror(errno));
 		goto out;
 	}
@@ -2048,6 +2057,7 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 			rc = ckv_errf(e, -EEXIST, "%s: directory is not empty", dir);
 			goto out;
 		}
+		owned = true; /* from here on, a failure removes what we wrote */
 	}
 	rc = prefix_tokens(s, m, &tokens, e);
 	if (rc)
@@ -2185,6 +2195,18 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 out:
 	if (fd >= 0)
 		close(fd);
+	if (rc && owned) {
+		static const char *const names[] = { "manifest.json", "tokens.bin", "sums.xxh3" };
+		for (size_t i = 0; i < 3; i++)
+			unlinkat(dfd, names[i], 0);
+		for (uint32_t l = 0; l < m->geom.layers; l++) {
+			char name[32];
+			ckv_layer_name(l, name);
+			unlinkat(dfd, name, 0);
+		}
+		if (created)
+			rmdir(dir);
+	}
 	if (dfd >= 0)
 		close(dfd);
 	free(json);
