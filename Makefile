@@ -98,6 +98,60 @@ $(O)/tests/%: $(O)/obj/tests/unit/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
+# ---- CUDA (only when $(NVCC) exists) ---------------------------------------
+# gpu/cuda/*.cu join libckvgpu; gpu/*.c then see CKV_HAVE_CUDA (without it,
+# gpu/backend_host.c stubs out the CUDA entry points). Anything that links
+# libckvgpu links $(CUDA_LDLIBS) too; unit tests get it below. tests/gpu/*.c
+# run with the unit tests and exit 77 where no GPU answers. Without nvcc
+# this section adds nothing.
+CUDA_LDLIBS :=
+ifeq ($(HAVE_NVCC),1)
+CUDA_SRC := $(wildcard gpu/cuda/*.cu)
+CUDA_OBJ := $(CUDA_SRC:%.cu=$(O)/obj/%.o)
+CUDA_TEST_BINS := $(patsubst tests/gpu/%.c,$(O)/tests/gpu/%,$(wildcard tests/gpu/*.c))
+CUDA_BINS := $(O)/bench-gather
+CUDA_LDLIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lstdc++
+NVCCFLAGS := -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 \
+	-gencode arch=compute_80,code=sm_80 -Xcompiler -fPIC,-Wall -Igpu -Igpu/cuda -Iindex \
+	-Ickvfs -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -DCKV_HAVE_CUDA
+ifneq ($(SAN),)
+# ASan on the host side of .cu files where nvcc's host compiler takes it; a
+# process that then initialises CUDA needs ASAN_OPTIONS=protect_shadow_gap=0
+# (tests/gpu and bench-gather set it through __asan_default_options).
+NVCC_ASAN := $(shell d=$$(mktemp -d) && echo 'int ckv_probe;' > $$d/p.cu && \
+	$(NVCC) -Xcompiler -fsanitize=address -c -o $$d/p.o $$d/p.cu >/dev/null 2>&1 && \
+	echo 1; rm -rf $$d)
+ifeq ($(NVCC_ASAN),1)
+NVCCFLAGS += -Xcompiler -fsanitize=address,-fno-omit-frame-pointer
+endif
+endif
+
+$(O)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  NVCC    $<")
+	$(Q)$(NVCC) $(NVCCFLAGS) -MMD -MP -MF $(@:.o=.d) -c -o $@ $<
+
+$(LIBGPU): $(CUDA_OBJ)
+$(GPU_OBJ): override CFLAGS += -DCKV_HAVE_CUDA
+$(O)/obj/tests/gpu/%.o: override CFLAGS += -DCKV_HAVE_CUDA -isystem $(CUDA_HOME)/include -Igpu/cuda
+$(O)/tests/%: override LDLIBS += $(CUDA_LDLIBS)
+
+$(O)/tests/gpu/%: $(O)/obj/tests/gpu/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(O)/bench-gather: $(O)/obj/tools/bench-gather.o $(LIBGPU)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LDLIBS)
+
+.SECONDARY: $(CUDA_TEST_BINS:$(O)/tests/gpu/%=$(O)/obj/tests/gpu/%.o)
+all: $(CUDA_BINS) $(CUDA_TEST_BINS)
+unit: $(CUDA_TEST_BINS)
+UNIT_BINS += $(CUDA_TEST_BINS)
+endif
+# ---- end of CUDA -----------------------------------------------------------
+
 # ---- tests ----------------------------------------------------------------
 # Unit tests: exit 0 pass, 1 fail, 77 skip. bats: tests/bats/*.bats.
 unit: $(UNIT_BINS)

@@ -60,6 +60,15 @@ struct ckv_backend_ops {
 	 * host: busy-wait on the calling thread.
 	 */
 	int (*compute)(ckv_backend *b, double seconds, void *stream);
+	/*
+	 * Optional (the loader's GPU tier needs it on a device backend):
+	 * enqueue n copies of len bytes (a multiple of 16) from src[i] to dst[i],
+	 * both backend memory, on stream: one launch, like gather. The host
+	 * backend may leave it NULL (its memory is host memory: the loader
+	 * copies with memcpy).
+	 */
+	int (*gather_dev)(ckv_backend *b, const void *const *src, void *const *dst, uint32_t n,
+			  uint64_t len, void *stream);
 	void (*destroy)(ckv_backend *b);
 };
 

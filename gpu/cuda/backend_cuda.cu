@@ -1,0 +1,1153 @@
+/*
+ * backend_cuda.cu — the CUDA backend of libckvgpu (backend.h) and the
+ * engine-facing kernels of ckv_cuda.h.
+ *
+ * Gather design (MEASUREMENTS.md): a chunk set is thousands of 8-64 KiB
+ * pieces scattered over a multi-GiB arena. One cudaMemcpyAsync per chunk
+ * pays a launch each (2.6 GB/s at 8 KiB against 55 GB/s for one contiguous
+ * copy), so the arena is registered once as mapped host memory and a
+ * gather is ONE kernel launch whose blocks read their chunks straight over
+ * PCIe and write them to arbitrary device destinations. Reads from host
+ * memory have microseconds of latency, so the link is filled only with
+ * many bytes in flight: 16-byte loads (the widest a thread can issue),
+ * several per thread issued before the first is used, many blocks
+ * resident per SM. On an H200 it moves 51.2 GB/s at 8, 32 and 64 KiB
+ * chunks, 0.92-0.93 of one contiguous pinned copy (docs/BENCHMARKS.md);
+ * thread count, loads in flight and grid shape made no difference beyond
+ * noise there, so the defaults are the simplest: 256 threads, 4 loads,
+ * one block per chunk.
+ *
+ * The copy descriptors (16 bytes each) reach the device as kernel
+ * parameters when there are few, else through a ring: a pinned host
+ * staging buffer and a device buffer of the same size, filled with
+ * cudaMemcpyAsync on the gather's own stream just before the launch. A
+ * ring reservation lives until its kernel has run; a CUDA event recorded
+ * after the kernel marks that point, and space is reused only once the
+ * events of the reservations in it have completed. That is what lets a
+ * caller enqueue many gathers on one or several streams and reuse its own
+ * descriptor array at once, with no synchronisation of its own.
+ *
+ * Errors: every CUDA call goes through cu_rc(), the one adapter from
+ * cudaError_t to a negative errno (-ENOMEM, -ENODEV, else -EIO); it logs
+ * the call and cudaGetErrorString to stderr.
+ */
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime.h>
+
+#include "backend.h"
+#include "ckv_cuda.h"
+
+/* ---- error adapter ------------------------------------------------------ */
+
+static int cu_fail(cudaError_t e, const char *what)
+{
+	fprintf(stderr, "ckvgpu: cuda: %s: %s (%s)\n", what, cudaGetErrorString(e),
+		cudaGetErrorName(e));
+	/*
+	 * Consume the error the runtime also recorded as the thread's last
+	 * error: an engine that checks cudaGetLastError() after its own
+	 * launches (PyTorch does) must not see ours. Sticky errors stay.
+	 */
+	(void)cudaGetLastError();
+	switch (e) {
+	case cudaErrorMemoryAllocation:
+		return -ENOMEM;
+	case cudaErrorNoDevice:
+	case cudaErrorInsufficientDriver:
+	case cudaErrorInvalidDevice:
+	case cudaErrorDevicesUnavailable:
+	case cudaErrorCompatNotSupportedOnDevice:
+	case cudaErrorNoKernelImageForDevice:
+		return -ENODEV;
+	default:
+		return -EIO;
+	}
+}
+
+static inline int cu_rc(cudaError_t e, const char *what)
+{
+	return e == cudaSuccess ? 0 : cu_fail(e, what);
+}
+
+#define CU(call) cu_rc((call), #call)
+
+/*
+ * Kernels are launched with cudaLaunchKernelEx, whose return value is the
+ * launch's own error, never through <<<>>> + cudaGetLastError(), which
+ * would also report (and clear) an error left by the engine's code.
+ */
+static cudaLaunchConfig_t launch_cfg(dim3 grid, dim3 block, cudaStream_t s)
+{
+	cudaLaunchConfig_t lc = {};
+
+	lc.gridDim = grid;
+	lc.blockDim = block;
+	lc.stream = s;
+	return lc;
+}
+
+/* ---- the backend -------------------------------------------------------- */
+
+enum {
+	GATHER_INLINE = 128,   /* copies passed as kernel parameters (2 KiB) */
+	SCATTER_INLINE = 256,  /* source offsets passed as kernel parameters (2 KiB) */
+	RING_RECS = 1024,      /* reservations in flight at most */
+	RING_ALIGN = 256,
+	MAX_CHUNK_TOKENS = 4096,
+};
+#define RING_DEFAULT (1u << 20) /* 64 Ki descriptors */
+#define MAX_COPY_LEN (1ull << 30)
+
+/* One ring reservation: its end position and the event after its kernel. */
+struct ring_rec {
+	uint64_t end;
+	cudaEvent_t ev; /* created on first use of the slot, reused after */
+};
+
+struct cuda_backend {
+	ckv_backend base; /* first: a ckv_backend * is a struct cuda_backend * */
+	int device;
+	int sms;
+	bool ro_register; /* cudaDevAttrHostRegisterReadOnlySupported */
+
+	/* set by register_arena before any gather, read-only afterwards */
+	void *arena_host;
+	uint64_t arena_size;
+	const char *arena_dev; /* the arena as the device addresses it */
+
+	/*
+	 * Lock order: lock is the only lock. Held across reserve, staging,
+	 * enqueue and event record so reservations are recorded in ring order.
+	 */
+	pthread_mutex_t lock;
+	ckv_cuda_gather_cfg cfg;  /* protected by lock (copied out per launch) */
+	unsigned char *ring_host; /* pinned staging, protected by lock */
+	unsigned char *ring_dev;  /* protected by lock */
+	uint64_t ring_size;       /* protected by lock */
+	/*
+	 * Positions grow without wrapping; byte p lives at p % ring_size. Live
+	 * reservations lie in [tail, head), so head - tail <= ring_size.
+	 */
+	uint64_t head, tail;             /* protected by lock */
+	struct ring_rec recs[RING_RECS]; /* FIFO, protected by lock */
+	uint32_t rec_first, rec_count;   /* protected by lock */
+};
+
+static struct cuda_backend *cb_of(ckv_backend *b)
+{
+	return (struct cuda_backend *)b;
+}
+
+/*
+ * Make the backend's device current for this thread and put the caller's
+ * back afterwards: an engine calling us from its own thread keeps its
+ * device.
+ */
+struct dev_scope {
+	int prev = -1;
+	~dev_scope()
+	{
+		if (prev >= 0)
+			cudaSetDevice(prev);
+	}
+	int enter(int device)
+	{
+		int cur;
+		int rc = CU(cudaGetDevice(&cur));
+
+		if (rc)
+			return rc;
+		if (cur == device)
+			return 0;
+		rc = CU(cudaSetDevice(device));
+		if (rc == 0)
+			prev = cur;
+		return rc;
+	}
+};
+
+/* ---- descriptor ring ---------------------------------------------------- */
+
+/* Retire the oldest reservation; wait for its event when `wait`. 1: retired, 0: not yet. */
+static int ring_retire_one(struct cuda_backend *cb, bool wait)
+{
+	struct ring_rec *r = &cb->recs[cb->rec_first];
+	cudaError_t e = wait ? cudaEventSynchronize(r->ev) : cudaEventQuery(r->ev);
+
+	if (e == cudaErrorNotReady)
+		return 0;
+	if (e != cudaSuccess)
+		return cu_fail(e, wait ? "cudaEventSynchronize(ring)" : "cudaEventQuery(ring)");
+	cb->tail = r->end;
+	cb->rec_first = (cb->rec_first + 1) % RING_RECS;
+	cb->rec_count--;
+	return 1;
+}
+
+static int ring_drain(struct cuda_backend *cb)
+{
+	while (cb->rec_count) {
+		int rc = ring_retire_one(cb, true);
+
+		if (rc < 0)
+			return rc;
+	}
+	cb->tail = cb->head;
+	return 0;
+}
+
+static void ring_free(struct cuda_backend *cb)
+{
+	if (cb->ring_host)
+		cu_rc(cudaFreeHost(cb->ring_host), "cudaFreeHost(ring)");
+	if (cb->ring_dev)
+		cu_rc(cudaFree(cb->ring_dev), "cudaFree(ring)");
+	cb->ring_host = NULL;
+	cb->ring_dev = NULL;
+	cb->ring_size = 0;
+}
+
+/* Replace the ring by one of `size` bytes once nothing uses the old one. */
+static int ring_resize(struct cuda_backend *cb, uint64_t size)
+{
+	int rc = ring_drain(cb);
+
+	if (rc)
+		return rc;
+	ring_free(cb);
+	rc = CU(cudaHostAlloc((void **)&cb->ring_host, size, cudaHostAllocDefault));
+	if (rc)
+		return rc;
+	rc = CU(cudaMalloc((void **)&cb->ring_dev, size));
+	if (rc) {
+		ring_free(cb);
+		return rc;
+	}
+	cb->ring_size = size;
+	cb->head = cb->tail = 0;
+	return 0;
+}
+
+/*
+ * Reserve `bytes` (contiguous, a multiple of RING_ALIGN) for descriptors. Waits,
+ * with the lock held, for the oldest reservations' kernels when the ring is
+ * full. Returns the position; the caller stages at p % ring_size and calls
+ * ring_commit after its launch. Caller holds cb->lock.
+ */
+static int ring_reserve(struct cuda_backend *cb, uint64_t bytes, uint64_t *pos)
+{
+	int rc;
+
+	if (bytes > cb->ring_size) {
+		uint64_t size = cb->ring_size ? cb->ring_size : RING_DEFAULT;
+
+		while (size < bytes)
+			size *= 2;
+		rc = ring_resize(cb, size);
+		if (rc)
+			return rc;
+	}
+	for (;;) {
+		uint64_t p = cb->head, r = cb->ring_size;
+
+		if (p % r + bytes > r)
+			p += r - p % r; /* no room before the end: start of the next lap */
+		if (p + bytes - cb->tail <= r && cb->rec_count < RING_RECS) {
+			*pos = p;
+			return 0;
+		}
+		if (cb->rec_count == 0) {
+			cb->head = cb->tail = p; /* nothing in flight: restart at p */
+			continue;
+		}
+		/* Full: take what has finished, else wait for the oldest. */
+		rc = ring_retire_one(cb, false);
+		if (rc == 0)
+			rc = ring_retire_one(cb, true);
+		if (rc < 0)
+			return rc;
+	}
+}
+
+/*
+ * The kernel that reads [pos, end) is enqueued on stream: record the event
+ * that frees it. If the record fails, the stream is waited for instead so
+ * the space can still be reused safely. Caller holds cb->lock.
+ */
+static int ring_commit(struct cuda_backend *cb, uint64_t end, cudaStream_t stream)
+{
+	struct ring_rec *r = &cb->recs[(cb->rec_first + cb->rec_count) % RING_RECS];
+	int rc = 0;
+
+	cb->head = end;
+	if (!r->ev)
+		rc = CU(cudaEventCreateWithFlags(&r->ev, cudaEventDisableTiming));
+	if (rc == 0)
+		rc = CU(cudaEventRecord(r->ev, stream));
+	if (rc) {
+		cu_rc(cudaStreamSynchronize(stream), "cudaStreamSynchronize(ring fallback)");
+		return rc;
+	}
+	r->end = end;
+	cb->rec_count++;
+	return 0;
+}
+
+/*
+ * Stage `bytes` of descriptors through the ring — fill(host slot) writes
+ * them — and call launch(device copy of them), all on `stream` and under
+ * the lock.
+ */
+template <typename Fill, typename Launch>
+static int ring_launch(struct cuda_backend *cb, uint64_t bytes, cudaStream_t stream, Fill fill,
+		       Launch launch)
+{
+	uint64_t span = (bytes + RING_ALIGN - 1) & ~(uint64_t)(RING_ALIGN - 1), pos;
+	int rc;
+
+	pthread_mutex_lock(&cb->lock);
+	rc = ring_reserve(cb, span, &pos);
+	if (rc)
+		goto out_unlock;
+	{
+		uint64_t off = pos % cb->ring_size;
+
+		fill(cb->ring_host + off);
+		rc = CU(cudaMemcpyAsync(cb->ring_dev + off, cb->ring_host + off, bytes,
+					cudaMemcpyHostToDevice, stream));
+		if (rc)
+			goto out_unlock; /* nothing reads the slot's device side; head stays */
+		rc = launch(cb->ring_dev + off);
+		if (rc) {
+			/* the copy may still read the staging bytes: keep them reserved */
+			int rc2 = ring_commit(cb, pos + span, stream);
+
+			(void)rc2;
+			goto out_unlock;
+		}
+		rc = ring_commit(cb, pos + span, stream);
+	}
+out_unlock:
+	pthread_mutex_unlock(&cb->lock);
+	return rc;
+}
+
+/* ---- gather ------------------------------------------------------------- */
+
+struct gather_params {
+	uint64_t base;         /* copy i reads base + src: the arena's device view, or 0 */
+	const ckv_copy *descs; /* in the ring, or NULL: inl[] */
+	uint32_t n;
+	uint32_t nvec; /* 16-byte vectors per copy */
+	ckv_copy inl[GATHER_INLINE];
+};
+
+/*
+ * Blocks take copies i = blockIdx.x, + gridDim.x, ...; threads of a block
+ * move consecutive 16-byte vectors (coalesced 512-byte warp requests on
+ * both sides). Each thread issues U loads before it stores any: the loads
+ * come from host memory, and independent loads in flight are what hides
+ * the PCIe round trip. ld.global.nc: the chunks do not change while their
+ * gather runs (the loader pins them), and the read-only path keeps the
+ * loads out of L1.
+ */
+template <int U>
+__global__ void gather_kernel(const __grid_constant__ gather_params p)
+{
+	const uint32_t step = blockDim.x;
+
+	for (uint32_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+		const ckv_copy c = p.descs ? p.descs[i] : p.inl[i];
+		const uint4 *src = reinterpret_cast<const uint4 *>(p.base + c.src);
+		uint4 *dst = static_cast<uint4 *>(c.dst);
+
+		for (uint32_t v = threadIdx.x; v < p.nvec; v += U * step) {
+			uint4 r[U];
+
+#pragma unroll
+			for (int u = 0; u < U; u++)
+				if (v + u * step < p.nvec)
+					r[u] = __ldg(src + v + u * step);
+#pragma unroll
+			for (int u = 0; u < U; u++)
+				if (v + u * step < p.nvec)
+					dst[v + u * step] = r[u];
+		}
+	}
+}
+
+static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg,
+			 const gather_params *p, cudaStream_t stream)
+{
+	uint64_t grid = p->n;
+	cudaError_t e;
+
+	if (cfg->blocks_per_sm && grid > (uint64_t)cb->sms * cfg->blocks_per_sm)
+		grid = (uint64_t)cb->sms * cfg->blocks_per_sm;
+	if (grid > 0x7fffffff)
+		grid = 0x7fffffff; /* the loop over copies covers the rest */
+	cudaLaunchConfig_t lc = launch_cfg(dim3((unsigned)grid), dim3(cfg->threads), stream);
+
+	switch (cfg->unroll) {
+	case 1:
+		e = cudaLaunchKernelEx(&lc, gather_kernel<1>, *p);
+		break;
+	case 2:
+		e = cudaLaunchKernelEx(&lc, gather_kernel<2>, *p);
+		break;
+	case 8:
+		e = cudaLaunchKernelEx(&lc, gather_kernel<8>, *p);
+		break;
+	default:
+		e = cudaLaunchKernelEx(&lc, gather_kernel<4>, *p);
+		break;
+	}
+	return cu_rc(e, "cudaLaunchKernelEx(gather)");
+}
+
+/*
+ * One launch for n copies described by desc(i) (a ckv_copy whose src is
+ * relative to base): inline when they fit the kernel parameters, else
+ * through the ring.
+ */
+template <typename Desc>
+static int gather_launch(struct cuda_backend *cb, uint64_t base, uint32_t n, uint64_t len,
+			 cudaStream_t s, Desc desc)
+{
+	static_assert(sizeof(gather_params) <= 4096, "kernel parameters must fit 4 KiB");
+	ckv_cuda_gather_cfg cfg;
+	gather_params p;
+	dev_scope dev;
+	int rc = dev.enter(cb->device);
+
+	if (rc)
+		return rc;
+	p.base = base;
+	p.descs = NULL;
+	p.n = n;
+	p.nvec = (uint32_t)(len / 16);
+	pthread_mutex_lock(&cb->lock);
+	cfg = cb->cfg;
+	pthread_mutex_unlock(&cb->lock);
+	if (n <= GATHER_INLINE) {
+		for (uint32_t i = 0; i < n; i++)
+			p.inl[i] = desc(i);
+		return launch_gather(cb, &cfg, &p, s);
+	}
+	return ring_launch(
+		cb, (uint64_t)n * sizeof(ckv_copy), s,
+		[&](unsigned char *slot) {
+			ckv_copy *d = (ckv_copy *)slot;
+
+			for (uint32_t i = 0; i < n; i++)
+				d[i] = desc(i);
+		},
+		[&](unsigned char *dev_descs) {
+			p.descs = (const ckv_copy *)dev_descs;
+			return launch_gather(cb, &cfg, &p, s);
+		});
+}
+
+static int cuda_gather(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t len, void *stream)
+{
+	struct cuda_backend *cb = cb_of(b);
+
+	if (len == 0 || len % 16 || len > MAX_COPY_LEN || (n && !c))
+		return -EINVAL;
+	if (!cb->arena_dev)
+		return -EINVAL;
+	for (uint32_t i = 0; i < n; i++) {
+		if (c[i].src % 16 || (uintptr_t)c[i].dst % 16 || !c[i].dst)
+			return -EINVAL;
+		if (c[i].src > cb->arena_size || len > cb->arena_size - c[i].src)
+			return -EINVAL;
+	}
+	if (n == 0)
+		return 0;
+	return gather_launch(cb, (uintptr_t)cb->arena_dev, n, len, (cudaStream_t)stream,
+			     [c](uint32_t i) { return c[i]; });
+}
+
+/* Device to device (the loader's GPU tier): the same kernel, with absolute sources. */
+static int cuda_gather_dev(ckv_backend *b, const void *const *src, void *const *dst, uint32_t n,
+			   uint64_t len, void *stream)
+{
+	if (len == 0 || len % 16 || len > MAX_COPY_LEN || (n && (!src || !dst)))
+		return -EINVAL;
+	for (uint32_t i = 0; i < n; i++)
+		if (!src[i] || !dst[i] || (uintptr_t)src[i] % 16 || (uintptr_t)dst[i] % 16)
+			return -EINVAL;
+	if (n == 0)
+		return 0;
+	return gather_launch(cb_of(b), 0, n, len, (cudaStream_t)stream, [src, dst](uint32_t i) {
+		ckv_copy c;
+
+		c.src = (uintptr_t)src[i];
+		c.dst = dst[i];
+		return c;
+	});
+}
+
+/* ---- the other backend operations --------------------------------------- */
+
+static int cuda_register_arena(ckv_backend *b, void *base, uint64_t size, bool readonly)
+{
+	struct cuda_backend *cb = cb_of(b);
+	unsigned flags = cudaHostRegisterMapped | cudaHostRegisterPortable;
+	void *dev_ptr;
+	dev_scope dev;
+	int rc;
+
+	if (!base || size == 0)
+		return -EINVAL;
+	if (cb->arena_host)
+		return -EBUSY;
+	if (readonly) {
+		/* a PROT_READ mapping registers only with this flag ("invalid argument" without) */
+		if (!cb->ro_register) {
+			fprintf(stderr, "ckvgpu: cuda: device %d cannot register read-only host "
+					"memory (cudaDevAttrHostRegisterReadOnlySupported is 0)\n",
+				cb->device);
+			return -EOPNOTSUPP;
+		}
+		flags |= cudaHostRegisterReadOnly;
+	}
+	rc = dev.enter(cb->device);
+	if (rc)
+		return rc;
+	rc = CU(cudaHostRegister(base, size, flags));
+	if (rc)
+		return rc;
+	rc = CU(cudaHostGetDevicePointer(&dev_ptr, base, 0));
+	if (rc)
+		goto out_unregister;
+	cb->arena_host = base;
+	cb->arena_size = size;
+	cb->arena_dev = (const char *)dev_ptr;
+	return 0;
+
+out_unregister:
+	cu_rc(cudaHostUnregister(base), "cudaHostUnregister");
+	return rc;
+}
+
+/*
+ * The caller must have no gather of this arena in flight; to be safe against
+ * a forgotten one (a kernel reading unmapped memory kills the context), wait
+ * for the device first. Once per loader, at close.
+ */
+static void cuda_unregister_arena(ckv_backend *b)
+{
+	struct cuda_backend *cb = cb_of(b);
+	dev_scope dev;
+
+	if (!cb->arena_host || dev.enter(cb->device))
+		return;
+	cu_rc(cudaDeviceSynchronize(), "cudaDeviceSynchronize(unregister)");
+	cu_rc(cudaHostUnregister(cb->arena_host), "cudaHostUnregister");
+	cb->arena_host = NULL;
+	cb->arena_dev = NULL;
+	cb->arena_size = 0;
+}
+
+/* fn runs on a CUDA thread and must not call CUDA (cudaLaunchHostFunc's rule). */
+static int cuda_after(ckv_backend *b, void *stream, void (*fn)(void *arg), void *arg)
+{
+	dev_scope dev;
+	int rc;
+
+	if (!fn)
+		return -EINVAL;
+	rc = dev.enter(cb_of(b)->device);
+	if (rc)
+		return rc;
+	return CU(cudaLaunchHostFunc((cudaStream_t)stream, fn, arg));
+}
+
+static int cuda_sync(ckv_backend *b, void *stream)
+{
+	dev_scope dev;
+	int rc = dev.enter(cb_of(b)->device);
+
+	if (rc)
+		return rc;
+	return CU(cudaStreamSynchronize((cudaStream_t)stream));
+}
+
+static int cuda_alloc(ckv_backend *b, uint64_t bytes, void **out)
+{
+	dev_scope dev;
+	int rc;
+
+	*out = NULL;
+	if (bytes == 0)
+		return 0;
+	rc = dev.enter(cb_of(b)->device);
+	if (rc)
+		return rc;
+	return CU(cudaMalloc(out, bytes));
+}
+
+/* cudaFree waits for the device: free only at set-up and tear-down. */
+static void cuda_free(ckv_backend *b, void *p)
+{
+	dev_scope dev;
+
+	if (!p || dev.enter(cb_of(b)->device))
+		return;
+	cu_rc(cudaFree(p), "cudaFree");
+}
+
+/*
+ * Synchronous copies on the legacy default stream: they wait for work on
+ * blocking streams, not on cudaStreamNonBlocking ones; call sync first.
+ */
+static int cuda_to_host(ckv_backend *b, void *host, const void *src, uint64_t len)
+{
+	dev_scope dev;
+	int rc;
+
+	if (len == 0)
+		return 0;
+	if (!host || !src)
+		return -EINVAL;
+	rc = dev.enter(cb_of(b)->device);
+	if (rc)
+		return rc;
+	return CU(cudaMemcpy(host, src, len, cudaMemcpyDefault));
+}
+
+static int cuda_from_host(ckv_backend *b, void *dst, const void *host, uint64_t len)
+{
+	dev_scope dev;
+	int rc;
+
+	if (len == 0)
+		return 0;
+	if (!host || !dst)
+		return -EINVAL;
+	rc = dev.enter(cb_of(b)->device);
+	if (rc)
+		return rc;
+	return CU(cudaMemcpy(dst, host, len, cudaMemcpyDefault));
+}
+
+/* ---- digest scores ------------------------------------------------------ */
+
+/*
+ * score[j] = sum_t sum_h q[t][h] . dig[j][h / G] / sqrt(D)
+ *          = sum_k qk[k] . dig[j][k],  qk[k] = sum_t sum_{h in group k} q[t][h] / sqrt(D)
+ * so the query is summed once (q is the large input: q_tokens x q_heads x
+ * D) and each chunk costs one kv_heads*D dot product. Three small kernels,
+ * all on the caller's stream, with stream-ordered scratch:
+ *   1. part[s][k][d]: token slice s of the sums (slices give the GPU enough
+ *      threads when kv_heads*D alone is a few hundred);
+ *   2. qk[k][d]: the slices summed, scaled by 1/sqrt(D);
+ *   3. one warp per chunk: the dot product.
+ * Deterministic (fixed summation order, no atomics).
+ */
+__global__ void digest_qsum_kernel(const float *__restrict__ q, uint32_t tokens, uint32_t q_heads,
+				   uint32_t group, uint32_t hd, uint32_t per_slice,
+				   float *__restrict__ part)
+{
+	uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; /* kv head k, dim d */
+	uint32_t kvd = hd * (q_heads / group);
+
+	if (e >= kvd)
+		return;
+	uint32_t k = e / hd, d = e - k * hd;
+	uint64_t t0 = (uint64_t)blockIdx.y * per_slice;
+	uint64_t t1 = t0 + per_slice < tokens ? t0 + per_slice : tokens;
+	const float *qp = q + (uint64_t)k * group * hd + d;
+	uint64_t row = (uint64_t)q_heads * hd;
+	float acc[4] = { 0, 0, 0, 0 };
+
+	for (uint64_t t = t0; t < t1; t++) {
+		const float *qt = qp + t * row;
+		uint32_t g = 0;
+
+		for (; g + 4 <= group; g += 4) {
+#pragma unroll
+			for (int u = 0; u < 4; u++)
+				acc[u] += __ldg(qt + (g + u) * hd);
+		}
+		for (; g < group; g++)
+			acc[0] += __ldg(qt + g * hd);
+	}
+	part[(uint64_t)blockIdx.y * kvd + e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* blockDim (32, 8): x over 32 columns of qk, y over slices, reduced in shared memory */
+__global__ void digest_reduce_kernel(const float *__restrict__ part, uint32_t slices, uint32_t kvd,
+				     float scale, float *__restrict__ qk)
+{
+	__shared__ float red[8][33];
+	uint32_t e = blockIdx.x * 32 + threadIdx.x;
+	float s = 0.0f;
+
+	if (e < kvd)
+		for (uint32_t i = threadIdx.y; i < slices; i += 8)
+			s += part[(uint64_t)i * kvd + e];
+	red[threadIdx.y][threadIdx.x] = s;
+	__syncthreads();
+	if (threadIdx.y == 0 && e < kvd) {
+		for (int y = 1; y < 8; y++)
+			s += red[y][threadIdx.x];
+		qk[e] = s * scale;
+	}
+}
+
+__global__ void digest_dot_kernel(const float *__restrict__ qk, const float *__restrict__ dig,
+				  uint32_t m, uint32_t kvd, float *__restrict__ scores)
+{
+	uint32_t lane = threadIdx.x % 32;
+	uint64_t j = (uint64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+
+	if (j >= m)
+		return;
+	const float *dj = dig + j * kvd;
+	float s = 0.0f;
+
+	for (uint32_t e = lane; e < kvd; e += 32)
+		s += __ldg(qk + e) * __ldg(dj + e);
+	for (int o = 16; o; o >>= 1)
+		s += __shfl_xor_sync(0xffffffffu, s, o);
+	if (lane == 0)
+		scores[j] = s;
+}
+
+static int cuda_digest_scores(ckv_backend *b, const float *q, uint32_t q_tokens, uint32_t q_heads,
+			      const float *dig, uint32_t m, uint32_t kv_heads, uint32_t head_dim,
+			      float *scores, void *stream)
+{
+	struct cuda_backend *cb = cb_of(b);
+	cudaStream_t s = (cudaStream_t)stream;
+	uint64_t kvd = (uint64_t)kv_heads * head_dim;
+	float *scratch = NULL;
+	dev_scope dev;
+	int rc;
+
+	if (!q_heads || !kv_heads || !head_dim || q_heads % kv_heads)
+		return -EINVAL;
+	if (kvd > (1u << 24) || (uint64_t)q_heads * head_dim > (1u << 24))
+		return -EOVERFLOW;
+	if (m == 0)
+		return 0;
+	if (!dig || !scores || (q_tokens && !q))
+		return -EINVAL;
+	rc = dev.enter(cb->device);
+	if (rc)
+		return rc;
+	if (q_tokens == 0)
+		return CU(cudaMemsetAsync(scores, 0, (size_t)m * sizeof(float), s));
+
+	/* enough slices for ~2048 threads per SM, each slice at least 4 tokens */
+	uint64_t want = ((uint64_t)cb->sms * 2048 + kvd - 1) / kvd;
+	uint64_t slices = (q_tokens + 3) / 4;
+
+	if (slices > want)
+		slices = want;
+	if (slices > 4096)
+		slices = 4096;
+	if (slices == 0)
+		slices = 1;
+	uint32_t per_slice = (uint32_t)((q_tokens + slices - 1) / slices);
+
+	slices = (q_tokens + per_slice - 1) / per_slice;
+	rc = CU(cudaMallocAsync((void **)&scratch, (slices + 1) * kvd * sizeof(float), s));
+	if (rc)
+		return rc;
+
+	float *qk = scratch + slices * kvd;
+	cudaLaunchConfig_t lc = launch_cfg(dim3((unsigned)((kvd + 255) / 256), (unsigned)slices),
+					   dim3(256), s);
+
+	rc = CU(cudaLaunchKernelEx(&lc, digest_qsum_kernel, q, q_tokens, q_heads,
+				   q_heads / kv_heads, head_dim, per_slice, scratch));
+	if (rc == 0) {
+		lc = launch_cfg(dim3((unsigned)((kvd + 31) / 32)), dim3(32, 8), s);
+		rc = CU(cudaLaunchKernelEx(&lc, digest_reduce_kernel, (const float *)scratch,
+					   (uint32_t)slices, (uint32_t)kvd,
+					   1.0f / sqrtf((float)head_dim), qk));
+	}
+	if (rc == 0) {
+		lc = launch_cfg(dim3((m + 7) / 8), dim3(256), s);
+		rc = CU(cudaLaunchKernelEx(&lc, digest_dot_kernel, (const float *)qk, dig, m,
+					   (uint32_t)kvd, scores));
+	}
+	int rc2 = CU(cudaFreeAsync(scratch, s));
+
+	return rc ? rc : rc2;
+}
+
+/* ---- compute replay ----------------------------------------------------- */
+
+/*
+ * Hold the stream for ns nanoseconds of %globaltimer (wall clock, so the
+ * replay is independent of clocks and of what else runs). One warp: it
+ * occupies the stream, not the SMs, so gathers on other streams overlap it
+ * as they would overlap compute that leaves them room.
+ */
+__global__ void spin_kernel(uint64_t ns)
+{
+	uint64_t t0, t;
+
+	asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+	do {
+		asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+	} while (t - t0 < ns);
+}
+
+static int cuda_compute(ckv_backend *b, double seconds, void *stream)
+{
+	dev_scope dev;
+	int rc;
+
+	if (!(seconds >= 0.0) || seconds > 3600.0)
+		return -EINVAL; /* also NaN */
+	if (seconds == 0.0)
+		return 0;
+	rc = dev.enter(cb_of(b)->device);
+	if (rc)
+		return rc;
+
+	cudaLaunchConfig_t lc = launch_cfg(dim3(1), dim3(32), (cudaStream_t)stream);
+
+	return CU(cudaLaunchKernelEx(&lc, spin_kernel, (uint64_t)(seconds * 1e9)));
+}
+
+/* ---- scatter into a paged KV cache -------------------------------------- */
+
+struct scatter_params {
+	const char *base;        /* chunk i at base + offs[i] */
+	const uint64_t *offs;    /* in the ring, or NULL: inl[] */
+	const int64_t *slots;    /* [n][c] */
+	char *kc, *vc;
+	uint64_t half;           /* bytes of the K half of a chunk */
+	uint64_t block_stride;   /* bytes */
+	uint64_t nslots;         /* num_blocks * block_size */
+	uint64_t tok_bytes;      /* kv_heads * row bytes: one token in the cache */
+	uint32_t n, c, vrow;     /* vrow: vectors per (head, token) row */
+	uint32_t block_size;
+	uint64_t inl[SCATTER_INLINE];
+};
+
+/*
+ * One block per chunk (grid-stride beyond 2^31). A chunk half is
+ * [kv_heads][c][head_dim], the cache [block][block_size][kv_heads][head_dim]:
+ * each (head, token) row of head_dim elements is contiguous on both sides,
+ * so threads take consecutive V-sized vectors of the chunk (coalesced reads,
+ * U in flight as in the gather) and each lands inside one row of the cache.
+ * The chunk's token-to-cache offsets are resolved once per chunk into
+ * shared memory (-1: skip the token).
+ */
+template <typename V, int U>
+__global__ void scatter_kernel(const __grid_constant__ scatter_params p)
+{
+	extern __shared__ long long s_off[]; /* [c]: byte offset of token t's row 0 in a cache */
+	const uint32_t step = blockDim.x;
+	const uint32_t per_half = (uint32_t)(p.half / sizeof(V));
+
+	for (uint32_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+		__syncthreads(); /* the previous chunk's readers of s_off are done */
+		for (uint32_t t = threadIdx.x; t < p.c; t += step) {
+			long long sl = p.slots[(uint64_t)i * p.c + t];
+
+			s_off[t] = sl < 0 || (uint64_t)sl >= p.nslots
+					   ? -1
+					   : (long long)((uint64_t)sl / p.block_size * p.block_stride +
+							 (uint64_t)sl % p.block_size * p.tok_bytes);
+		}
+		__syncthreads();
+
+		const V *src = reinterpret_cast<const V *>(p.base + (p.offs ? p.offs[i] : p.inl[i]));
+
+		for (uint32_t v = threadIdx.x; v < 2 * per_half; v += U * step) {
+			V r[U];
+			V *d[U];
+
+#pragma unroll
+			for (int u = 0; u < U; u++) {
+				uint32_t k = v + u * step;
+
+				d[u] = nullptr;
+				if (k < 2 * per_half) {
+					bool is_v = k >= per_half;
+					uint32_t kk = is_v ? k - per_half : k;
+					uint32_t row = kk / p.vrow; /* h * c + t */
+					uint32_t h = row / p.c, t = row - h * p.c;
+					long long o = s_off[t];
+
+					if (o >= 0)
+						d[u] = reinterpret_cast<V *>((is_v ? p.vc : p.kc) + o) +
+						       (uint64_t)h * p.vrow + (kk - row * p.vrow);
+				}
+			}
+#pragma unroll
+			for (int u = 0; u < U; u++)
+				if (d[u])
+					r[u] = src[v + u * step];
+#pragma unroll
+			for (int u = 0; u < U; u++)
+				if (d[u])
+					*d[u] = r[u];
+		}
+	}
+}
+
+template <typename V>
+static cudaError_t launch_scatter_v(const scatter_params *p, cudaStream_t s)
+{
+	uint64_t grid = p->n < 0x7fffffffu ? p->n : 0x7fffffffu;
+	cudaLaunchConfig_t lc = launch_cfg(dim3((unsigned)grid), dim3(256), s);
+
+	lc.dynamicSmemBytes = (size_t)p->c * sizeof(long long);
+	return cudaLaunchKernelEx(&lc, scatter_kernel<V, 4>, *p);
+}
+
+int ckv_cuda_scatter_paged(ckv_backend *b, const void *src_base, const uint64_t *src, uint32_t n,
+			   const ckv_paged_geom *g, const int64_t *slot_mapping, void *k_cache,
+			   void *v_cache, void *stream)
+{
+	struct cuda_backend *cb;
+	cudaStream_t s = (cudaStream_t)stream;
+	scatter_params p;
+	uint64_t row, align;
+	dev_scope dev;
+	int rc;
+
+	if (!b || b->ops->gather != cuda_gather || !g || (n && (!src || !slot_mapping)))
+		return -EINVAL;
+	cb = cb_of(b);
+	if (!g->kv_heads || !g->head_dim || !g->chunk_tokens || g->chunk_tokens > MAX_CHUNK_TOKENS ||
+	    !g->block_size || !g->num_blocks || !k_cache || !v_cache)
+		return -EINVAL;
+	if (g->elem_bytes != 1 && g->elem_bytes != 2 && g->elem_bytes != 4)
+		return -EINVAL;
+	row = (uint64_t)g->head_dim * g->elem_bytes;
+	if (row > (1u << 20) || g->kv_heads > (1u << 16))
+		return -EINVAL;
+	p.half = row * g->chunk_tokens * g->kv_heads;
+	p.tok_bytes = row * g->kv_heads;
+	p.block_stride = g->block_stride ? g->block_stride : p.tok_bytes * g->block_size;
+	if (p.half > (1u << 30) || g->num_blocks > UINT64_MAX / g->block_size)
+		return -EINVAL;
+	p.nslots = g->num_blocks * g->block_size;
+	if (!src_base) {
+		if (!cb->arena_dev)
+			return -EINVAL;
+		for (uint32_t i = 0; i < n; i++)
+			if (src[i] > cb->arena_size || 2 * p.half > cb->arena_size - src[i])
+				return -EINVAL;
+		src_base = cb->arena_dev;
+	}
+	if (n == 0)
+		return 0;
+
+	/* the widest vector every address and stride is a multiple of */
+	align = row | p.block_stride | (uintptr_t)src_base | (uintptr_t)k_cache | (uintptr_t)v_cache;
+	for (uint32_t i = 0; i < n; i++)
+		align |= src[i];
+	align &= -align; /* lowest set bit */
+	if (align % g->elem_bytes)
+		return -EINVAL;
+	if (align > 16)
+		align = 16;
+
+	rc = dev.enter(cb->device);
+	if (rc)
+		return rc;
+	p.base = (const char *)src_base;
+	p.offs = NULL;
+	p.slots = slot_mapping;
+	p.kc = (char *)k_cache;
+	p.vc = (char *)v_cache;
+	p.n = n;
+	p.c = g->chunk_tokens;
+	p.vrow = (uint32_t)(row / align);
+	p.block_size = g->block_size;
+
+	auto launch = [&]() {
+		cudaError_t e;
+
+		switch (align) {
+		case 16:
+			e = launch_scatter_v<uint4>(&p, s);
+			break;
+		case 8:
+			e = launch_scatter_v<uint2>(&p, s);
+			break;
+		case 4:
+			e = launch_scatter_v<uint32_t>(&p, s);
+			break;
+		case 2:
+			e = launch_scatter_v<uint16_t>(&p, s);
+			break;
+		default:
+			e = launch_scatter_v<uint8_t>(&p, s);
+			break;
+		}
+		return cu_rc(e, "cudaLaunchKernelEx(scatter_paged)");
+	};
+	static_assert(sizeof(scatter_params) <= 4096, "kernel parameters must fit 4 KiB");
+	if (n <= SCATTER_INLINE) {
+		memcpy(p.inl, src, n * sizeof(*src));
+		return launch();
+	}
+	return ring_launch(
+		cb, (uint64_t)n * sizeof(*src), s,
+		[&](unsigned char *slot) { memcpy(slot, src, n * sizeof(*src)); },
+		[&](unsigned char *dev_offs) {
+			p.offs = (const uint64_t *)dev_offs;
+			return launch();
+		});
+}
+
+/* ---- configuration, creation, destruction -------------------------------- */
+
+void ckv_cuda_get_gather_cfg(ckv_backend *b, ckv_cuda_gather_cfg *cfg)
+{
+	struct cuda_backend *cb = cb_of(b);
+
+	if (!b || b->ops->gather != cuda_gather) {
+		memset(cfg, 0, sizeof(*cfg));
+		return;
+	}
+	pthread_mutex_lock(&cb->lock);
+	*cfg = cb->cfg;
+	cfg->ring_bytes = (uint32_t)cb->ring_size;
+	pthread_mutex_unlock(&cb->lock);
+}
+
+int ckv_cuda_set_gather_cfg(ckv_backend *b, const ckv_cuda_gather_cfg *cfg)
+{
+	struct cuda_backend *cb;
+	dev_scope dev;
+	int rc = 0;
+
+	if (!b || b->ops->gather != cuda_gather || !cfg)
+		return -EINVAL;
+	cb = cb_of(b);
+	if (cfg->threads < 64 || cfg->threads > 1024 || cfg->threads % 32)
+		return -EINVAL;
+	if (cfg->unroll != 1 && cfg->unroll != 2 && cfg->unroll != 4 && cfg->unroll != 8)
+		return -EINVAL;
+	if (cfg->blocks_per_sm > 64 || cfg->ring_bytes < 4096)
+		return -EINVAL;
+	rc = dev.enter(cb->device);
+	if (rc)
+		return rc;
+	pthread_mutex_lock(&cb->lock);
+	if (cfg->ring_bytes != cb->ring_size)
+		rc = ring_resize(cb, cfg->ring_bytes);
+	if (rc == 0) {
+		cb->cfg = *cfg;
+		cb->cfg.ring_bytes = (uint32_t)cb->ring_size;
+	}
+	pthread_mutex_unlock(&cb->lock);
+	return rc;
+}
+
+static void cuda_destroy(ckv_backend *b)
+{
+	struct cuda_backend *cb = cb_of(b);
+	dev_scope dev;
+
+	if (dev.enter(cb->device) == 0) {
+		pthread_mutex_lock(&cb->lock);
+		ring_drain(cb);
+		for (int i = 0; i < RING_RECS; i++)
+			if (cb->recs[i].ev)
+				cu_rc(cudaEventDestroy(cb->recs[i].ev), "cudaEventDestroy");
+		ring_free(cb);
+		pthread_mutex_unlock(&cb->lock);
+		cuda_unregister_arena(b);
+	}
+	pthread_mutex_destroy(&cb->lock);
+	free(cb);
+}
+
+static const struct ckv_backend_ops cuda_ops = {
+	/* .name = */ "cuda",
+	/* .register_arena = */ cuda_register_arena,
+	/* .unregister_arena = */ cuda_unregister_arena,
+	/* .gather = */ cuda_gather,
+	/* .after = */ cuda_after,
+	/* .sync = */ cuda_sync,
+	/* .alloc = */ cuda_alloc,
+	/* .free = */ cuda_free,
+	/* .to_host = */ cuda_to_host,
+	/* .from_host = */ cuda_from_host,
+	/* .digest_scores = */ cuda_digest_scores,
+	/* .compute = */ cuda_compute,
+	/* .gather_dev = */ cuda_gather_dev,
+	/* .destroy = */ cuda_destroy,
+};
+
+extern "C" bool ckv_backend_cuda_built(void)
+{
+	return true;
+}
+
+/*
+ * -ENODEV, quietly, when there is no usable device (no driver, no GPU, an
+ * ordinal past the last): the AUTO backend choice asks on every machine.
+ */
+extern "C" int ckv_backend_cuda(int device, ckv_backend **out)
+{
+	struct cuda_backend *cb;
+	int count = 0, attr = 0;
+	dev_scope dev;
+	int rc;
+
+	*out = NULL;
+	if (cudaGetDeviceCount(&count) != cudaSuccess || count <= 0 || device < 0 ||
+	    device >= count) {
+		(void)cudaGetLastError(); /* leave no error behind for the engine's next check */
+		return -ENODEV;
+	}
+	rc = dev.enter(device);
+	if (rc)
+		return rc;
+	rc = CU(cudaDeviceGetAttribute(&attr, cudaDevAttrCanMapHostMemory, device));
+	if (rc)
+		return rc;
+	if (!attr) {
+		fprintf(stderr, "ckvgpu: cuda: device %d cannot map host memory\n", device);
+		return -ENODEV;
+	}
+	cb = (struct cuda_backend *)calloc(1, sizeof(*cb));
+	if (!cb)
+		return -ENOMEM;
+	cb->base.ops = &cuda_ops;
+	cb->device = device;
+	pthread_mutex_init(&cb->lock, NULL);
+	rc = CU(cudaDeviceGetAttribute(&cb->sms, cudaDevAttrMultiProcessorCount, device));
+	if (rc)
+		goto out_free;
+	rc = CU(cudaDeviceGetAttribute(&attr, cudaDevAttrHostRegisterReadOnlySupported, device));
+	if (rc)
+		goto out_free;
+	cb->ro_register = attr != 0;
+	cb->cfg.threads = 256;
+	cb->cfg.unroll = 4;
+	cb->cfg.blocks_per_sm = 0;
+	rc = ring_resize(cb, RING_DEFAULT);
+	if (rc)
+		goto out_free;
+	cb->cfg.ring_bytes = (uint32_t)cb->ring_size;
+	*out = &cb->base;
+	return 0;
+
+out_free:
+	ring_free(cb);
+	pthread_mutex_destroy(&cb->lock);
+	free(cb);
+	return rc;
+}
