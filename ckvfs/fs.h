@@ -32,6 +32,7 @@ struct ckvfs_config {
 	bool direct_io;             /* layer files bypass the page cache (no shared mmap) */
 	bool odirect;               /* engine reads segment files with O_DIRECT */
 	unsigned read_ahead_kb;     /* written to the mount's bdi after init; 0 leaves it */
+	bool populate;              /* fault the whole arena in at start */
 	bool debug;
 };
 

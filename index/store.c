@@ -2918,7 +2918,8 @@ int ckv_store_retention_top(ckv_store *s, size_t max, ckv_retention **out, size_
 		free(all);
 		return rc;
 	}
-	qsort(all, cnt, sizeof(*all), ret_cmp);
+	if (cnt)
+		qsort(all, cnt, sizeof(*all), ret_cmp);
 	if (cnt > max)
 		cnt = max;
 	*out = all;

@@ -38,7 +38,9 @@ store_snapshot() {
 # Wait until PATH is a mount point (deadline in seconds), checking pid is alive.
 wait_mounted() {
 	local mnt=$1 pid=${2:-} deadline=$((SECONDS + ${3:-10}))
-	while ! grep -q " $(realpath "$mnt") " /proc/self/mounts; do
+	local abs
+	abs=$(cd "$(dirname "$mnt")" && pwd)/$(basename "$mnt")
+	while ! grep -q " $abs " /proc/self/mounts; do
 		[ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null && return 1
 		[ $SECONDS -ge $deadline ] && return 1
 		sleep 0.05
@@ -48,8 +50,8 @@ wait_mounted() {
 # Unmount whatever is mounted at mnt, however it got stuck.
 force_unmount() {
 	local mnt=$1
-	[ -d "$mnt" ] || return 0
-	mnt=$(realpath "$mnt")
+	# no realpath: on a crashed daemon's mount it fails with ENOTCONN
+	mnt=$(cd "$(dirname "$mnt")" 2>/dev/null && pwd)/$(basename "$mnt") || return 0
 	if grep -q " $mnt " /proc/self/mounts; then
 		fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null
 	fi
