@@ -98,6 +98,8 @@ enum {
 	INO_IMPORT = 4,
 	INO_CTL = 5,
 	INO_STATS = 6,
+	INO_CTLSOCK = 7, /* /.ckv/ctl: symlink to the control socket */
+	INO_FIXED_LAST = INO_CTLSOCK,
 };
 
 #define IDX_BITS 12
@@ -139,7 +141,7 @@ static const struct {
 } fixed_nodes[] = {
 	{ INO_ROOT, INO_BY_HASH, "by-hash" }, { INO_ROOT, INO_BY_MODEL, "by-model" },
 	{ INO_ROOT, INO_IMPORT, "import" },   { INO_ROOT, INO_CTL, ".ckv" },
-	{ INO_CTL, INO_STATS, "stats" },
+	{ INO_CTL, INO_STATS, "stats" },    { INO_CTL, INO_CTLSOCK, "ctl" },
 };
 
 /* ---- types ----------------------------------------------------------------- */
@@ -1784,6 +1786,9 @@ static void fixed_attr(struct ckvfs *fs, fuse_ino_t ino, struct stat *st, double
 	case INO_CTL:
 		attr_fill(fs, st, ino, S_IFDIR | 0555, 2, 0, t, t);
 		break;
+	case INO_CTLSOCK:
+		attr_fill(fs, st, ino, S_IFLNK | 0777, 1, strlen(fs->cfg.ctl_path ? fs->cfg.ctl_path : ""), t, t);
+		break;
 	case INO_STATS: {
 		char *buf = NULL;
 		size_t len = 0;
@@ -1912,7 +1917,8 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 
 	if (parent == INO_ROOT || parent == INO_CTL) {
 		for (size_t i = 0; i < sizeof(fixed_nodes) / sizeof(fixed_nodes[0]); i++)
-			if (fixed_nodes[i].parent == parent && !strcmp(fixed_nodes[i].name, name)) {
+			if (fixed_nodes[i].parent == parent && !strcmp(fixed_nodes[i].name, name) &&
+			    (fixed_nodes[i].ino != INO_CTLSOCK || fs->cfg.ctl_path)) {
 				fixed_attr(fs, fixed_nodes[i].ino, &st, &tmo);
 				entry_reply(req, &st, TMO_STATIC, tmo);
 				return;
@@ -2044,7 +2050,7 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	int rc = 0;
 
 	(void)fi;
-	if (ino <= INO_STATS) {
+	if (ino <= INO_FIXED_LAST) {
 		fixed_attr(fs, ino, &st, &tmo);
 	} else if (is_pfx_ino(ino)) {
 		struct pdata *pd = pfx_data(fs, ino);
@@ -2082,6 +2088,10 @@ static void fs_readlink(fuse_req_t req, fuse_ino_t ino)
 	char target[sizeof(SYMLINK_UP) + CKV_HASH_HEX];
 	struct pdata *pd;
 
+	if (ino == INO_CTLSOCK && fs->cfg.ctl_path) {
+		fuse_reply_readlink(req, fs->cfg.ctl_path);
+		return;
+	}
 	if (!is_pfx_ino(ino) || ino_idx(ino) != IDX_LINK) {
 		fuse_reply_err(req, EINVAL);
 		return;
@@ -2176,7 +2186,7 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		goto out_reply;
 	}
 	if (!is_pfx_ino(ino) || idx == IDX_DIR || idx == IDX_LINK) {
-		rc = is_pfx_ino(ino) || ino <= INO_STATS || is_mdir_ino(ino) ? -EISDIR : -ESTALE;
+		rc = is_pfx_ino(ino) || ino <= INO_FIXED_LAST || is_mdir_ino(ino) ? -EISDIR : -ESTALE;
 		goto out_reply;
 	}
 	h->pd = pfx_data(fs, ino);
@@ -2303,6 +2313,8 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		rc = dirh_add_dots(dh, ino, INO_ROOT);
 		if (rc == 0)
 			rc = dirh_add(dh, INO_STATS, S_IFREG, "stats");
+		if (rc == 0 && fs->cfg.ctl_path)
+			rc = dirh_add(dh, INO_CTLSOCK, S_IFLNK, "ctl");
 		break;
 	default:
 		if (is_pfx_ino(ino) && ino_idx(ino) == IDX_DIR) {
@@ -3013,4 +3025,14 @@ void ckvfs_free(ckvfs *fs)
 	free(fs->store_path);
 	free(fs->mountpoint);
 	free(fs);
+}
+
+ckv_store *ckvfs_store(ckvfs *fs)
+{
+	return fs->store;
+}
+
+ckv_engine *ckvfs_engine(ckvfs *fs)
+{
+	return fs->engine;
 }

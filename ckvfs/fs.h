@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "ckv_engine.h"
+#include "ckv_store.h"
 
 struct fuse_lowlevel_ops;
 struct fuse_session;
@@ -33,6 +34,7 @@ struct ckvfs_config {
 	bool odirect;               /* engine reads segment files with O_DIRECT */
 	unsigned read_ahead_kb;     /* written to the mount's bdi after init; 0 leaves it */
 	bool populate;              /* fault the whole arena in at start */
+	const char *ctl_path;       /* control socket, shown as /.ckv/ctl; NULL: none */
 	bool debug;
 };
 
@@ -46,6 +48,9 @@ int ckvfs_open_store(ckvfs *fs, char *msg, size_t len);
 int ckvfs_start(ckvfs *fs, struct fuse_session *se);
 void ckvfs_stop(ckvfs *fs);
 void ckvfs_free(ckvfs *fs);
+/* The store and engine, once ckvfs_start has run (for the control socket). */
+struct ckv_store *ckvfs_store(ckvfs *fs);
+ckv_engine *ckvfs_engine(ckvfs *fs);
 
 /*
  * Logging goes through fuse_log(); main.c installs the sink (stderr in the

@@ -27,6 +27,7 @@
 #include <fuse_lowlevel.h>
 
 #include "ckv_format.h"
+#include "ckv_ctl.h"
 #include "fs.h"
 
 #define DEFAULT_CACHE (1ull << 30)
@@ -196,6 +197,26 @@ static void log_func(enum fuse_log_level level, const char *fmt, va_list ap)
 		vfprintf(stderr, fmt, ap);
 }
 
+/* Log sink of the control-socket server: the daemon's log. */
+static void ctl_log(void *arg, const char *msg)
+{
+	(void)arg;
+	fuse_log(FUSE_LOG_WARNING, "%s\n", msg);
+}
+
+/* Whether a "-o" argument in args names opt (allow_other and friends pass through to libfuse). */
+static bool strstr_opt(const struct fuse_args *args, const char *opt)
+{
+	size_t n = strlen(opt);
+	for (int i = 0; i < args->argc; i++) {
+		const char *a = args->argv[i], *p;
+		for (p = strstr(a, opt); p; p = strstr(p + 1, opt))
+			if ((p == a || p[-1] == ',' || p[-1] == 'o') && (p[n] == 0 || p[n] == ','))
+				return true;
+	}
+	return false;
+}
+
 int main(int argc, char *argv[])
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
@@ -204,8 +225,10 @@ int main(int argc, char *argv[])
 	struct fuse_session *se = NULL;
 	struct opts o = { .odirect = 1 };
 	struct ckvfs_config cfg;
-	char store[PATH_MAX], msg[1024], *fsname = NULL, *esc = NULL;
+	char store[PATH_MAX], msg[1024], ctl_path[PATH_MAX], *fsname = NULL, *esc = NULL;
 	ckvfs *fs = NULL;
+	ckv_ctl *ctl = NULL;
+	bool allow_other = false;
 	int ret = 2, rc;
 
 	memset(&cmd, 0, sizeof(cmd));
@@ -280,6 +303,13 @@ int main(int argc, char *argv[])
 	}
 	cfg.store = store;
 	cfg.mountpoint = cmd.mountpoint;
+	/* Resolve the control socket's path now: once mounted, resolving the
+	 * mountpoint would ask this very daemon. */
+	if (ckv_ctl_default_path(cmd.mountpoint, ctl_path, sizeof(ctl_path)) == 0)
+		cfg.ctl_path = ctl_path;
+	else
+		fprintf(stderr, "ckvfs: no place for the control socket (/run/ckvfs, /tmp); GPU loaders cannot connect\n");
+	allow_other = strstr_opt(&args, "allow_other");
 
 	/* The mount table shows "STORE MNT fuse.ckvfs"; 1 MiB read requests. */
 	if (fuse_opt_add_opt_escaped(&esc, store) < 0 || asprintf(&fsname, "fsname=%s", esc) < 0 ||
@@ -318,6 +348,13 @@ int main(int argc, char *argv[])
 	rc = ckvfs_start(fs, se);
 	if (rc < 0)
 		goto out_stop;
+	if (cfg.ctl_path) {
+		ckv_ctl_limits lim = { .allow_other = allow_other, .log = ctl_log };
+		rc = ckv_ctl_start(ckvfs_store(fs), ckvfs_engine(fs), ctl_path, &lim, &ctl);
+		if (rc < 0)
+			fuse_log(FUSE_LOG_ERR, "ckvfs: control socket %s: %s (GPU loaders cannot connect)\n",
+				 ctl_path, strerror(-rc));
+	}
 
 	if (cmd.singlethread) {
 		rc = fuse_session_loop(se);
@@ -345,6 +382,8 @@ int main(int argc, char *argv[])
 	if (rc < 0)
 		fuse_log(FUSE_LOG_ERR, "ckvfs: session loop: %s\n", strerror(-rc));
 out_stop:
+	if (ctl)
+		ckv_ctl_stop(ctl); /* its clients' pins go before the engine does */
 	ckvfs_stop(fs);
 out_unmount:
 	fuse_session_unmount(se);
