@@ -65,6 +65,12 @@ BINS := $(O)/ckv
 ifneq ($(wildcard ckvfs/main.c),)
 BINS += $(O)/ckvfs
 endif
+# Tools on libckvgpu (present once their sources are)
+TOOL_BINS := $(patsubst tools/%.c,$(O)/%,$(wildcard tools/bench-reprefill.c tools/bench-loader.c tools/ckv-reprefill.c))
+BINS += $(TOOL_BINS)
+ifneq ($(GPU_SRC),)
+BINS += $(O)/libckvgpu.so
+endif
 UNIT_BINS := $(UNIT_SRC:tests/unit/%.c=$(O)/tests/%)
 
 .PHONY: all check demo asan deps install clean unit bats bench
@@ -92,6 +98,20 @@ $(O)/ckv: $(O)/obj/tools/ckv.o $(LIBENGINE) $(LIBINDEX)
 $(O)/ckvfs: $(FS_SRC:%.c=$(O)/obj/%.o) $(LIBENGINE) $(LIBINDEX)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(O)/bench-reprefill: $(O)/obj/tools/bench-reprefill.o $(O)/obj/tools/trace.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LDLIBS)
+
+$(O)/bench-loader $(O)/ckv-reprefill: $(O)/%: $(O)/obj/tools/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CUDA_LDLIBS)
+
+# The loader as a shared library, for the Python binding (gpu/python/ckv).
+$(O)/libckvgpu.so: $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -shared -o $@ -Wl,--whole-archive $(LIBGPU) $(LIBENGINE) $(LIBINDEX) \
+		-Wl,--no-whole-archive $(LDLIBS) $(CUDA_LDLIBS)
 
 $(O)/tests/%: $(O)/obj/tests/unit/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
 	@mkdir -p $(dir $@)
@@ -185,10 +205,12 @@ deps:
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/include/ckv \
 		$(DESTDIR)$(PREFIX)/lib
-	install -m 755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
-	$(if $(wildcard ckvfs/main.c),install -m 755 mount.ckvfs $(DESTDIR)$(PREFIX)/sbin/mount.ckvfs)
-	install -m 644 index/*.h $(DESTDIR)$(PREFIX)/include/ckv/
-	install -m 644 $(LIBINDEX) $(DESTDIR)$(PREFIX)/lib/
+	install -m 755 $(filter-out %.so,$(BINS)) $(DESTDIR)$(PREFIX)/bin/
+	install -m 755 mount.ckvfs $(DESTDIR)$(PREFIX)/sbin/mount.ckvfs
+	ln -sf mount.ckvfs $(DESTDIR)$(PREFIX)/sbin/mount.fuse.ckvfs
+	install -m 644 index/*.h ckvfs/ckv_engine.h gpu/ckvgpu.h $(DESTDIR)$(PREFIX)/include/ckv/
+	install -m 644 $(LIBINDEX) $(LIBENGINE) $(LIBGPU) $(DESTDIR)$(PREFIX)/lib/
+	$(if $(GPU_SRC),install -m 755 $(O)/libckvgpu.so $(DESTDIR)$(PREFIX)/lib/)
 
 clean:
 	rm -rf build build-asan demo

@@ -74,6 +74,44 @@ const char *ckv_loader_error(const ckv_loader *l);
 bool ckv_loader_remote(const ckv_loader *l);          /* talking to a daemon */
 ckv_backend_kind ckv_loader_backend(const ckv_loader *l);
 
+/*
+ * Counters of everything this loader fetched (ckv_fetch_* and pipelines),
+ * since open. A chunk request is one chunk of one part (KV, K or V) of one
+ * layer; it is served by exactly one of: the GPU tier (hits_gpu), the arena
+ * (hits_arena) or a disk read (misses). bytes_k / bytes_v: bytes the misses
+ * read from disk (a whole-chunk read counts half_bytes as K and the rest of
+ * chunk_bytes, V and padding, as V). Whether a source get was an arena hit
+ * is asked of the source just before the get (embedded: exact unless another
+ * thread evicts in between; remote: every get counts as a disk read until
+ * the daemon can tell).
+ */
+typedef struct ckv_loader_stats {
+	uint64_t hits_gpu, hits_arena, misses;
+	uint64_t bytes_k, bytes_v;
+	uint64_t gpu_tier_bytes, gpu_tier_used; /* tier budget and bytes holding chunks */
+	uint64_t gpu_tier_evictions;
+} ckv_loader_stats;
+void ckv_loader_get_stats(const ckv_loader *l, ckv_loader_stats *st);
+
+/*
+ * Memory of the loader's backend kind (CUDA: device memory; host: host
+ * memory) and plain copies between it and host memory, so tools, tests and
+ * the Python binding can provide destinations without a CUDA runtime of
+ * their own. to_host / from_host are synchronous; ckv_loader_sync waits for
+ * everything enqueued on stream.
+ */
+int ckv_loader_alloc(ckv_loader *l, uint64_t bytes, void **out);
+void ckv_loader_free(ckv_loader *l, void *p);
+int ckv_loader_to_host(ckv_loader *l, void *host, const void *src, uint64_t len);
+int ckv_loader_from_host(ckv_loader *l, void *dst, const void *host, uint64_t len);
+int ckv_loader_sync(ckv_loader *l, void *stream);
+/*
+ * The arena chunks are fetched through (read-only for callers; pinned and
+ * registered with the backend): base and size. For tools that measure
+ * copies from it and for CPU-side readers of chunks the loader pinned.
+ */
+const void *ckv_loader_arena(const ckv_loader *l, uint64_t *size);
+
 /* Shape of an opened prefix (from its manifest). */
 typedef struct ckv_shape {
 	char hash[33];
@@ -123,7 +161,11 @@ int ckv_fetch_wait(ckv_fetch *f);
 /* Read-ahead hint: bring chunks into the arena, no copy. */
 int ckv_prefetch(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n);
 
-/* Importance feedback for retention (attention mass per chunk). */
+/*
+ * Importance feedback for retention (attention mass per chunk): goes to the
+ * source (the daemon's or the embedded engine's retention, S = I x F) and
+ * raises I of the chunks the GPU tier holds.
+ */
 int ckv_score_feedback(ckv_prefix *p, uint32_t layer, const uint32_t *chunks,
 		       const float *scores, uint32_t n);
 
@@ -140,6 +182,29 @@ int ckv_score_feedback(ckv_prefix *p, uint32_t layer, const uint32_t *chunks,
  */
 int ckv_digest_scores(ckv_prefix *p, uint32_t layer, const float *query, uint32_t q_tokens,
 		      uint32_t q_heads, float *scores);
+/*
+ * The same through the backend (CUDA: on the device): query fp32
+ * [q_tokens][q_heads][head_dim] and scores [m] in backend memory; the
+ * layer's digests are uploaded to backend memory the prefix keeps. Runs on
+ * stream and returns once scores are written (the stream is synchronized).
+ */
+int ckv_digest_scores_device(ckv_prefix *p, uint32_t layer, const float *query,
+			     uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream);
+
+/*
+ * Exact chunk scores from keys (the K halves, host memory): for chunk i,
+ * keys + i * stride holds its K half [kv_heads][chunk_tokens][head_dim] of
+ * the prefix's dtype (stride half_bytes for CKV_PART_K fetches, chunk_bytes
+ * for whole chunks). With k_s the keys of the chunk's valid token slots,
+ *   scores[i] = sum over tokens t, heads h of max_s q[t][h] . k_s[kvh(h)] / sqrt(head_dim)
+ * (softmax-free; the max says "some token of this chunk matches this query",
+ * the rule top-k attention needs, and unlike a sum it is not diluted by the
+ * chunk's other tokens). chunks[i] names the chunk (its valid slots: the
+ * last chunk of a prefix may be partial). query as for ckv_digest_scores.
+ */
+int ckv_key_scores(const ckv_shape *sh, const void *keys, uint64_t stride,
+		   const uint32_t *chunks, uint32_t n, const float *query, uint32_t q_tokens,
+		   uint32_t q_heads, float *scores);
 
 /*
  * Top ceil(budget * m) chunks by score, always keeping chunk 0 (attention
@@ -156,6 +221,8 @@ typedef enum ckv_mode {
 	CKV_MODE_LAYER = 2,  /* digests every layer, next layer speculated from the current set */
 	CKV_MODE_RERANK = 3, /* digests pick r x budget candidates, exact K scores pick the winners */
 } ckv_mode;
+const char *ckv_mode_name(ckv_mode m);           /* "full", "period", "layer", "rerank" */
+int ckv_mode_parse(const char *name, ckv_mode *out); /* 0 or -EINVAL */
 
 typedef struct ckv_pipeline_opts {
 	ckv_mode mode;
@@ -167,6 +234,9 @@ typedef struct ckv_pipeline_opts {
 	uint32_t q_heads;    /* query heads of the model */
 	uint32_t q_tokens;   /* new tokens (suffix) */
 	void *stream;        /* cudaStream_t for copies */
+	uint32_t depth;      /* layer buffers (views alive at once), default 2 */
+	bool period_keys;    /* PERIOD: identify from the period's first layer's keys (all of
+				its K halves read, scored with ckv_key_scores) instead of digests */
 } ckv_pipeline_opts;
 
 /* What a layer gets: its selected chunks, in device (or host) memory. */
@@ -177,25 +247,65 @@ typedef struct ckv_layer_view {
 	void *kv;               /* [nchunks][chunk_bytes]: KV-HCD chunks, in order of chunks[] */
 } ckv_layer_view;
 
+/*
+ * What is issued when (docs/LOADER.md has the full picture). "Ahead" is the
+ * run-ahead: while layer l computes, reads of layers up to l + ahead may be
+ * in flight, their chunks pinned in the arena; it is sp for FULL and PERIOD,
+ * 1 for LAYER and RERANK, 0 with no_prefetch (each layer's reads are issued
+ * by its own ckv_pipeline_layer call).
+ *   FULL   every chunk of every layer; layers 0..ahead are issued at open.
+ *   PERIOD at a period's first layer P the set S is identified (digests and
+ *          P's query, or with period_keys all of P's K halves scored by
+ *          ckv_key_scores); layers of the period within the window are
+ *          issued with S at once; window layers past the period's end are
+ *          issued speculatively with S (inter-period); at the next period's
+ *          identification those speculative reads are reconciled: only
+ *          chunks missing from them are read, the others released.
+ *   LAYER  every layer identified from digests; after layer l's chunks are
+ *          in, layer l+1 is issued speculatively with l's set; at l+1 only
+ *          the missing chunks are read.
+ *   RERANK digests pick ceil(r x budget x m) candidates whose K halves are
+ *          read and scored exactly (ckv_key_scores); the top ceil(budget x m)
+ *          have their V halves read; the view holds whole KV-HCD chunks
+ *          assembled from both reads. Layer l+1's candidate K halves and
+ *          winners' V halves are speculated with l's sets.
+ * Chunks resident in the GPU tier are copied device to device and not read.
+ * Layer buffers: opts.depth buffers of (largest set) x chunk_bytes from the
+ * backend; a layer's gather is enqueued on opts.stream by its own call.
+ */
 int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **out);
 /*
- * Layer `layer` (0, 1, ... in order) is about to compute attention; query as
- * for ckv_digest_scores (NULL allowed in FULL mode). Blocks until the
+ * Layer `layer` (0, 1, ... L-1, in order, once each) is about to compute
+ * attention; query as for ckv_digest_scores (NULL allowed in FULL mode, and
+ * for layers of PERIOD mode that do not start a period). Blocks until the
  * layer's chunks are in its buffer (in stream order), having issued the
- * reads for layers ahead as the mode prescribes.
+ * reads for layers ahead as the mode prescribes. After a failure (-EIO: a
+ * chunk failed its checksum; -ENOMEM: the arena is full of pinned chunks)
+ * the pipeline only fails; close it.
  */
 int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
 		       ckv_layer_view *out);
 
+/*
+ * Counters of one pipeline. A chunk request is one chunk of one part (KV,
+ * K or V) of one layer; each is served by one of the GPU tier (hits_gpu),
+ * the arena (hits_arena) or disk (misses), counted when it is issued.
+ *   read amplification = (bytes_k + bytes_v) / bytes_needed
+ * (1.00 for a cold load of whole chunks without speculation: every chunk
+ * read once, nothing else; reads of halves skip the padding of padded
+ * geometries, so RERANK can go below 1.00 there).
+ */
 typedef struct ckv_pipeline_stats {
 	double wait_s;              /* time ckv_pipeline_layer blocked on I/O (bubbles) */
 	double total_s;             /* wall time from open to the last layer's return */
-	uint64_t bytes_k, bytes_v;  /* bytes brought into the arena from disk, K and V halves */
-	uint64_t bytes_needed;      /* bytes of the chunks finally used */
-	uint64_t chunks_used, chunks_read;
-	uint64_t spec_used, spec_wasted; /* speculative (prefetched) chunks used / not used */
+	uint64_t bytes_k, bytes_v;  /* bytes read from disk: K halves, V halves (+ padding) */
+	uint64_t bytes_needed;      /* chunks_used x chunk_bytes: the chunks the views hold, as stored */
+	uint64_t chunks_used;       /* sum of the views' nchunks */
+	uint64_t chunks_read;       /* chunk requests sent to the source: hits_arena + misses */
+	uint64_t spec_used, spec_wasted; /* speculative chunk requests whose chunk the layer used / dropped */
 	uint64_t hits_gpu, hits_arena, misses;
 	uint64_t identifications;   /* layers whose set was (re)computed */
+	uint64_t bytes_digest;      /* digest bytes loaded for identification */
 } ckv_pipeline_stats;
 void ckv_pipeline_get_stats(const ckv_pipeline *pl, ckv_pipeline_stats *st);
 void ckv_pipeline_close(ckv_pipeline *pl);

@@ -53,6 +53,14 @@ struct ckv_source_ops {
 	/* Key digests of a layer: chunks * kv_heads * head_dim fp32 into out. */
 	int (*digests)(ckv_source *s, uint32_t pid, uint32_t layer, float *out);
 	void (*destroy)(ckv_source *s);
+	/*
+	 * Optional (NULL: not known). out[i] = 1 when chunks[i] of the layer
+	 * (part) is in the arena now, else 0. For statistics only (arena hits
+	 * versus disk reads, read amplification): the answer may be stale by the
+	 * time a get for the same chunks runs.
+	 */
+	int (*resident)(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+			const uint32_t *chunks, uint32_t n, uint8_t *out);
 };
 
 struct ckv_source {

@@ -1,0 +1,215 @@
+/*
+ * loader_int.h — internals shared by the files of libckvgpu's loader
+ * (loader.c, select.c, gpu_tier.c, pipeline.c). Not installed.
+ *
+ * Pieces:
+ *   - struct ckv_loader / ckv_prefix: the source, the backend, the GPU tier;
+ *   - rbatch: one source get of chunks of one layer and part, whose
+ *     completions land in arrays; owned by the thread that issued it;
+ *   - reljob: what to undo once a gather has executed on its stream (arena
+ *     pins, GPU tier pins), run by backend->after;
+ *   - ckv_tier: the GPU-resident chunk cache (gpu_tier.c).
+ */
+#ifndef CKV_LOADER_INT_H
+#define CKV_LOADER_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "ckvgpu.h"
+#include "source.h"
+
+/* ---- the GPU tier (gpu_tier.c) ------------------------------------------- */
+
+typedef struct ckv_tier ckv_tier;
+
+/* A physical chunk of one layer: see prefix_chunk_key in loader.c. */
+typedef struct ckv_tkey {
+	uint64_t a, b;
+} ckv_tkey;
+
+#define CKV_TIER_NONE UINT32_MAX
+
+int ckv_tier_create(ckv_backend *be, uint64_t budget, double halflife_s, ckv_tier **out);
+void ckv_tier_destroy(ckv_tier *t);
+/*
+ * Look up a chunk of chunk_bytes: when it is resident (and its fill has
+ * executed) pin it, count an access, return its entry id and *ptr (backend
+ * memory); else CKV_TIER_NONE.
+ */
+uint32_t ckv_tier_lookup(ckv_tier *t, const ckv_tkey *k, uint64_t chunk_bytes, void **ptr);
+/*
+ * Make room for a chunk about to be copied in: returns a pinned entry in the
+ * FILLING state (invisible to lookups) and *ptr to copy chunk_bytes into, or
+ * CKV_TIER_NONE (already resident or filling, larger than the tier's slots,
+ * or every slot pinned). ckv_tier_filled once the copy has executed.
+ */
+uint32_t ckv_tier_reserve(ckv_tier *t, const ckv_tkey *k, uint64_t chunk_bytes, void **ptr);
+void ckv_tier_filled(ckv_tier *t, uint32_t id); /* FILLING -> resident, unpinned */
+void ckv_tier_unpin(ckv_tier *t, uint32_t id);
+/* The copy into a reserved entry failed: drop it. */
+void ckv_tier_abort(ckv_tier *t, uint32_t id);
+/* Raise I of resident chunks (attention feedback). */
+void ckv_tier_score(ckv_tier *t, const ckv_tkey *k, const float *scores, uint32_t n);
+void ckv_tier_usage(ckv_tier *t, uint64_t *budget, uint64_t *used, uint64_t *evictions);
+
+/* ---- loader and prefix --------------------------------------------------- */
+
+struct errbuf {
+	struct errbuf *next; /* l->err_lock */
+	char msg[512];
+};
+
+struct lstats { /* loader-wide counters, updated with relaxed atomics */
+	atomic_uint_fast64_t hits_gpu, hits_arena, misses, bytes_k, bytes_v;
+};
+
+struct ckv_loader {
+	ckv_source *src;         /* owned */
+	ckv_backend *be;         /* owned */
+	ckv_backend_kind kind;   /* HOST or CUDA, never AUTO */
+	bool remote;
+	bool arena_registered;
+	ckv_tier *tier;          /* NULL without gpu_cache_bytes */
+	/*
+	 * The source has one message buffer (src->err): source calls whose
+	 * failure message is read (open, match, digests, prefetch, score) run
+	 * under src_lock. Gets do not (the hot path): a failed get's message may
+	 * be another thread's. Leaf lock.
+	 */
+	pthread_mutex_t src_lock;
+	pthread_key_t errkey;    /* this thread's struct errbuf */
+	pthread_mutex_t err_lock; /* protects errbufs; leaf lock */
+	struct errbuf *errbufs;  /* every thread's buffer, freed at close */
+	atomic_uint nprefixes;   /* open prefixes (checked at close) */
+	struct lstats st;
+};
+
+struct ckv_prefix {
+	ckv_loader *l;
+	uint32_t pid;            /* the source's handle */
+	ckv_manifest *m;         /* from the source; owned */
+	ckv_shape shape;
+	uint32_t *ext_start;     /* [nextents + 1] first prefix chunk of each extent, or NULL */
+	uint64_t *seg_hash;      /* [nextents] XXH3-64 of each extent's segment id */
+	uint64_t key_base;       /* tier keys without extents: from the prefix hash */
+	/* release jobs not yet run (pins outstanding); prefix close waits for 0 */
+	pthread_mutex_t jobs_lock;
+	pthread_cond_t jobs_cv;
+	uint32_t jobs;           /* jobs_lock */
+	/* ckv_digest_scores_device: digests of one layer in backend memory */
+	float *dig_dev;
+	uint64_t dig_dev_bytes;
+	float *dig_host;         /* [chunks][kv_heads][head_dim] scratch */
+};
+
+/* Set this thread's message for l and return rc (a negative errno). */
+int ckv_lerr(const ckv_loader *l, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Bytes of one chunk request of a part. */
+static inline uint64_t ckv_part_bytes(const ckv_shape *sh, enum ckv_source_part part)
+{
+	return part == CKV_SRC_KV ? sh->chunk_bytes : sh->half_bytes;
+}
+
+ckv_tkey ckv_prefix_chunk_key(const ckv_prefix *p, uint32_t layer, uint32_t chunk);
+/* The layer's digests ([chunks][kv_heads][head_dim] fp32) from the source; message on failure. */
+int ckv_prefix_digests(ckv_prefix *p, uint32_t layer, float *out);
+
+/* ---- reads --------------------------------------------------------------- */
+
+/* Counters of one caller (a pipeline), beside the loader's. */
+struct rstats {
+	uint64_t hits_arena, misses, bytes_k, bytes_v;
+};
+
+struct rbatch {
+	ckv_prefix *p;
+	uint32_t layer;
+	enum ckv_source_part part;
+	uint32_t n;
+	uint32_t *chunks;      /* [n] */
+	uint64_t *off, *tok;   /* [n], written by the completion before pending drops */
+	uint64_t *len;         /* [n], likewise */
+	int *rc;               /* [n] */
+	uint8_t *state;        /* [n] RB_*; owner thread only */
+	uint32_t unresolved;   /* indices not RB_DONE; owner thread only */
+	pthread_mutex_t mu;    /* protects pending; leaf lock */
+	pthread_cond_t cv;
+	uint32_t pending;      /* completions still to come; mu */
+	struct rbatch *next;   /* owner's list */
+};
+
+enum {
+	RB_HELD = 0, /* wanted (or not yet decided) */
+	RB_DROP = 1, /* not wanted: release once complete */
+	RB_DONE = 2, /* released, handed to a job, or failed */
+};
+
+/*
+ * Issue a get of chunks[0..n) (n > 0) of one layer and part; counts arena
+ * hits and misses into the loader and into rs (may be NULL). *out is the
+ * batch even when the get failed (then every rc[i] is the error and
+ * pending 0); the return value is 0 or that error.
+ */
+int ckv_rbatch_issue(ckv_prefix *p, uint32_t layer, enum ckv_source_part part,
+		     const uint32_t *chunks, uint32_t n, struct rstats *rs, struct rbatch **out);
+/* Block until every completion arrived. */
+void ckv_rbatch_wait(struct rbatch *b);
+/* After the wait: 0 when index i holds a pinned chunk of the right size, else -errno. */
+int ckv_rbatch_check(const struct rbatch *b, uint32_t i);
+bool ckv_rbatch_complete(struct rbatch *b);
+/* Index i is no longer wanted; released at once if complete, else by ckv_rbatch_sweep. */
+void ckv_rbatch_drop(struct rbatch *b, uint32_t i);
+/* Hand index i's pin to someone else (a job); the batch forgets it. */
+void ckv_rbatch_take(struct rbatch *b, uint32_t i);
+/* Release dropped indices of complete batches; free batches with nothing left; returns the rest. */
+struct rbatch *ckv_rbatch_sweep(struct rbatch *list);
+/* Drop every index of every batch, wait, release, free (close paths). */
+void ckv_rbatch_free_all(struct rbatch *list);
+
+/* ---- copies and their release jobs --------------------------------------- */
+
+struct reljob {
+	ckv_prefix *p;
+	uint32_t ntok, nunpin, nfill;
+	uint64_t *tok;         /* arena pins to release */
+	uint32_t *unpin;       /* tier entries to unpin */
+	uint32_t *fill;        /* tier entries whose fill this job's copies wrote */
+};
+
+struct reljob *ckv_reljob_new(ckv_prefix *p, uint32_t max_tok, uint32_t max_tier);
+/*
+ * Run the job once the stream has passed this point (backend->after); on
+ * failure synchronize the stream and run it now. Takes the job.
+ */
+void ckv_reljob_submit(struct reljob *j, void *stream);
+/* Run it at once (nothing was enqueued, or the stream is synchronized). */
+void ckv_reljob_run(struct reljob *j);
+
+/* Copies between backend memory (the GPU tier): backend->gather_dev or memcpy on host. */
+int ckv_copy_dev(ckv_loader *l, const void *const *src, void *const *dst, uint32_t n,
+		 uint64_t len, void *stream);
+
+/* Monotonic seconds. */
+double ckv_now(void);
+
+/* ---- selection helpers (select.c) ---------------------------------------- */
+
+/* Digest scores of one layer from host digests: the CPU reference. */
+void ckv_digest_scores_cpu(const float *dig, uint32_t m, uint32_t kv_heads, uint32_t head_dim,
+			   const float *query, uint32_t q_tokens, uint32_t q_heads, float *scores);
+/* Chunk j's valid token slots in a prefix of `tokens` tokens. */
+static inline uint32_t ckv_chunk_valid(const ckv_shape *sh, uint32_t j)
+{
+	uint64_t first = (uint64_t)j * sh->chunk_tokens;
+	uint64_t left = sh->tokens > first ? sh->tokens - first : 0;
+	return left < sh->chunk_tokens ? (uint32_t)left : sh->chunk_tokens;
+}
+/* Largest count ckv_select_topk returns for m chunks at budget. */
+uint32_t ckv_select_count(uint32_t m, double budget);
+
+#endif

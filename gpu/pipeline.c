@@ -1,0 +1,853 @@
+/*
+ * pipeline.c — the layer pipeline (ckvgpu.h, DESIGN §6): per layer, decide
+ * the chunk set (identification), issue its reads, reconcile speculative
+ * reads with the set once it is known, wait, gather into a layer buffer,
+ * and issue reads for the layers ahead — all on the caller's thread, between
+ * the caller's layer computations.
+ *
+ * Requests. Per layer and part (KV, K, V) the pipeline keeps its chunk
+ * requests sorted by chunk id. A request is served by the GPU tier (pinned
+ * there at issue) or by a source get (an rbatch slot, pinned in the arena
+ * when its read completes). A request issued before its layer's set was
+ * known is speculative. Reconciling a layer's requests with a set S keeps
+ * the requests in S, drops the others (a dropped arena request is released
+ * once its read completes; a dropped speculative one counts as wasted) and
+ * issues requests for the chunks of S that had none. Reconciling as final
+ * (S is the layer's own set) turns kept speculative requests into used
+ * ones.
+ *
+ * Gather. At ckv_pipeline_layer(l) every request of l belongs to a chunk of
+ * l's set; one gather per source kind (arena whole chunks, arena K halves,
+ * arena V halves, and the same from the tier) fills buffer slot l % depth
+ * in the order of the set; a release job then drops the pins once the
+ * stream has executed the copies. Chunks not served by the tier are copied
+ * into it from the buffer (device to device).
+ *
+ * Not thread-safe: a pipeline is used from one thread (ckvgpu.h).
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loader_int.h"
+
+#define NPARTS 3
+
+struct preq {
+	uint32_t chunk;
+	bool spec;           /* issued before the layer's set was known */
+	struct rbatch *b;    /* the source get, or NULL: served by the GPU tier */
+	uint32_t i;          /* index in b, or the tier entry */
+	void *tptr;          /* tier: the whole chunk in backend memory */
+};
+
+struct preqs {
+	struct preq *v;      /* ascending chunk */
+	uint32_t n, cap;
+};
+
+struct play {
+	bool issued;
+	struct preqs rq[NPARTS];
+};
+
+struct ckv_pipeline {
+	ckv_prefix *p;
+	ckv_loader *l;
+	ckv_pipeline_opts o;
+	ckv_shape sh;
+	uint32_t L, m;
+	uint32_t rows;       /* chunks of a set: m (FULL) or ckv_select_count(m, budget) */
+	uint32_t kc;         /* RERANK candidates */
+	uint32_t ahead;      /* run-ahead in layers */
+	uint32_t next;       /* the layer expected next */
+	int failed;          /* sticky error */
+	uint32_t failed_layer;
+	struct play *lay;    /* [L] */
+	struct rbatch *batches; /* every live get */
+	uint32_t *all;       /* [m]: 0 .. m-1 */
+	uint32_t *cur, ncur; /* the set: PERIOD (of period cur_period), LAYER, RERANK winners */
+	uint32_t cur_period;
+	uint32_t *cand, ncand; /* RERANK candidates */
+	uint32_t *miss;      /* [m] scratch of req_issue */
+	uint32_t *rmiss;     /* [m] scratch of reconcile */
+	struct preq *radd;   /* [m] scratch of req_issue */
+	float *scores;       /* [m] */
+	float *dig;          /* [m][kv_heads][head_dim] */
+	uint8_t *khost;      /* [half_bytes]: a tier chunk's K, for exact scores on a device backend */
+	uint32_t depth;
+	void **buf;          /* [depth] backend memory, rows * chunk_bytes each */
+	uint32_t **vchunks;  /* [depth][rows] chunk ids of each buffer's view */
+	ckv_copy *cp[NPARTS];       /* gather scratch [rows] per part */
+	const void **ts[NPARTS + 1]; /* tier copy scratch [rows]; [NPARTS]: inserts */
+	void **td[NPARTS + 1];
+	double t_open;
+	struct rstats rs;
+	ckv_pipeline_stats st;
+};
+
+static int pfail(ckv_pipeline *pl, uint32_t layer, int rc)
+{
+	pl->failed = rc;
+	pl->failed_layer = layer;
+	return rc;
+}
+
+/* ---- requests ------------------------------------------------------------- */
+
+static struct preq *req_find(struct preqs *q, uint32_t chunk)
+{
+	uint32_t lo = 0, hi = q->n;
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+
+		if (q->v[mid].chunk < chunk)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < q->n && q->v[lo].chunk == chunk ? &q->v[lo] : NULL;
+}
+
+/* Give a request up; a speculative one counts as wasted when count_waste. */
+static void req_drop(ckv_pipeline *pl, struct preq *r, bool count_waste)
+{
+	if (r->b)
+		ckv_rbatch_drop(r->b, r->i);
+	else
+		ckv_tier_unpin(pl->l->tier, r->i);
+	if (r->spec && count_waste)
+		pl->st.spec_wasted++;
+}
+
+static int preqs_reserve(struct preqs *q, uint32_t n)
+{
+	struct preq *v;
+	uint32_t cap;
+
+	if (q->cap >= n)
+		return 0;
+	cap = q->cap ? q->cap : 16;
+	while (cap < n)
+		cap *= 2;
+	v = realloc(q->v, sizeof(*v) * cap);
+	if (!v)
+		return -ENOMEM;
+	q->v = v;
+	q->cap = cap;
+	return 0;
+}
+
+/*
+ * Issue requests for chunks[0..n) (ascending, none requested yet) of a layer
+ * and part: GPU tier first, one source get for the rest; merged into the
+ * layer's sorted requests.
+ */
+static int req_issue(ckv_pipeline *pl, uint32_t layer, enum ckv_source_part part,
+		     const uint32_t *chunks, uint32_t n, bool spec)
+{
+	ckv_loader *l = pl->l;
+	struct preqs *q = &pl->lay[layer].rq[part];
+	struct preq *add = pl->radd;
+	struct rbatch *b = NULL;
+	uint32_t nmiss = 0, a, o, w;
+	int rc;
+
+	pl->lay[layer].issued = true;
+	if (n == 0)
+		return 0;
+	rc = preqs_reserve(q, q->n + n);
+	if (rc < 0)
+		return ckv_lerr(l, rc, "pipeline: out of memory");
+	for (uint32_t i = 0; i < n; i++) {
+		add[i] = (struct preq){ .chunk = chunks[i], .spec = spec };
+		if (l->tier) {
+			ckv_tkey k = ckv_prefix_chunk_key(pl->p, layer, chunks[i]);
+			uint32_t id = ckv_tier_lookup(l->tier, &k, pl->sh.chunk_bytes, &add[i].tptr);
+
+			if (id != CKV_TIER_NONE) {
+				add[i].i = id;
+				pl->st.hits_gpu++;
+				atomic_fetch_add_explicit(&l->st.hits_gpu, 1, memory_order_relaxed);
+				continue;
+			}
+			add[i].tptr = NULL;
+		}
+		add[i].i = nmiss;
+		pl->miss[nmiss++] = chunks[i];
+	}
+	if (nmiss) {
+		rc = ckv_rbatch_issue(pl->p, layer, part, pl->miss, nmiss, &pl->rs, &b);
+		if (b) { /* even a failed get: the sweep frees it */
+			b->next = pl->batches;
+			pl->batches = b;
+		}
+		if (rc < 0) {
+			for (uint32_t i = 0; i < n; i++)
+				if (add[i].tptr)
+					ckv_tier_unpin(l->tier, add[i].i);
+			return rc;
+		}
+		for (uint32_t i = 0; i < n; i++)
+			if (!add[i].tptr)
+				add[i].b = b;
+	}
+	/* merge q->v[0..q->n) and add[0..n), both ascending, from the back */
+	a = n;
+	o = q->n;
+	w = q->n + n;
+	while (a > 0) {
+		if (o > 0 && q->v[o - 1].chunk > add[a - 1].chunk)
+			q->v[--w] = q->v[--o];
+		else
+			q->v[--w] = add[--a];
+	}
+	q->n += n;
+	return 0;
+}
+
+/*
+ * Make layer's requests of part equal S[0..nS) (ascending): keep, drop,
+ * issue the missing (speculative unless final).
+ */
+static int reconcile(ckv_pipeline *pl, uint32_t layer, enum ckv_source_part part,
+		     const uint32_t *S, uint32_t nS, bool final)
+{
+	struct preqs *q = &pl->lay[layer].rq[part];
+	uint32_t i = 0, s = 0, w = 0, nmiss = 0;
+
+	while (i < q->n || s < nS) {
+		if (s == nS || (i < q->n && q->v[i].chunk < S[s])) {
+			req_drop(pl, &q->v[i++], true); /* not in S */
+		} else if (i == q->n || S[s] < q->v[i].chunk) {
+			pl->rmiss[nmiss++] = S[s++];
+		} else { /* in both */
+			if (final && q->v[i].spec) {
+				q->v[i].spec = false;
+				pl->st.spec_used++;
+			}
+			q->v[w++] = q->v[i++];
+			s++;
+		}
+	}
+	q->n = w;
+	return req_issue(pl, layer, part, pl->rmiss, nmiss, !final);
+}
+
+/* Drop every request of a layer's part whose chunk is not in S (no counting as waste). */
+static void keep_only(ckv_pipeline *pl, uint32_t layer, enum ckv_source_part part,
+		      const uint32_t *S, uint32_t nS)
+{
+	struct preqs *q = &pl->lay[layer].rq[part];
+	uint32_t w = 0, s = 0;
+
+	for (uint32_t i = 0; i < q->n; i++) {
+		while (s < nS && S[s] < q->v[i].chunk)
+			s++;
+		if (s < nS && S[s] == q->v[i].chunk)
+			q->v[w++] = q->v[i];
+		else
+			req_drop(pl, &q->v[i], false);
+	}
+	q->n = w;
+}
+
+/* Wait for a layer's gets of one part (or all: part < 0), then check them. */
+static int wait_layer(ckv_pipeline *pl, uint32_t layer, int part)
+{
+	double t0 = 0;
+	bool waited = false;
+
+	for (int x = 0; x < NPARTS; x++) {
+		struct preqs *q = &pl->lay[layer].rq[x];
+
+		if (part >= 0 && x != part)
+			continue;
+		for (uint32_t i = 0; i < q->n; i++) {
+			struct rbatch *b = q->v[i].b;
+
+			if (!b || ckv_rbatch_complete(b))
+				continue;
+			if (!waited) {
+				t0 = ckv_now();
+				waited = true;
+			}
+			ckv_rbatch_wait(b);
+		}
+	}
+	if (waited)
+		pl->st.wait_s += ckv_now() - t0;
+	for (int x = 0; x < NPARTS; x++) {
+		struct preqs *q = &pl->lay[layer].rq[x];
+
+		if (part >= 0 && x != part)
+			continue;
+		for (uint32_t i = 0; i < q->n; i++) {
+			int rc;
+
+			if (!q->v[i].b)
+				continue;
+			rc = ckv_rbatch_check(q->v[i].b, q->v[i].i);
+			if (rc < 0)
+				return ckv_lerr(pl->l, rc, "prefix %s layer %u chunk %u (%s): %s",
+						pl->sh.hash, layer, q->v[i].chunk,
+						x == CKV_SRC_KV ? "whole chunk" : x == CKV_SRC_K ? "K half" : "V half",
+						rc == -EIO ? "read failed or checksum mismatch" :
+						rc == -ENOMEM ? "the arena is full of pinned chunks (raise arena_bytes or lower the subperiod)" :
+						strerror(-rc));
+		}
+	}
+	return 0;
+}
+
+/* ---- identification -------------------------------------------------------- */
+
+static int digest_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
+{
+	int rc = ckv_prefix_digests(pl->p, layer, pl->dig);
+
+	if (rc < 0)
+		return rc;
+	pl->st.bytes_digest += (uint64_t)pl->m * pl->sh.kv_heads * pl->sh.head_dim * sizeof(float);
+	ckv_digest_scores_cpu(pl->dig, pl->m, pl->sh.kv_heads, pl->sh.head_dim, query,
+			      pl->o.q_tokens, pl->o.q_heads, pl->scores);
+	return 0;
+}
+
+/* Exact scores of chunks C[0..n) of a layer from its K requests (complete). */
+static int key_scores(ckv_pipeline *pl, uint32_t layer, const float *query, const uint32_t *C,
+		      uint32_t n, float *out)
+{
+	ckv_loader *l = pl->l;
+	const uint8_t *arena = l->src->arena;
+
+	for (uint32_t i = 0; i < n; i++) {
+		struct preq *r = req_find(&pl->lay[layer].rq[CKV_SRC_K], C[i]);
+		const void *keys;
+		int rc;
+
+		if (!r)
+			return ckv_lerr(l, -EIO, "pipeline: layer %u chunk %u has no K read", layer, C[i]);
+		if (r->b) {
+			keys = arena + r->b->off[r->i];
+		} else if (l->kind == CKV_BACKEND_HOST) {
+			keys = r->tptr;
+		} else {
+			rc = l->be->ops->to_host(l->be, pl->khost, r->tptr, pl->sh.half_bytes);
+			if (rc < 0)
+				return ckv_lerr(l, rc, "pipeline: cannot copy chunk %u's keys to the host", C[i]);
+			keys = pl->khost;
+		}
+		rc = ckv_key_scores(&pl->sh, keys, pl->sh.half_bytes, &C[i], 1, query, pl->o.q_tokens,
+				    pl->o.q_heads, &out[i]);
+		if (rc < 0)
+			return ckv_lerr(l, rc, "pipeline: exact scores of layer %u failed", layer);
+	}
+	return 0;
+}
+
+/*
+ * Keys path: read the K halves of C (final), score them exactly, select
+ * pl->rows of them into pl->cur. Scores of chunks outside C are -inf.
+ */
+static int identify_from_keys(ckv_pipeline *pl, uint32_t layer, const float *query,
+			      const uint32_t *C, uint32_t n)
+{
+	struct play *ly = &pl->lay[layer];
+	float *ks;
+	int rc;
+
+	rc = ly->rq[CKV_SRC_K].n ? reconcile(pl, layer, CKV_SRC_K, C, n, true) :
+				   req_issue(pl, layer, CKV_SRC_K, C, n, false);
+	if (rc == 0)
+		rc = wait_layer(pl, layer, CKV_SRC_K);
+	if (rc < 0)
+		return rc;
+	ks = malloc(sizeof(*ks) * (n ? n : 1));
+	if (!ks)
+		return ckv_lerr(pl->l, -ENOMEM, "pipeline: out of memory");
+	rc = key_scores(pl, layer, query, C, n, ks);
+	if (rc == 0) {
+		for (uint32_t j = 0; j < pl->m; j++)
+			pl->scores[j] = -INFINITY;
+		for (uint32_t i = 0; i < n; i++)
+			pl->scores[C[i]] = ks[i];
+		rc = ckv_select_topk(pl->scores, pl->m, pl->o.budget, pl->cur);
+		if (rc >= 0) {
+			pl->ncur = (uint32_t)rc;
+			rc = 0;
+		}
+	}
+	free(ks);
+	if (rc < 0)
+		return ckv_lerr(pl->l, rc, "pipeline: selection at layer %u failed", layer);
+	/* K halves of the losers were only for scoring */
+	keep_only(pl, layer, CKV_SRC_K, pl->cur, pl->ncur);
+	return 0;
+}
+
+static int select_digests(ckv_pipeline *pl, uint32_t layer, const float *query, double budget,
+			  uint32_t *out, uint32_t *nout)
+{
+	int rc = digest_scores(pl, layer, query);
+
+	if (rc < 0)
+		return rc;
+	rc = ckv_select_topk(pl->scores, pl->m, budget, out);
+	if (rc < 0)
+		return ckv_lerr(pl->l, rc, "pipeline: selection at layer %u failed", layer);
+	*nout = (uint32_t)rc;
+	return 0;
+}
+
+/* ---- gather ---------------------------------------------------------------- */
+
+/* Copy layer's requests for set S into buffer slot; hand every pin to a release job. */
+static int gather_layer(ckv_pipeline *pl, uint32_t layer, const uint32_t *S, uint32_t nS,
+			ckv_layer_view *out)
+{
+	ckv_loader *l = pl->l;
+	ckv_backend *be = l->be;
+	struct play *ly = &pl->lay[layer];
+	uint32_t slot = layer % pl->depth;
+	uint8_t *buf = pl->buf[slot];
+	uint64_t cb = pl->sh.chunk_bytes, hb = pl->sh.half_bytes;
+	uint64_t len[NPARTS] = { cb, hb, hb };
+	uint32_t ncp[NPARTS] = { 0 }, nts[NPARTS] = { 0 }, nreq = 0, nrow = 0, nins = 0;
+	struct reljob *j;
+	int rc = 0;
+
+	for (int x = 0; x < NPARTS; x++)
+		nreq += ly->rq[x].n;
+	/* every request of the layer is for a chunk of S, every chunk of S is covered */
+	for (uint32_t r = 0; r < nS; r++) {
+		if (req_find(&ly->rq[CKV_SRC_KV], S[r]))
+			nrow++;
+		else if (req_find(&ly->rq[CKV_SRC_K], S[r]) && req_find(&ly->rq[CKV_SRC_V], S[r]))
+			nrow += 2;
+		else
+			return ckv_lerr(l, -EIO, "pipeline: layer %u chunk %u was never requested",
+					layer, S[r]);
+	}
+	if (nrow != nreq)
+		return ckv_lerr(l, -EIO, "pipeline: layer %u has %u requests for %u chunks", layer,
+				nreq, nS);
+	j = ckv_reljob_new(pl->p, nreq, nreq + nS);
+	if (!j)
+		return ckv_lerr(l, -ENOMEM, "pipeline: out of memory");
+	for (uint32_t r = 0; r < nS; r++) {
+		uint8_t *row = buf + (size_t)r * cb;
+		struct preq *q[NPARTS];
+		int first, last;
+
+		q[CKV_SRC_KV] = req_find(&ly->rq[CKV_SRC_KV], S[r]);
+		q[CKV_SRC_K] = q[CKV_SRC_KV] ? NULL : req_find(&ly->rq[CKV_SRC_K], S[r]);
+		q[CKV_SRC_V] = q[CKV_SRC_KV] ? NULL : req_find(&ly->rq[CKV_SRC_V], S[r]);
+		first = q[CKV_SRC_KV] ? CKV_SRC_KV : CKV_SRC_K;
+		last = q[CKV_SRC_KV] ? CKV_SRC_KV : CKV_SRC_V;
+		for (int x = first; x <= last; x++) {
+			void *dst = row + (x == CKV_SRC_V ? hb : 0);
+
+			if (q[x]->b) {
+				pl->cp[x][ncp[x]].src = q[x]->b->off[q[x]->i];
+				pl->cp[x][ncp[x]++].dst = dst;
+				ckv_rbatch_take(q[x]->b, q[x]->i);
+				j->tok[j->ntok++] = q[x]->b->tok[q[x]->i];
+			} else {
+				pl->ts[x][nts[x]] = (uint8_t *)q[x]->tptr + (x == CKV_SRC_V ? hb : 0);
+				pl->td[x][nts[x]++] = dst;
+				j->unpin[j->nunpin++] = q[x]->i;
+			}
+		}
+		pl->vchunks[slot][r] = S[r];
+	}
+	/* the layer's requests are the job's now */
+	for (int x = 0; x < NPARTS; x++)
+		ly->rq[x].n = 0;
+	for (int x = 0; x < NPARTS && rc == 0; x++) {
+		if (ncp[x])
+			rc = be->ops->gather(be, pl->cp[x], ncp[x], len[x], pl->o.stream);
+		if (rc == 0)
+			rc = ckv_copy_dev(l, pl->ts[x], pl->td[x], nts[x], len[x], pl->o.stream);
+	}
+	if (rc < 0) {
+		be->ops->sync(be, pl->o.stream);
+		ckv_reljob_run(j);
+		return ckv_lerr(l, rc, "pipeline: layer %u: the %s backend's copy failed: %s", layer,
+				be->ops->name, strerror(-rc));
+	}
+	if (l->tier) {
+		for (uint32_t r = 0; r < nS; r++) {
+			ckv_tkey k = ckv_prefix_chunk_key(pl->p, layer, S[r]);
+			void *tp;
+			uint32_t id = ckv_tier_reserve(l->tier, &k, cb, &tp);
+
+			if (id == CKV_TIER_NONE)
+				continue;
+			pl->ts[NPARTS][nins] = buf + (size_t)r * cb;
+			pl->td[NPARTS][nins++] = tp;
+			j->fill[j->nfill++] = id;
+		}
+		if (nins && ckv_copy_dev(l, pl->ts[NPARTS], pl->td[NPARTS], nins, cb, pl->o.stream) < 0) {
+			for (uint32_t i = 0; i < j->nfill; i++)
+				ckv_tier_abort(l->tier, j->fill[i]);
+			j->nfill = 0;
+		}
+	}
+	ckv_reljob_submit(j, pl->o.stream);
+	out->layer = layer;
+	out->nchunks = nS;
+	out->chunks = pl->vchunks[slot];
+	out->kv = buf;
+	pl->st.chunks_used += nS;
+	pl->st.bytes_needed += (uint64_t)nS * cb;
+	return 0;
+}
+
+/* ---- issue plans ------------------------------------------------------------- */
+
+/* FULL and PERIOD: reads of a window layer j not issued yet. */
+static int plan_issue(ckv_pipeline *pl, uint32_t j)
+{
+	uint32_t p = pl->o.period;
+
+	if (pl->o.mode == CKV_MODE_FULL)
+		return req_issue(pl, j, CKV_SRC_KV, pl->all, pl->m, false);
+	if (pl->o.period_keys && j % p == 0)
+		return 0; /* its K halves are all read at its identification */
+	return req_issue(pl, j, CKV_SRC_KV, pl->cur, pl->ncur, j / p != pl->cur_period);
+}
+
+/* ---- open / layer / close ------------------------------------------------------ */
+
+void ckv_pipeline_close(ckv_pipeline *pl)
+{
+	ckv_loader *l;
+
+	if (!pl)
+		return;
+	l = pl->l;
+	/* gathers into our buffers may still be queued */
+	l->be->ops->sync(l->be, pl->o.stream);
+	for (uint32_t layer = 0; pl->lay && layer < pl->L; layer++)
+		for (int x = 0; x < NPARTS; x++) {
+			struct preqs *q = &pl->lay[layer].rq[x];
+
+			for (uint32_t i = 0; i < q->n; i++)
+				if (!q->v[i].b)
+					ckv_tier_unpin(l->tier, q->v[i].i);
+			free(q->v);
+		}
+	ckv_rbatch_free_all(pl->batches);
+	for (uint32_t s = 0; pl->buf && s < pl->depth; s++)
+		if (pl->buf[s])
+			l->be->ops->free(l->be, pl->buf[s]);
+	for (uint32_t s = 0; pl->vchunks && s < pl->depth; s++)
+		free(pl->vchunks[s]);
+	for (int x = 0; x <= NPARTS; x++) {
+		if (x < NPARTS)
+			free(pl->cp[x]);
+		free(pl->ts[x]);
+		free(pl->td[x]);
+	}
+	free(pl->buf);
+	free(pl->vchunks);
+	free(pl->lay);
+	free(pl->all);
+	free(pl->cur);
+	free(pl->cand);
+	free(pl->miss);
+	free(pl->rmiss);
+	free(pl->radd);
+	free(pl->scores);
+	free(pl->dig);
+	free(pl->khost);
+	free(pl);
+}
+
+int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **out)
+{
+	ckv_pipeline *pl;
+	ckv_loader *l;
+	ckv_backend *be;
+	uint64_t need, bufbytes;
+	bool halves;
+	int rc = 0;
+
+	if (!p || !o || !out)
+		return -EINVAL;
+	l = p->l;
+	be = l->be;
+	if (o->mode != CKV_MODE_FULL && o->mode != CKV_MODE_PERIOD && o->mode != CKV_MODE_LAYER &&
+	    o->mode != CKV_MODE_RERANK)
+		return ckv_lerr(l, -EINVAL, "pipeline: mode %d: expected full, period, layer or rerank",
+				(int)o->mode);
+	if (o->mode != CKV_MODE_FULL && !(o->budget > 0 && o->budget <= 1))
+		return ckv_lerr(l, -EINVAL, "pipeline: budget %g: expected a fraction in (0, 1]", o->budget);
+	if (o->mode != CKV_MODE_FULL &&
+	    (o->q_tokens == 0 || o->q_heads == 0 || o->q_heads % p->shape.kv_heads))
+		return ckv_lerr(l, -EINVAL,
+				"pipeline: q_tokens %u, q_heads %u: a %s pipeline needs queries; q_heads must be a multiple of the %u kv heads",
+				o->q_tokens, o->q_heads, ckv_mode_name(o->mode), p->shape.kv_heads);
+	pl = calloc(1, sizeof(*pl));
+	if (!pl)
+		return ckv_lerr(l, -ENOMEM, "pipeline: out of memory");
+	pl->t_open = ckv_now();
+	pl->p = p;
+	pl->l = l;
+	pl->o = *o;
+	pl->sh = p->shape;
+	pl->L = p->shape.layers;
+	pl->m = p->shape.chunks;
+	if (!pl->o.period)
+		pl->o.period = 8;
+	if (!pl->o.subperiod)
+		pl->o.subperiod = 4;
+	if (!pl->o.rerank)
+		pl->o.rerank = 2;
+	pl->depth = pl->o.depth ? pl->o.depth : 2;
+	pl->o.depth = pl->depth;
+	if (pl->o.mode != CKV_MODE_PERIOD)
+		pl->o.period_keys = false;
+	halves = pl->o.mode == CKV_MODE_RERANK || pl->o.period_keys;
+	if (halves && pl->sh.half_bytes % 16) {
+		rc = ckv_lerr(l, -ENOTSUP, "pipeline: %s needs K/V halves; %llu bytes is not a multiple of 16",
+			      pl->o.mode == CKV_MODE_RERANK ? "rerank" : "period_keys",
+			      (unsigned long long)pl->sh.half_bytes);
+		goto out_close;
+	}
+	if (pl->o.no_prefetch)
+		pl->ahead = 0;
+	else if (pl->o.mode == CKV_MODE_FULL || pl->o.mode == CKV_MODE_PERIOD)
+		pl->ahead = pl->o.subperiod;
+	else
+		pl->ahead = 1;
+	pl->rows = pl->o.mode == CKV_MODE_FULL ? pl->m : ckv_select_count(pl->m, pl->o.budget);
+	pl->kc = pl->o.mode == CKV_MODE_RERANK ?
+			 ckv_select_count(pl->m, fmin(1.0, pl->o.budget * pl->o.rerank)) : 0;
+
+	/* pins in the arena at once: the run-ahead window's sets (and the candidates' K) */
+	need = (uint64_t)(pl->ahead < pl->L ? pl->ahead + 1 : pl->L) *
+	       (pl->o.mode == CKV_MODE_RERANK ? pl->kc * pl->sh.half_bytes + pl->rows * pl->sh.half_bytes :
+		pl->o.period_keys ? pl->m * pl->sh.half_bytes + pl->rows * pl->sh.chunk_bytes :
+				    pl->rows * pl->sh.chunk_bytes);
+	if (need > l->src->arena_size) {
+		rc = ckv_lerr(l, -ENOSPC,
+			      "pipeline: the arena (%llu MiB) cannot hold the %llu MiB of chunks the run-ahead pins; raise arena_bytes or lower subperiod/budget",
+			      (unsigned long long)(l->src->arena_size >> 20),
+			      (unsigned long long)((need + (1 << 20) - 1) >> 20));
+		goto out_close;
+	}
+
+	pl->lay = calloc(pl->L, sizeof(*pl->lay));
+	pl->all = malloc(sizeof(*pl->all) * pl->m);
+	pl->cur = malloc(sizeof(*pl->cur) * pl->m);
+	pl->cand = malloc(sizeof(*pl->cand) * pl->m);
+	pl->miss = malloc(sizeof(*pl->miss) * pl->m);
+	pl->rmiss = malloc(sizeof(*pl->rmiss) * pl->m);
+	pl->radd = malloc(sizeof(*pl->radd) * pl->m);
+	pl->scores = malloc(sizeof(*pl->scores) * pl->m);
+	pl->dig = pl->o.mode == CKV_MODE_FULL ? NULL :
+		  malloc(sizeof(float) * (size_t)pl->m * pl->sh.kv_heads * pl->sh.head_dim);
+	pl->khost = halves ? malloc(pl->sh.half_bytes) : NULL;
+	pl->buf = calloc(pl->depth, sizeof(*pl->buf));
+	pl->vchunks = calloc(pl->depth, sizeof(*pl->vchunks));
+	if (!pl->lay || !pl->all || !pl->cur || !pl->cand || !pl->miss || !pl->rmiss ||
+	    !pl->radd || !pl->scores ||
+	    (pl->o.mode != CKV_MODE_FULL && !pl->dig) || (halves && !pl->khost) || !pl->buf ||
+	    !pl->vchunks) {
+		rc = ckv_lerr(l, -ENOMEM, "pipeline: out of memory");
+		goto out_close;
+	}
+	for (int x = 0; x <= NPARTS; x++) {
+		if (x < NPARTS && !(pl->cp[x] = malloc(sizeof(*pl->cp[x]) * pl->rows)))
+			rc = -ENOMEM;
+		if (!(pl->ts[x] = malloc(sizeof(*pl->ts[x]) * pl->rows)) ||
+		    !(pl->td[x] = malloc(sizeof(*pl->td[x]) * pl->rows)))
+			rc = -ENOMEM;
+	}
+	if (rc < 0) {
+		ckv_lerr(l, rc, "pipeline: out of memory");
+		goto out_close;
+	}
+	for (uint32_t j = 0; j < pl->m; j++)
+		pl->all[j] = j;
+	bufbytes = (uint64_t)pl->rows * pl->sh.chunk_bytes;
+	for (uint32_t s = 0; s < pl->depth; s++) {
+		pl->vchunks[s] = malloc(sizeof(**pl->vchunks) * pl->rows);
+		if (!pl->vchunks[s]) {
+			rc = ckv_lerr(l, -ENOMEM, "pipeline: out of memory");
+			goto out_close;
+		}
+		rc = be->ops->alloc(be, bufbytes, &pl->buf[s]);
+		if (rc < 0) {
+			ckv_lerr(l, rc, "pipeline: cannot allocate a %llu-byte layer buffer in %s memory",
+				 (unsigned long long)bufbytes, be->ops->name);
+			goto out_close;
+		}
+		/* halves leave the padding of assembled chunks untouched: zero it once */
+		if (halves && pl->sh.chunk_bytes > 2 * pl->sh.half_bytes) {
+			void *z = calloc(1, bufbytes);
+
+			rc = z ? be->ops->from_host(be, pl->buf[s], z, bufbytes) : -ENOMEM;
+			free(z);
+			if (rc < 0) {
+				ckv_lerr(l, rc, "pipeline: cannot clear a layer buffer");
+				goto out_close;
+			}
+		}
+	}
+	/* FULL needs no query: its first layers' reads start now */
+	if (pl->o.mode == CKV_MODE_FULL)
+		for (uint32_t j = 0; j <= pl->ahead && j < pl->L && rc == 0; j++)
+			rc = plan_issue(pl, j);
+	if (rc < 0)
+		goto out_close;
+	*out = pl;
+	return 0;
+
+out_close:
+	ckv_pipeline_close(pl);
+	return rc;
+}
+
+int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
+		       ckv_layer_view *out)
+{
+	ckv_loader *l;
+	struct play *ly;
+	const uint32_t *S;
+	uint32_t nS, p, last;
+	bool ident = false;
+	int rc = 0;
+
+	if (!pl || !out)
+		return -EINVAL;
+	l = pl->l;
+	p = pl->o.period;
+	if (pl->failed)
+		return ckv_lerr(l, pl->failed, "pipeline: failed at layer %u (%s); close it",
+				pl->failed_layer, strerror(-pl->failed));
+	if (layer >= pl->L)
+		return ckv_lerr(l, -EINVAL, "pipeline: layer %u: the prefix has %u layers", layer, pl->L);
+	if (layer != pl->next)
+		return ckv_lerr(l, -EINVAL, "pipeline: layer %u: expected layer %u (layers go in order, once)",
+				layer, pl->next);
+	if (!query && (pl->o.mode == CKV_MODE_LAYER || pl->o.mode == CKV_MODE_RERANK ||
+		       (pl->o.mode == CKV_MODE_PERIOD && layer % p == 0)))
+		return ckv_lerr(l, -EINVAL, "pipeline: layer %u: a %s pipeline needs this layer's query",
+				layer, ckv_mode_name(pl->o.mode));
+	ly = &pl->lay[layer];
+	pl->batches = ckv_rbatch_sweep(pl->batches);
+
+	/* 1. identify and bring the layer's own requests in line */
+	switch (pl->o.mode) {
+	case CKV_MODE_FULL:
+		if (!ly->issued)
+			rc = plan_issue(pl, layer);
+		S = pl->all;
+		nS = pl->m;
+		break;
+	case CKV_MODE_PERIOD:
+		if (layer % p == 0) {
+			ident = true;
+			pl->st.identifications++;
+			pl->cur_period = layer / p;
+			if (pl->o.period_keys) {
+				rc = identify_from_keys(pl, layer, query, pl->all, pl->m);
+				if (rc == 0)
+					rc = reconcile(pl, layer, CKV_SRC_V, pl->cur, pl->ncur, true);
+			} else {
+				rc = select_digests(pl, layer, query, pl->o.budget, pl->cur, &pl->ncur);
+				if (rc == 0 && ly->issued)
+					rc = reconcile(pl, layer, CKV_SRC_KV, pl->cur, pl->ncur, true);
+			}
+		}
+		if (rc == 0 && !ly->issued)
+			rc = plan_issue(pl, layer);
+		S = pl->cur;
+		nS = pl->ncur;
+		break;
+	case CKV_MODE_LAYER:
+		pl->st.identifications++;
+		rc = select_digests(pl, layer, query, pl->o.budget, pl->cur, &pl->ncur);
+		if (rc == 0)
+			rc = ly->issued ? reconcile(pl, layer, CKV_SRC_KV, pl->cur, pl->ncur, true) :
+					  req_issue(pl, layer, CKV_SRC_KV, pl->cur, pl->ncur, false);
+		S = pl->cur;
+		nS = pl->ncur;
+		break;
+	case CKV_MODE_RERANK:
+	default:
+		pl->st.identifications++;
+		rc = select_digests(pl, layer, query, fmin(1.0, pl->o.budget * pl->o.rerank), pl->cand,
+				    &pl->ncand);
+		if (rc == 0)
+			rc = identify_from_keys(pl, layer, query, pl->cand, pl->ncand);
+		if (rc == 0)
+			rc = ly->rq[CKV_SRC_V].n ? reconcile(pl, layer, CKV_SRC_V, pl->cur, pl->ncur, true) :
+						   req_issue(pl, layer, CKV_SRC_V, pl->cur, pl->ncur, false);
+		S = pl->cur;
+		nS = pl->ncur;
+		break;
+	}
+
+	/* 2. wait for the layer's chunks and gather them */
+	if (rc == 0)
+		rc = wait_layer(pl, layer, -1);
+	if (rc == 0)
+		rc = gather_layer(pl, layer, S, nS, out);
+	if (rc < 0)
+		return pfail(pl, layer, rc);
+
+	/* 3. reads of the layers ahead */
+	last = pl->ahead < pl->L - 1 - layer ? layer + pl->ahead : pl->L - 1;
+	switch (pl->o.mode) {
+	case CKV_MODE_FULL:
+	case CKV_MODE_PERIOD:
+		for (uint32_t j = layer + 1; j <= last && rc == 0; j++) {
+			if (!pl->lay[j].issued)
+				rc = plan_issue(pl, j);
+			else if (ident && pl->o.mode == CKV_MODE_PERIOD &&
+				 !(pl->o.period_keys && j % p == 0))
+				/* speculated with the last period's set: only the difference */
+				rc = reconcile(pl, j, CKV_SRC_KV, pl->cur, pl->ncur, j / p == pl->cur_period);
+		}
+		break;
+	case CKV_MODE_LAYER:
+		if (last > layer)
+			rc = req_issue(pl, layer + 1, CKV_SRC_KV, pl->cur, pl->ncur, true);
+		break;
+	case CKV_MODE_RERANK:
+		if (last > layer) {
+			rc = req_issue(pl, layer + 1, CKV_SRC_K, pl->cand, pl->ncand, true);
+			if (rc == 0)
+				rc = req_issue(pl, layer + 1, CKV_SRC_V, pl->cur, pl->ncur, true);
+		}
+		break;
+	}
+	if (rc < 0)
+		return pfail(pl, layer, rc);
+	pl->next++;
+	if (pl->next == pl->L)
+		pl->st.total_s = ckv_now() - pl->t_open;
+	return 0;
+}
+
+void ckv_pipeline_get_stats(const ckv_pipeline *pl, ckv_pipeline_stats *st)
+{
+	if (!pl) {
+		memset(st, 0, sizeof(*st));
+		return;
+	}
+	*st = pl->st;
+	st->bytes_k = pl->rs.bytes_k;
+	st->bytes_v = pl->rs.bytes_v;
+	st->hits_arena = pl->rs.hits_arena;
+	st->misses = pl->rs.misses;
+	st->chunks_read = pl->rs.hits_arena + pl->rs.misses;
+	if (pl->next < pl->L)
+		st->total_s = ckv_now() - pl->t_open;
+}

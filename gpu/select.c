@@ -1,0 +1,348 @@
+/*
+ * select.c — chunk selection: top-k with the attention sink and the most
+ * recent chunk always kept, digest scores (CPU reference and through the
+ * backend), exact scores from keys.
+ *
+ * Digest scores are linear in the query, so the CPU reference first sums
+ * the query over tokens and over the query heads of each kv head (GQA
+ * group), then takes one dot product per chunk and kv head:
+ *   score[j] = sum_t sum_h q[t][h] . dig[j][h / g] / sqrt(D)
+ *            = sum_kvh (sum_t sum_{h in group kvh} q[t][h]) . dig[j][kvh] / sqrt(D)
+ * — m * kv_heads * D multiply-adds however long the suffix is. Sums are
+ * accumulated in double.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loader_int.h"
+
+uint32_t ckv_select_count(uint32_t m, double budget)
+{
+	double x = budget * (double)m;
+	uint32_t k, forced = m >= 2 ? 2 : 1;
+
+	/* ceil, forgiving the rounding of budget * m (0.1 * 320 is 32.000000000000004) */
+	k = (uint32_t)ceil(x - 1e-9 * (x > 1 ? x : 1));
+	if (k < forced)
+		k = forced;
+	return k > m ? m : k;
+}
+
+static float score_of(const float *scores, uint32_t j)
+{
+	float s = scores[j];
+
+	return isnan(s) ? -INFINITY : s;
+}
+
+/* a ranks below b: lower score, or equal score and higher chunk id */
+static bool ranks_below(const float *scores, uint32_t a, uint32_t b)
+{
+	float sa = score_of(scores, a), sb = score_of(scores, b);
+
+	return sa < sb || (sa == sb && a > b);
+}
+
+/* Min-heap of chunk ids by rank: the root is the weakest kept chunk. */
+static void sift_down(const float *scores, uint32_t *h, uint32_t n, uint32_t i)
+{
+	for (;;) {
+		uint32_t l = 2 * i + 1, r = l + 1, w = i;
+
+		if (l < n && ranks_below(scores, h[l], h[w]))
+			w = l;
+		if (r < n && ranks_below(scores, h[r], h[w]))
+			w = r;
+		if (w == i)
+			return;
+		uint32_t t = h[i];
+		h[i] = h[w];
+		h[w] = t;
+		i = w;
+	}
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+int ckv_select_topk(const float *scores, uint32_t m, double budget, uint32_t *out)
+{
+	uint32_t k, nf, want, n = 0;
+
+	if (!scores || !out || m == 0 || !(budget > 0 && budget <= 1))
+		return -EINVAL;
+	k = ckv_select_count(m, budget);
+	if (k > INT32_MAX)
+		return -EINVAL;
+	/* chunk 0 and chunk m-1 always; the rest by a heap over chunks 1 .. m-2 */
+	nf = m >= 2 ? 2 : 1;
+	want = k - nf;
+	if (want > 0) {
+		for (uint32_t j = 1; j + 1 < m; j++) {
+			if (n < want) {
+				out[n++] = j;
+				if (n == want)
+					for (uint32_t i = n / 2; i-- > 0;)
+						sift_down(scores, out, n, i);
+			} else if (ranks_below(scores, out[0], j)) {
+				out[0] = j;
+				sift_down(scores, out, n, 0);
+			}
+		}
+	}
+	out[n++] = 0;
+	if (m >= 2)
+		out[n++] = m - 1;
+	qsort(out, n, sizeof(*out), cmp_u32);
+	return (int)n;
+}
+
+void ckv_digest_scores_cpu(const float *dig, uint32_t m, uint32_t kv_heads, uint32_t head_dim,
+			   const float *query, uint32_t q_tokens, uint32_t q_heads, float *scores)
+{
+	uint32_t group = q_heads / kv_heads;
+	size_t per = (size_t)kv_heads * head_dim;
+	double *qs = calloc(per, sizeof(*qs));
+	double inv = 1.0 / sqrt((double)head_dim);
+
+	if (!qs) { /* the direct form needs no memory */
+		for (uint32_t j = 0; j < m; j++) {
+			double acc = 0;
+
+			for (uint32_t t = 0; t < q_tokens; t++)
+				for (uint32_t h = 0; h < q_heads; h++) {
+					const float *q = query + ((size_t)t * q_heads + h) * head_dim;
+					const float *d = dig + (size_t)j * per + (size_t)(h / group) * head_dim;
+
+					for (uint32_t x = 0; x < head_dim; x++)
+						acc += (double)q[x] * d[x];
+				}
+			scores[j] = (float)(acc * inv);
+		}
+		return;
+	}
+	for (uint32_t t = 0; t < q_tokens; t++)
+		for (uint32_t h = 0; h < q_heads; h++) {
+			const float *q = query + ((size_t)t * q_heads + h) * head_dim;
+			double *s = qs + (size_t)(h / group) * head_dim;
+
+			for (uint32_t x = 0; x < head_dim; x++)
+				s[x] += q[x];
+		}
+	for (uint32_t j = 0; j < m; j++) {
+		const float *d = dig + (size_t)j * per;
+		double acc = 0;
+
+		for (size_t x = 0; x < per; x++)
+			acc += qs[x] * d[x];
+		scores[j] = (float)(acc * inv);
+	}
+	free(qs);
+}
+
+/* The prefix's digests of one layer into p->dig_host. */
+static int load_digests(ckv_prefix *p, uint32_t layer)
+{
+	ckv_loader *l = p->l;
+	size_t n = (size_t)p->shape.chunks * p->shape.kv_heads * p->shape.head_dim;
+	int rc;
+
+	if (!p->dig_host) {
+		p->dig_host = malloc(n * sizeof(float));
+		if (!p->dig_host)
+			return ckv_lerr(l, -ENOMEM, "prefix %s: no memory for %zu digest floats",
+					p->shape.hash, n);
+	}
+	rc = ckv_prefix_digests(p, layer, p->dig_host);
+	return rc < 0 ? rc : 0;
+}
+
+static int check_query(ckv_prefix *p, uint32_t layer, const void *query, uint32_t q_tokens,
+		       uint32_t q_heads, const void *scores)
+{
+	const ckv_shape *sh = &p->shape;
+
+	if (!query || !scores)
+		return ckv_lerr(p->l, -EINVAL, "digest scores: query and scores are required");
+	if (layer >= sh->layers)
+		return ckv_lerr(p->l, -EINVAL, "layer %u: the prefix has %u layers", layer, sh->layers);
+	if (q_tokens == 0 || q_heads == 0 || q_heads % sh->kv_heads)
+		return ckv_lerr(p->l, -EINVAL,
+				"query: %u tokens x %u heads; expected at least one token and a multiple of the %u kv heads",
+				q_tokens, q_heads, sh->kv_heads);
+	return 0;
+}
+
+int ckv_digest_scores(ckv_prefix *p, uint32_t layer, const float *query, uint32_t q_tokens,
+		      uint32_t q_heads, float *scores)
+{
+	int rc;
+
+	if (!p)
+		return -EINVAL;
+	rc = check_query(p, layer, query, q_tokens, q_heads, scores);
+	if (rc == 0)
+		rc = load_digests(p, layer);
+	if (rc == 0)
+		ckv_digest_scores_cpu(p->dig_host, p->shape.chunks, p->shape.kv_heads,
+				      p->shape.head_dim, query, q_tokens, q_heads, scores);
+	return rc;
+}
+
+int ckv_digest_scores_device(ckv_prefix *p, uint32_t layer, const float *query,
+			     uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
+{
+	ckv_loader *l;
+	ckv_backend *be;
+	uint64_t bytes;
+	int rc;
+
+	if (!p)
+		return -EINVAL;
+	l = p->l;
+	be = l->be;
+	rc = check_query(p, layer, query, q_tokens, q_heads, scores);
+	if (rc < 0)
+		return rc;
+	if (!be->ops->digest_scores)
+		return ckv_lerr(l, -ENOTSUP, "the %s backend has no digest scoring", be->ops->name);
+	rc = load_digests(p, layer);
+	if (rc < 0)
+		return rc;
+	bytes = (uint64_t)p->shape.chunks * p->shape.kv_heads * p->shape.head_dim * sizeof(float);
+	if (p->dig_dev_bytes < bytes) {
+		void *d = NULL;
+
+		if (p->dig_dev)
+			be->ops->free(be, p->dig_dev);
+		p->dig_dev = NULL;
+		p->dig_dev_bytes = 0;
+		rc = be->ops->alloc(be, bytes, &d);
+		if (rc < 0)
+			return ckv_lerr(l, rc, "digest scores: cannot allocate %llu bytes of %s memory",
+					(unsigned long long)bytes, be->ops->name);
+		p->dig_dev = d;
+		p->dig_dev_bytes = bytes;
+	}
+	/* the previous call synchronized its stream: the buffer is free */
+	rc = be->ops->from_host(be, p->dig_dev, p->dig_host, bytes);
+	if (rc == 0)
+		rc = be->ops->digest_scores(be, query, q_tokens, q_heads, p->dig_dev, p->shape.chunks,
+					    p->shape.kv_heads, p->shape.head_dim, scores, stream);
+	if (rc == 0)
+		rc = be->ops->sync(be, stream);
+	if (rc < 0)
+		return ckv_lerr(l, rc, "layer %u: digest scores on the %s backend failed", layer,
+				be->ops->name);
+	return 0;
+}
+
+/* ---- exact scores from keys ------------------------------------------------ */
+
+/* Slots scored together: a fixed trip count the compiler vectorizes at -O2. */
+#define KS_BLOCK 16
+
+/* n elements of dtype dt at src to fp32 (bf16 and fp32 inline, the rest by ckv_dtype_to_f32). */
+static void to_f32(ckv_dtype dt, unsigned es, const uint8_t *src, uint32_t n, float *out)
+{
+	switch (dt) {
+	case CKV_DTYPE_BF16:
+		for (uint32_t i = 0; i < n; i++) {
+			uint32_t u = (uint32_t)(src[2 * i] | src[2 * i + 1] << 8) << 16;
+
+			memcpy(&out[i], &u, 4);
+		}
+		break;
+	case CKV_DTYPE_FP32:
+		memcpy(out, src, (size_t)n * 4);
+		break;
+	default:
+		for (uint32_t i = 0; i < n; i++)
+			out[i] = ckv_dtype_to_f32(dt, src + (size_t)i * es);
+		break;
+	}
+}
+
+int ckv_key_scores(const ckv_shape *sh, const void *keys, uint64_t stride,
+		   const uint32_t *chunks, uint32_t n, const float *query, uint32_t q_tokens,
+		   uint32_t q_heads, float *scores)
+{
+	ckv_dtype dt;
+	unsigned es;
+	uint32_t D, c, cpad, group;
+	float *kt = NULL, *row = NULL;
+	double inv;
+
+	if (!sh || (n && (!keys || !chunks || !query || !scores)))
+		return -EINVAL;
+	dt = ckv_dtype_parse(sh->dtype);
+	es = ckv_dtype_size(dt);
+	D = sh->head_dim;
+	c = sh->chunk_tokens;
+	if (!es || !D || !c || !sh->kv_heads || q_tokens == 0 || q_heads == 0 ||
+	    q_heads % sh->kv_heads || stride < sh->half_bytes ||
+	    sh->half_bytes != (uint64_t)sh->kv_heads * c * D * es)
+		return -EINVAL;
+	for (uint32_t i = 0; i < n; i++)
+		if (chunks[i] >= sh->chunks)
+			return -EINVAL;
+	group = q_heads / sh->kv_heads;
+	inv = 1.0 / sqrt((double)D);
+	cpad = (c + KS_BLOCK - 1) / KS_BLOCK * KS_BLOCK;
+	kt = calloc((size_t)D * cpad, sizeof(*kt));
+	row = malloc(sizeof(*row) * D);
+	if (!kt || !row) {
+		free(kt);
+		free(row);
+		return -ENOMEM;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		const uint8_t *chunk = (const uint8_t *)keys + (size_t)i * stride;
+		uint32_t valid = ckv_chunk_valid(sh, chunks[i]);
+		double total = 0;
+
+		for (uint32_t kvh = 0; kvh < sh->kv_heads; kvh++) {
+			const uint8_t *kh = chunk + (size_t)kvh * c * D * es;
+
+			/* keys of this head, transposed and zero-padded: kt[d][s], fp32 */
+			for (uint32_t s = 0; s < cpad; s++) {
+				if (s < valid)
+					to_f32(dt, es, kh + (size_t)s * D * es, D, row);
+				for (uint32_t d = 0; d < D; d++)
+					kt[(size_t)d * cpad + s] = s < valid ? row[d] : 0;
+			}
+			for (uint32_t t = 0; t < q_tokens; t++)
+				for (uint32_t h = kvh * group; h < (kvh + 1) * group; h++) {
+					const float *q = query + ((size_t)t * q_heads + h) * D;
+					float best = -INFINITY;
+
+					for (uint32_t s0 = 0; s0 < valid; s0 += KS_BLOCK) {
+						float acc[KS_BLOCK] = { 0 };
+
+						for (uint32_t d = 0; d < D; d++) {
+							const float qd = q[d], *kr = kt + (size_t)d * cpad + s0;
+
+							/* unrolled: acc stays in vector registers */
+#pragma GCC unroll 16
+							for (uint32_t s = 0; s < KS_BLOCK; s++)
+								acc[s] += qd * kr[s];
+						}
+						for (uint32_t s = 0; s < KS_BLOCK && s0 + s < valid; s++)
+							if (acc[s] > best)
+								best = acc[s];
+					}
+					total += best;
+				}
+		}
+		scores[i] = (float)(total * inv);
+	}
+	free(kt);
+	free(row);
+	return 0;
+}

@@ -1,0 +1,462 @@
+/*
+ * source_embedded.c — the embedded chunk source (gpu/source.h): the store,
+ * a chunk engine and prefix views in this process. No daemon, no FUSE.
+ *
+ * A prefix opened here is a ckv_pview plus, per layer and part, the engine
+ * files of its extents (registered on first use, held until the prefix is
+ * closed). Retention keys are the pview's ("<segment>/<layer>[/k|/v]"), so a
+ * chunk shared by a parent prefix and its extension is one chunk in the
+ * arena.
+ *
+ * Locking: es->lock protects the prefix table (es->pfx, es->npfx); each
+ * prefix's lock protects its lazily filled file table. Lock order: es->lock
+ * before a prefix's lock; neither is held while calling into the engine
+ * with a callback that could come back here (completion callbacks only
+ * touch their own struct getctx).
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ckv_engine.h"
+#include "ckv_pview.h"
+#include "ckv_store.h"
+#include "source.h"
+
+struct eprefix {
+	ckv_pview *v;              /* one reference */
+	pthread_mutex_t lock;      /* protects files */
+	ckv_efile **files;         /* [3 parts][layers][nextents], lazily filled */
+	uint8_t *have;             /* [3][layers]: files of that layer and part held */
+	uint32_t layers, nextents;
+};
+
+struct esource {
+	struct ckv_source base;    /* first: a ckv_source * is a struct esource * */
+	ckv_store *store;
+	ckv_engine *engine;
+	pthread_mutex_t lock;      /* protects pfx, npfx */
+	struct eprefix **pfx;      /* [npfx], NULL where free; pid = index + 1 */
+	uint32_t npfx;
+};
+
+/* A get in flight: maps the engine's completions onto the source's. */
+struct getctx {
+	ckv_source_cb cb;
+	void *arg;
+	atomic_size_t left;       /* completions still to come; the last frees */
+};
+
+static struct esource *es_of(ckv_source *s)
+{
+	return (struct esource *)s;
+}
+
+/* Look up pid; the returned prefix stays valid until close(pid), which the
+ * caller does not race with (a prefix is used from one thread at a time). */
+static struct eprefix *pfx_get(struct esource *es, uint32_t pid)
+{
+	struct eprefix *ep = NULL;
+
+	pthread_mutex_lock(&es->lock);
+	if (pid >= 1 && pid <= es->npfx)
+		ep = es->pfx[pid - 1];
+	pthread_mutex_unlock(&es->lock);
+	return ep;
+}
+
+/* The engine files of (layer, part), registering them on first use. */
+static int pfx_files(struct eprefix *ep, uint32_t layer, enum ckv_source_part part,
+		     ckv_efile ***out)
+{
+	size_t slot = (size_t)part * ep->layers + layer;
+	int rc = 0;
+
+	if (layer >= ep->layers || part > CKV_SRC_V)
+		return -EINVAL;
+	pthread_mutex_lock(&ep->lock);
+	if (!ep->have[slot]) {
+		rc = ckv_pview_files_get(ep->v, layer, (enum ckv_pview_part)part,
+					 ep->files + slot * ep->nextents);
+		if (rc == 0)
+			ep->have[slot] = 1;
+	}
+	pthread_mutex_unlock(&ep->lock);
+	if (rc == 0)
+		*out = ep->files + slot * ep->nextents;
+	return rc;
+}
+
+/* refs for chunks[0..n) of a layer and part; *refs malloc'ed. */
+static int pfx_refs(struct esource *es, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		    const uint32_t *chunks, uint32_t n, ckv_chunk_ref **refs)
+{
+	struct eprefix *ep = pfx_get(es, pid);
+	const ckv_manifest *m;
+	ckv_efile **files;
+	ckv_chunk_ref *r;
+	int rc;
+
+	if (!ep) {
+		snprintf(es->base.err, sizeof(es->base.err), "no open prefix with id %u", pid);
+		return -EBADF;
+	}
+	m = ckv_pview_manifest(ep->v);
+	for (uint32_t i = 0; i < n; i++)
+		if (chunks[i] >= m->chunks) {
+			snprintf(es->base.err, sizeof(es->base.err),
+				 "chunk %u: the prefix has %u chunks", chunks[i], m->chunks);
+			return -EINVAL;
+		}
+	rc = pfx_files(ep, layer, part, &files);
+	if (rc < 0) {
+		snprintf(es->base.err, sizeof(es->base.err),
+			 "layer %u: cannot register its chunk files: %s", layer, strerror(-rc));
+		return rc;
+	}
+	r = malloc(sizeof(*r) * (n ? n : 1));
+	if (!r)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < n; i++)
+		r[i] = ckv_pview_ref(ep->v, files, chunks[i]);
+	*refs = r;
+	return 0;
+}
+
+static int es_match(ckv_source *s, const ckv_geom *g, const uint32_t *tokens, uint32_t n,
+		    ckv_hash *h, uint32_t *matched)
+{
+	uint32_t lookups = 0;
+
+	return ckv_store_match(es_of(s)->store, g, tokens, n, h, matched, &lookups);
+}
+
+static void eprefix_free(struct esource *es, struct eprefix *ep)
+{
+	if (!ep)
+		return;
+	if (ep->files)
+		for (size_t slot = 0; slot < (size_t)3 * ep->layers; slot++)
+			if (ep->have[slot])
+				ckv_pview_files_put(ep->v, ep->files + slot * ep->nextents);
+	(void)es;
+	free(ep->files);
+	free(ep->have);
+	pthread_mutex_destroy(&ep->lock);
+	ckv_pview_put(ep->v);
+	free(ep);
+}
+
+/* A deep copy of a store record. */
+static int manifest_dup(const ckv_manifest *src, ckv_manifest **out)
+{
+	ckv_manifest *m = malloc(sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	*m = *src;
+	m->extents = NULL;
+	m->t_layers = NULL;
+	if (src->nextents) {
+		m->extents = malloc(sizeof(*m->extents) * src->nextents);
+		if (!m->extents)
+			goto out_nomem;
+		memcpy(m->extents, src->extents, sizeof(*m->extents) * src->nextents);
+	}
+	if (src->t_layers && src->geom.layers) {
+		m->t_layers = malloc(sizeof(*m->t_layers) * src->geom.layers);
+		if (!m->t_layers)
+			goto out_nomem;
+		memcpy(m->t_layers, src->t_layers, sizeof(*m->t_layers) * src->geom.layers);
+	}
+	*out = m;
+	return 0;
+
+out_nomem:
+	ckv_manifest_free(m);
+	free(m);
+	return -ENOMEM;
+}
+
+static int es_open(ckv_source *s, const ckv_hash *h, ckv_manifest **mout, uint32_t *pid)
+{
+	struct esource *es = es_of(s);
+	struct eprefix *ep;
+	const ckv_manifest *m;
+	ckv_err err = { { 0 } };
+	uint32_t slot;
+	int rc;
+
+	ep = calloc(1, sizeof(*ep));
+	if (!ep)
+		return -ENOMEM;
+	pthread_mutex_init(&ep->lock, NULL);
+	rc = ckv_pview_open(es->store, es->engine, h, &ep->v, &err);
+	if (rc < 0) {
+		char hex[CKV_HASH_HEX + 1];
+
+		ckv_hash_hex(h, hex);
+		if (rc == -ENOENT)
+			snprintf(s->err, sizeof(s->err), "prefix %s: not stored", hex);
+		else
+			snprintf(s->err, sizeof(s->err), "prefix %s: %s", hex,
+				 err.msg[0] ? err.msg : strerror(-rc));
+		pthread_mutex_destroy(&ep->lock);
+		free(ep);
+		return rc;
+	}
+	m = ckv_pview_manifest(ep->v);
+	ep->layers = m->geom.layers;
+	ep->nextents = m->nextents;
+	ep->files = calloc((size_t)3 * ep->layers * ep->nextents, sizeof(*ep->files));
+	ep->have = calloc((size_t)3 * ep->layers, 1);
+	if (!ep->files || !ep->have) {
+		rc = -ENOMEM;
+		goto out_free;
+	}
+	rc = manifest_dup(m, mout);
+	if (rc < 0)
+		goto out_free;
+
+	pthread_mutex_lock(&es->lock);
+	for (slot = 0; slot < es->npfx && es->pfx[slot]; slot++)
+		;
+	if (slot == es->npfx) {
+		uint32_t ncap = es->npfx ? es->npfx * 2 : 8;
+		struct eprefix **np = realloc(es->pfx, sizeof(*np) * ncap);
+
+		if (!np) {
+			pthread_mutex_unlock(&es->lock);
+			ckv_manifest_free(*mout);
+			free(*mout);
+			*mout = NULL;
+			rc = -ENOMEM;
+			goto out_free;
+		}
+		memset(np + es->npfx, 0, sizeof(*np) * (ncap - es->npfx));
+		es->pfx = np;
+		es->npfx = ncap;
+	}
+	es->pfx[slot] = ep;
+	pthread_mutex_unlock(&es->lock);
+	*pid = slot + 1;
+	return 0;
+
+out_free:
+	eprefix_free(es, ep);
+	return rc;
+}
+
+static void es_close(ckv_source *s, uint32_t pid)
+{
+	struct esource *es = es_of(s);
+	struct eprefix *ep = NULL;
+
+	pthread_mutex_lock(&es->lock);
+	if (pid >= 1 && pid <= es->npfx) {
+		ep = es->pfx[pid - 1];
+		es->pfx[pid - 1] = NULL;
+	}
+	pthread_mutex_unlock(&es->lock);
+	eprefix_free(es, ep);
+}
+
+/* Engine completion: forward as (offset, length, token = the slot). */
+static void es_get_cb(void *arg, size_t i, ckv_slot *slot, int rc)
+{
+	struct getctx *g = arg;
+	uint64_t off = 0, len = 0;
+
+	if (rc == 0 && slot) {
+		off = ckv_slot_offset(slot);
+		len = ckv_slot_len(slot);
+		if (off == CKV_SLOT_DETACHED) { /* only streaming gets detach; never ours */
+			rc = -EIO;
+			off = len = 0;
+		}
+	} else if (rc == 0) {
+		rc = -EIO;
+	}
+	g->cb(g->arg, (uint32_t)i, off, len, (uint64_t)(uintptr_t)slot, rc);
+	if (atomic_fetch_sub(&g->left, 1) == 1)
+		free(g);
+}
+
+static int es_get(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		  const uint32_t *chunks, uint32_t n, ckv_source_cb cb, void *arg)
+{
+	struct esource *es = es_of(s);
+	ckv_chunk_ref *refs = NULL;
+	struct getctx *g;
+	int rc;
+
+	if (n == 0)
+		return 0;
+	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
+	if (rc < 0)
+		return rc;
+	g = malloc(sizeof(*g));
+	if (!g) {
+		free(refs);
+		return -ENOMEM;
+	}
+	g->cb = cb;
+	g->arg = arg;
+	atomic_init(&g->left, n);
+	rc = ckv_engine_get_async(es->engine, refs, n, CKV_GET_DEMAND, es_get_cb, g);
+	free(refs);
+	if (rc < 0) {
+		free(g);
+		snprintf(s->err, sizeof(s->err), "layer %u: engine get: %s", layer, strerror(-rc));
+	}
+	return rc;
+}
+
+static void es_release(ckv_source *s, const uint64_t *tokens, uint32_t n)
+{
+	struct esource *es = es_of(s);
+
+	for (uint32_t i = 0; i < n; i++)
+		ckv_engine_release(es->engine, (ckv_slot *)(uintptr_t)tokens[i]);
+}
+
+static int es_prefetch(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		       const uint32_t *chunks, uint32_t n)
+{
+	struct esource *es = es_of(s);
+	ckv_chunk_ref *refs = NULL;
+	int rc;
+
+	if (n == 0)
+		return 0;
+	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
+	if (rc < 0)
+		return rc;
+	rc = ckv_engine_prefetch(es->engine, refs, n);
+	free(refs);
+	return rc;
+}
+
+/*
+ * Feedback scores one physical chunk: the whole chunk's retention key (the
+ * one KV reads use); the halves' keys get the same score so a RERANK
+ * loader's K/V reads are retained alike.
+ */
+static int es_score(ckv_source *s, uint32_t pid, uint32_t layer, const uint32_t *chunks,
+		    const float *scores, uint32_t n)
+{
+	struct esource *es = es_of(s);
+	int rc = 0;
+
+	if (n == 0)
+		return 0;
+	for (int part = CKV_SRC_KV; part <= CKV_SRC_V && rc == 0; part++) {
+		ckv_chunk_ref *refs = NULL;
+
+		rc = pfx_refs(es, pid, layer, (enum ckv_source_part)part, chunks, n, &refs);
+		if (rc < 0)
+			break;
+		rc = ckv_engine_score(es->engine, refs, scores, n);
+		free(refs);
+	}
+	return rc;
+}
+
+static int es_digests(ckv_source *s, uint32_t pid, uint32_t layer, float *out)
+{
+	struct eprefix *ep = pfx_get(es_of(s), pid);
+	int rc;
+
+	if (!ep)
+		return -EBADF;
+	rc = ckv_pview_digests(ep->v, layer, out);
+	if (rc < 0)
+		snprintf(s->err, sizeof(s->err), "layer %u: cannot read the key digests (digest.bin): %s",
+			 layer, strerror(-rc));
+	return rc;
+}
+
+static int es_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		       const uint32_t *chunks, uint32_t n, uint8_t *out)
+{
+	struct esource *es = es_of(s);
+	ckv_chunk_ref *refs = NULL;
+	int rc;
+
+	if (n == 0)
+		return 0;
+	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
+	if (rc < 0)
+		return rc;
+	for (uint32_t i = 0; i < n; i++)
+		out[i] = ckv_engine_resident(es->engine, &refs[i]);
+	free(refs);
+	return 0;
+}
+
+static void es_destroy(ckv_source *s)
+{
+	struct esource *es = es_of(s);
+
+	if (!s)
+		return;
+	for (uint32_t i = 0; i < es->npfx; i++)
+		eprefix_free(es, es->pfx[i]);
+	free(es->pfx);
+	if (es->engine)
+		ckv_engine_close(es->engine);
+	if (es->store)
+		ckv_store_close(es->store);
+	pthread_mutex_destroy(&es->lock);
+	free(es);
+}
+
+static const struct ckv_source_ops es_ops = {
+	.match = es_match,
+	.open = es_open,
+	.close = es_close,
+	.get = es_get,
+	.release = es_release,
+	.prefetch = es_prefetch,
+	.score = es_score,
+	.digests = es_digests,
+	.destroy = es_destroy,
+	.resident = es_resident,
+};
+
+int ckv_source_embedded(const char *store, const ckv_source_opts *o, ckv_source **out,
+			ckv_err *e)
+{
+	ckv_engine_opts eo = { 0 };
+	struct esource *es;
+	int rc;
+
+	es = calloc(1, sizeof(*es));
+	if (!es)
+		return ckv_errf(e, -ENOMEM, "%s: out of memory", store);
+	es->base.ops = &es_ops;
+	pthread_mutex_init(&es->lock, NULL);
+	rc = ckv_store_open(store, &es->store, e);
+	if (rc < 0)
+		goto out_destroy;
+	eo.arena_bytes = o && o->arena_bytes ? o->arena_bytes : 0;
+	eo.policy = o && o->policy == CKV_POLICY_LRU ? CKV_POLICY_LRU : CKV_POLICY_ATTN;
+	rc = ckv_engine_open(&eo, &es->engine);
+	if (rc < 0) {
+		ckv_errf(e, rc, "%s: cannot start the chunk engine (arena %llu bytes): %s", store,
+			 (unsigned long long)eo.arena_bytes, strerror(-rc));
+		goto out_destroy;
+	}
+	es->base.arena = ckv_engine_arena_base(es->engine);
+	es->base.arena_size = ckv_engine_arena_size(es->engine);
+	es->base.arena_readonly = false;
+	*out = &es->base;
+	return 0;
+
+out_destroy:
+	es_destroy(&es->base);
+	return rc;
+}

@@ -1,0 +1,348 @@
+/*
+ * test_loader_pipeline.c — the layer pipeline in every mode, through the
+ * public API on an embedded store: each layer's view holds exactly the
+ * chunks its mode selects (recomputed here independently from digests and
+ * the exported keys) with the exported bytes, in order; FULL returns every
+ * chunk; earlier views stay valid for `depth` layers; the counters add up
+ * (a cold FULL load, and any load without speculation, reads exactly the
+ * bytes it returns: read amplification 1.00); misuse and a corrupt chunk
+ * fail with messages. Runs on the CUDA backend too (CKV_TEST_BACKEND=cuda).
+ */
+#include "test_loader_util.h"
+
+#define QT 2
+#define QH_PER_KV 2
+
+struct pcase {
+	const char *name;
+	ckv_mode mode;
+	double budget;
+	uint32_t period, subperiod, rerank, depth;
+	bool no_prefetch, period_keys;
+};
+
+struct ctx {
+	const struct tstore *t;
+	ckv_shape sh;
+	ckv_prefix *ref;   /* a second handle, for reference digest scores */
+	ckv_loader *refl;
+	float **q;         /* [layers] queries */
+	uint32_t qh;
+};
+
+/* Exact key scores of chunks C of a layer from the exported bytes. */
+static void ref_keys(struct ctx *x, uint32_t layer, const uint32_t *C, uint32_t n, float *out)
+{
+	for (uint32_t i = 0; i < n; i++)
+		CHECK(ckv_key_scores(&x->sh, tstore_chunk(x->t, layer, C[i], CKV_PART_K), x->sh.half_bytes,
+				     &C[i], 1, x->q[layer], QT, x->qh, &out[i]) == 0);
+}
+
+/* The set a mode must pick for a layer (PERIOD: the period's first layer's). */
+static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, uint32_t *out)
+{
+	uint32_t m = x->sh.chunks, p = c->period ? c->period : 8, r = c->rerank ? c->rerank : 2;
+	float *sc = malloc(sizeof(*sc) * m), *ks = malloc(sizeof(*ks) * m);
+	uint32_t *cand = malloc(sizeof(*cand) * m), n = 0;
+	int k;
+
+	CHECK(sc && ks && cand);
+	switch (c->mode) {
+	case CKV_MODE_FULL:
+		for (uint32_t j = 0; j < m; j++)
+			out[n++] = j;
+		break;
+	case CKV_MODE_PERIOD:
+		layer -= layer % p;
+		if (c->period_keys) {
+			for (uint32_t j = 0; j < m; j++)
+				cand[j] = j;
+			ref_keys(x, layer, cand, m, sc);
+		} else {
+			CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
+		}
+		k = ckv_select_topk(sc, m, c->budget, out);
+		CHECK(k > 0);
+		n = (uint32_t)k;
+		break;
+	case CKV_MODE_LAYER:
+		CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
+		k = ckv_select_topk(sc, m, c->budget, out);
+		CHECK(k > 0);
+		n = (uint32_t)k;
+		break;
+	case CKV_MODE_RERANK: {
+		int nc;
+
+		CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
+		nc = ckv_select_topk(sc, m, fmin(1.0, c->budget * r), cand);
+		CHECK(nc > 0);
+		ref_keys(x, layer, cand, (uint32_t)nc, ks);
+		for (uint32_t j = 0; j < m; j++)
+			sc[j] = -INFINITY;
+		for (int i = 0; i < nc; i++)
+			sc[cand[i]] = ks[i];
+		k = ckv_select_topk(sc, m, c->budget, out);
+		CHECK(k > 0);
+		n = (uint32_t)k;
+		break;
+	}
+	}
+	free(sc);
+	free(ks);
+	free(cand);
+	return n;
+}
+
+static void check_view(ckv_loader *l, const struct tstore *t, const ckv_layer_view *v,
+		       const uint32_t *want, uint32_t nwant, const char *name)
+{
+	uint64_t cb = t->g.chunk_bytes;
+	uint8_t *host = malloc(cb * (nwant ? nwant : 1));
+
+	CHECK(host);
+	if (v->nchunks != nwant || memcmp(v->chunks, want, sizeof(*want) * nwant) != 0) {
+		fprintf(stderr, "%s layer %u: %u chunks, expected %u\n", name, v->layer, v->nchunks, nwant);
+		for (uint32_t i = 0; i < v->nchunks || i < nwant; i++)
+			fprintf(stderr, "  %u: got %d want %d\n", i, i < v->nchunks ? (int)v->chunks[i] : -1,
+				i < nwant ? (int)want[i] : -1);
+		exit(1);
+	}
+	tl_to_host(l, host, v->kv, cb * nwant);
+	for (uint32_t i = 0; i < nwant; i++)
+		if (memcmp(host + i * cb, tstore_chunk(t, v->layer, want[i], CKV_PART_KV), cb) != 0) {
+			fprintf(stderr, "%s layer %u: bytes of chunk %u (row %u) differ\n", name, v->layer,
+				want[i], i);
+			exit(1);
+		}
+	free(host);
+}
+
+static void run_case(struct ctx *x, const struct pcase *c)
+{
+	const struct tstore *t = x->t;
+	ckv_pipeline_opts o = { .mode = c->mode, .budget = c->budget, .period = c->period,
+				.subperiod = c->subperiod, .rerank = c->rerank, .depth = c->depth,
+				.no_prefetch = c->no_prefetch, .period_keys = c->period_keys,
+				.q_heads = x->qh, .q_tokens = QT };
+	uint32_t L = x->sh.layers, m = x->sh.chunks, depth = c->depth ? c->depth : 2;
+	uint32_t p = c->period ? c->period : 8;
+	ckv_layer_view *views = calloc(L, sizeof(*views));
+	uint32_t **want = calloc(L, sizeof(*want)), *nwant = calloc(L, sizeof(*nwant));
+	uint64_t used = 0;
+	ckv_loader *l = tl_loader(t->dir, 256 << 20, 0);
+	ckv_prefix *pf;
+	ckv_pipeline *pl;
+	ckv_pipeline_stats st;
+	double amp;
+
+	CHECK(views && want && nwant);
+	CHECK_RC(ckv_prefix_open(l, t->child_hex, &pf), l);
+	CHECK_RC(ckv_pipeline_open(pf, &o, &pl), l);
+	for (uint32_t layer = 0; layer < L; layer++) {
+		want[layer] = malloc(sizeof(**want) * m);
+		CHECK(want[layer]);
+		nwant[layer] = ref_set(x, c, layer, want[layer]);
+		CHECK_RC(ckv_pipeline_layer(pl, layer, c->mode == CKV_MODE_FULL ? NULL : x->q[layer],
+					    &views[layer]), l);
+		CHECK(views[layer].layer == layer);
+		check_view(l, t, &views[layer], want[layer], nwant[layer], c->name);
+		/* views of the previous depth-1 layers are intact */
+		for (uint32_t back = 1; back < depth && back <= layer; back++)
+			check_view(l, t, &views[layer - back], want[layer - back], nwant[layer - back],
+				   c->name);
+		used += nwant[layer];
+	}
+	{
+		ckv_layer_view v;
+
+		CHECK(ckv_pipeline_layer(pl, L, NULL, &v) == -EINVAL); /* past the last layer */
+	}
+	ckv_pipeline_get_stats(pl, &st);
+	amp = (double)(st.bytes_k + st.bytes_v) / (double)st.bytes_needed;
+	printf("%-22s used %5llu read %5llu (miss %5llu hit %3llu) spec %4llu/%-4llu amp %.3f ident %llu wait %.4fs\n",
+	       c->name, (unsigned long long)st.chunks_used, (unsigned long long)st.chunks_read,
+	       (unsigned long long)st.misses, (unsigned long long)st.hits_arena,
+	       (unsigned long long)st.spec_used, (unsigned long long)st.spec_wasted, amp,
+	       (unsigned long long)st.identifications, st.wait_s);
+	CHECK(st.chunks_used == used);
+	CHECK(st.bytes_needed == used * x->sh.chunk_bytes);
+	CHECK(st.chunks_read == st.hits_arena + st.misses);
+	CHECK(st.hits_gpu == 0);
+	CHECK(st.total_s > 0 && st.wait_s >= 0 && st.wait_s <= st.total_s);
+	CHECK(st.identifications == (c->mode == CKV_MODE_FULL ? 0 :
+				     c->mode == CKV_MODE_PERIOD ? (L + p - 1) / p : L));
+	CHECK(st.bytes_digest == (c->mode == CKV_MODE_FULL || (c->mode == CKV_MODE_PERIOD && c->period_keys) ?
+				  0 : st.identifications * m * x->sh.kv_heads * x->sh.head_dim * 4));
+	if (c->mode != CKV_MODE_RERANK && !c->period_keys) {
+		/* whole chunks only: a miss reads chunk_bytes, half of it K */
+		CHECK(st.bytes_k + st.bytes_v == st.misses * x->sh.chunk_bytes);
+		CHECK(st.bytes_k == st.misses * x->sh.half_bytes);
+	}
+	if (c->mode == CKV_MODE_FULL || c->no_prefetch) {
+		/* nothing speculative: every chunk read once, exactly the bytes returned */
+		CHECK(st.spec_used == 0 && st.spec_wasted == 0);
+		if (c->mode != CKV_MODE_RERANK && !c->period_keys) {
+			CHECK(st.misses == used && st.hits_arena == 0);
+			CHECK(st.bytes_k + st.bytes_v == st.bytes_needed); /* amplification 1.00 */
+		}
+	}
+	if (c->mode == CKV_MODE_LAYER && !c->no_prefetch) {
+		/* each used chunk read once, plus each wasted speculation */
+		CHECK(st.misses == used + st.spec_wasted && st.hits_arena == 0);
+		CHECK(st.spec_used > 0 && st.spec_used <= used);
+	}
+	if (c->mode == CKV_MODE_RERANK) {
+		/* K halves of candidates, V halves of winners */
+		CHECK(st.bytes_k >= used * x->sh.half_bytes && st.bytes_v >= used * x->sh.half_bytes);
+		if (c->no_prefetch)
+			CHECK(st.bytes_v == used * x->sh.half_bytes);
+	}
+	if (c->period_keys && c->no_prefetch)
+		CHECK(st.bytes_k == ((L + p - 1) / p) * (uint64_t)m * x->sh.half_bytes +
+					    (used - ((L + p - 1) / p) * (uint64_t)nwant[0]) * x->sh.half_bytes);
+	ckv_pipeline_close(pl);
+	ckv_prefix_close(pf);
+	ckv_loader_close(l);
+	for (uint32_t layer = 0; layer < L; layer++)
+		free(want[layer]);
+	free(want);
+	free(nwant);
+	free(views);
+}
+
+static void run_all(const char *dtype, uint32_t layers, uint32_t kv, uint32_t D)
+{
+	static const struct pcase cases[] = {
+		{ "full", CKV_MODE_FULL, 1, 0, 0, 0, 0, false, false },
+		{ "full-noprefetch", CKV_MODE_FULL, 1, 0, 0, 0, 0, true, false },
+		{ "full-depth1-sp1", CKV_MODE_FULL, 1, 0, 1, 0, 1, false, false },
+		{ "period-p4-sp2", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, false, false },
+		{ "period-default", CKV_MODE_PERIOD, 0.1, 0, 0, 0, 3, false, false },
+		{ "period-p3-sp5", CKV_MODE_PERIOD, 0.25, 3, 5, 0, 0, false, false },
+		{ "period-noprefetch", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, true, false },
+		{ "period-keys-p4-sp3", CKV_MODE_PERIOD, 0.2, 4, 3, 0, 0, false, true },
+		{ "period-keys-noprefetch", CKV_MODE_PERIOD, 0.15, 4, 0, 0, 0, true, true },
+		{ "layer", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false },
+		{ "layer-b05", CKV_MODE_LAYER, 0.05, 0, 0, 0, 4, false, false },
+		{ "layer-noprefetch", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, true, false },
+		{ "rerank", CKV_MODE_RERANK, 0.2, 0, 0, 0, 0, false, false },
+		{ "rerank-r3-noprefetch", CKV_MODE_RERANK, 0.1, 0, 0, 3, 0, true, false },
+		{ "rerank-b06", CKV_MODE_RERANK, 0.6, 0, 0, 2, 0, false, false },
+	};
+	struct tstore t;
+	struct ctx x = { 0 };
+	uint64_t seed = 99;
+
+	printf("-- %s, %u layers, %u kv heads, head_dim %u\n", dtype, layers, kv, D);
+	tstore_make(&t, dtype, layers, kv, D, 700, 1000);
+	x.t = &t;
+	x.qh = kv * QH_PER_KV;
+	x.refl = tl_loader(t.dir, 16 << 20, 0);
+	CHECK_RC(ckv_prefix_open(x.refl, t.child_hex, &x.ref), x.refl);
+	ckv_prefix_shape(x.ref, &x.sh);
+	x.q = calloc(layers, sizeof(*x.q));
+	CHECK(x.q);
+	for (uint32_t l = 0; l < layers; l++)
+		x.q[l] = tl_query(&seed, QT, x.qh, D);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		run_case(&x, &cases[i]);
+	for (uint32_t l = 0; l < layers; l++)
+		free(x.q[l]);
+	free(x.q);
+	ckv_prefix_close(x.ref);
+	ckv_loader_close(x.refl);
+	tstore_free(&t);
+}
+
+/* Misuse, and a chunk that fails its checksum in the middle of a pass. */
+static void check_errors(void)
+{
+	struct tstore t;
+	ckv_loader *l;
+	ckv_prefix *p;
+	ckv_pipeline *pl;
+	ckv_layer_view v;
+	uint64_t seed = 5;
+	float *q;
+	ckv_pipeline_opts o = { .mode = CKV_MODE_LAYER, .budget = 0.2, .q_heads = 4, .q_tokens = 1 };
+
+	tstore_make(&t, "bf16", 12, 2, 64, 300, 500);
+	q = tl_query(&seed, 1, 4, 64);
+	l = tl_loader(t.dir, 8 << 20, 0);
+	CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+	o.budget = 0;
+	CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL && strstr(ckv_loader_error(l), "budget"));
+	o.budget = 0.2;
+	o.q_heads = 3;
+	CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL && strstr(ckv_loader_error(l), "q_heads"));
+	o.q_heads = 4;
+	o.mode = (ckv_mode)9;
+	CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL);
+	o.mode = CKV_MODE_LAYER;
+	CHECK_RC(ckv_pipeline_open(p, &o, &pl), l);
+	CHECK(ckv_pipeline_layer(pl, 1, q, &v) == -EINVAL && strstr(ckv_loader_error(l), "expected layer 0"));
+	CHECK(ckv_pipeline_layer(pl, 0, NULL, &v) == -EINVAL && strstr(ckv_loader_error(l), "query"));
+	CHECK_RC(ckv_pipeline_layer(pl, 0, q, &v), l);
+	CHECK(ckv_pipeline_layer(pl, 0, q, &v) == -EINVAL);
+	ckv_pipeline_close(pl); /* mid-pass: speculative reads of layer 1 in flight */
+	{
+		ckv_pipeline_opts f = { .mode = CKV_MODE_FULL, .subperiod = 40 };
+
+		/* a run-ahead past the last layer: every layer issued at open */
+		CHECK_RC(ckv_pipeline_open(p, &f, &pl), l);
+		for (uint32_t layer = 0; layer < 12; layer++)
+			CHECK_RC(ckv_pipeline_layer(pl, layer, NULL, &v), l);
+		ckv_pipeline_close(pl);
+	}
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+
+	/* an arena too small for the run-ahead: 12 layers x 32 chunks x 8 KiB > 2 MiB */
+	l = tl_loader(t.dir, 2 << 20, 0);
+	CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+	{
+		ckv_pipeline_opts f = { .mode = CKV_MODE_FULL, .subperiod = 11 };
+
+		CHECK(ckv_pipeline_open(p, &f, &pl) == -ENOSPC && strstr(ckv_loader_error(l), "arena"));
+	}
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+
+	/* chunk 5 of layer 2 corrupt: layers 0, 1 load, layer 2 fails, and stays failed */
+	{
+		char cmd[512];
+		ckv_pipeline_opts f = { .mode = CKV_MODE_FULL };
+
+		/* the parent's segment "<parent hash>-0" holds chunks 0..17 of the prefix */
+		snprintf(cmd, sizeof(cmd),
+			 "printf '\\xff\\xfe' | dd of=%s/seg/%.2s/%s-0/layer_002.kv bs=1 seek=$((5*8192+64)) conv=notrunc status=none",
+			 t.dir, t.parent_hex, t.parent_hex);
+		CHECK(system(cmd) == 0);
+		l = tl_loader(t.dir, 8 << 20, 0);
+		CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+		CHECK_RC(ckv_pipeline_open(p, &f, &pl), l);
+		CHECK_RC(ckv_pipeline_layer(pl, 0, NULL, &v), l);
+		CHECK_RC(ckv_pipeline_layer(pl, 1, NULL, &v), l);
+		CHECK(ckv_pipeline_layer(pl, 2, NULL, &v) == -EIO);
+		CHECK(strstr(ckv_loader_error(l), "layer 2 chunk 5"));
+		CHECK(ckv_pipeline_layer(pl, 2, NULL, &v) == -EIO);
+		CHECK(strstr(ckv_loader_error(l), "failed at layer 2"));
+		ckv_pipeline_close(pl);
+		ckv_prefix_close(p);
+		ckv_loader_close(l);
+	}
+	free(q);
+	tstore_free(&t);
+}
+
+int main(void)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	run_all("bf16", 10, 2, 64);
+	run_all("fp8_e4m3", 7, 2, 48); /* chunk_bytes 4096 > 2 x 1536: padding */
+	run_all("fp16", 9, 4, 32);
+	check_errors();
+	printf("ok\n");
+	return 0;
+}

@@ -1,0 +1,280 @@
+/*
+ * test_loader_select.c — chunk selection: ckv_select_topk keeps the top
+ * ceil(budget * m) with chunks 0 and m-1 always, ascending, NaN last, ties
+ * by chunk id; digest scores (CPU reference, the backend's, and the direct
+ * formula over digest.bin) agree, GQA included; exact key scores equal the
+ * definition computed here from the exported bytes; and on `ckv gen
+ * --plant F` data the digests recover >= 95% of the planted chunks of every
+ * layer at budgets >= F (+ the two always-kept chunks).
+ */
+#include <jansson.h>
+#include <libgen.h>
+
+#include "test_loader_util.h"
+
+static void check_topk(void)
+{
+	float s[10] = { 5, 9, 1, 9, NAN, 3, 7, 2, 8, 0 };
+	uint32_t out[10];
+	int n;
+
+	/* k = 4: 0 and 9 kept, then the best of 1..8: 1 (9), 3 (9) */
+	n = ckv_select_topk(s, 10, 0.4, out);
+	CHECK(n == 4 && out[0] == 0 && out[1] == 1 && out[2] == 3 && out[3] == 9);
+	n = ckv_select_topk(s, 10, 0.5, out); /* + 8 (8) */
+	CHECK(n == 5 && out[3] == 8);
+	n = ckv_select_topk(s, 10, 1.0, out);
+	CHECK(n == 10);
+	for (int i = 0; i < 10; i++)
+		CHECK(out[i] == (uint32_t)i);
+	n = ckv_select_topk(s, 10, 0.01, out); /* k < 2: the two always kept */
+	CHECK(n == 2 && out[0] == 0 && out[1] == 9);
+	n = ckv_select_topk(s, 1, 0.5, out);
+	CHECK(n == 1 && out[0] == 0);
+	/* budget * m just above an integer by rounding: 0.1 * 320 */
+	{
+		float *z = calloc(320, sizeof(*z));
+		uint32_t *o = malloc(sizeof(*o) * 320);
+
+		CHECK(z && o);
+		CHECK(ckv_select_topk(z, 320, 0.1, o) == 32);
+		/* ties: lowest chunk ids first */
+		CHECK(o[0] == 0 && o[1] == 1 && o[29] == 29 && o[30] == 30 && o[31] == 319);
+		free(z);
+		free(o);
+	}
+	/* NaN ranks last */
+	{
+		float t[5] = { 0, NAN, -1e30f, NAN, 0 };
+
+		n = ckv_select_topk(t, 5, 0.6, out);
+		CHECK(n == 3 && out[1] == 2);
+	}
+	CHECK(ckv_select_topk(s, 10, 0, out) == -EINVAL);
+	CHECK(ckv_select_topk(s, 10, 1.5, out) == -EINVAL);
+	CHECK(ckv_select_topk(s, 0, 0.5, out) == -EINVAL);
+	CHECK(ckv_select_topk(NULL, 10, 0.5, out) == -EINVAL);
+}
+
+/* Digest scores three ways, and key scores against their definition. */
+static void check_scores(void)
+{
+	struct tstore t;
+	ckv_loader *l;
+	ckv_prefix *p;
+	ckv_shape sh;
+	uint64_t seed = 7;
+	const uint32_t QT = 3, QH = 4; /* GQA: 2 query heads per kv head */
+	float *q, *s_cpu, *s_dev, *ref, *q_dev, *sc_dev;
+	uint32_t D, m;
+
+	tstore_make(&t, "bf16", 3, 2, 64, 400, 900);
+	l = tl_loader(t.dir, 32 << 20, 0);
+	CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+	ckv_prefix_shape(p, &sh);
+	D = sh.head_dim;
+	m = sh.chunks;
+	q = tl_query(&seed, QT, QH, D);
+	s_cpu = malloc(sizeof(float) * m);
+	s_dev = malloc(sizeof(float) * m);
+	ref = malloc(sizeof(float) * m);
+	CHECK(s_cpu && s_dev && ref);
+	q_dev = tl_alloc(l, sizeof(float) * QT * QH * D);
+	sc_dev = tl_alloc(l, sizeof(float) * m);
+	CHECK_RC(ckv_loader_from_host(l, q_dev, q, sizeof(float) * QT * QH * D), l);
+	for (uint32_t layer = 0; layer < sh.layers; layer++) {
+		/* the definition, from the mean keys of the exported chunks */
+		for (uint32_t j = 0; j < m; j++) {
+			float dig[2 * 64];
+			double acc = 0;
+
+			ckv_chunk_digest(&t.g, tstore_chunk(&t, layer, j, CKV_PART_KV),
+					 tl_valid(&sh, j), dig);
+			for (uint32_t tt = 0; tt < QT; tt++)
+				for (uint32_t h = 0; h < QH; h++)
+					for (uint32_t d = 0; d < D; d++)
+						acc += (double)q[((size_t)tt * QH + h) * D + d] * dig[(h / 2) * D + d];
+			ref[j] = (float)(acc / sqrt((double)D));
+		}
+		CHECK_RC(ckv_digest_scores(p, layer, q, QT, QH, s_cpu), l);
+		CHECK_RC(ckv_digest_scores_device(p, layer, q_dev, QT, QH, sc_dev, NULL), l);
+		tl_to_host(l, s_dev, sc_dev, sizeof(float) * m);
+		for (uint32_t j = 0; j < m; j++) {
+			double tol = 1e-4 * (1 + fabs(ref[j]));
+
+			if (fabs(s_cpu[j] - ref[j]) > tol || fabs(s_dev[j] - ref[j]) > tol) {
+				fprintf(stderr, "layer %u chunk %u: cpu %g device %g reference %g\n", layer,
+					j, s_cpu[j], s_dev[j], ref[j]);
+				exit(1);
+			}
+		}
+	}
+	/* exact key scores: max over valid tokens of q . k / sqrt(D), summed */
+	{
+		uint32_t ch[4] = { 0, 17, 30, m - 1 }; /* the last chunk is partial */
+		float got[4];
+		const uint32_t layer = 1;
+
+		CHECK(ckv_key_scores(&sh, tstore_chunk(&t, layer, 0, CKV_PART_K), sh.chunk_bytes, ch, 1, q,
+				     QT, QH, got) == 0);
+		for (int i = 0; i < 4; i++) {
+			const uint8_t *k = tstore_chunk(&t, layer, ch[i], CKV_PART_K);
+			uint32_t valid = tl_valid(&sh, ch[i]);
+			double total = 0;
+
+			CHECK(ckv_key_scores(&sh, k, sh.half_bytes, &ch[i], 1, q, QT, QH, &got[i]) == 0);
+			for (uint32_t tt = 0; tt < QT; tt++)
+				for (uint32_t h = 0; h < QH; h++) {
+					double best = -INFINITY;
+
+					for (uint32_t s = 0; s < valid; s++) {
+						double dot = 0;
+
+						for (uint32_t d = 0; d < D; d++)
+							dot += (double)q[((size_t)tt * QH + h) * D + d] *
+							       ckv_dtype_to_f32(CKV_DTYPE_BF16,
+										k + (((size_t)(h / 2) * 16 + s) * D + d) * 2);
+						if (dot > best)
+							best = dot;
+					}
+					total += best;
+				}
+			total /= sqrt((double)D);
+			CHECK(fabs(got[i] - total) < 1e-3 * (1 + fabs(total)));
+		}
+		CHECK(ckv_key_scores(&sh, tstore_chunk(&t, 0, 0, CKV_PART_K), 16, ch, 1, q, QT, QH, got) ==
+		      -EINVAL);
+		ch[0] = m;
+		CHECK(ckv_key_scores(&sh, tstore_chunk(&t, 0, 0, CKV_PART_K), sh.half_bytes, ch, 1, q, QT,
+				     QH, got) == -EINVAL);
+	}
+	CHECK(ckv_digest_scores(p, 0, q, QT, 3, s_cpu) == -EINVAL); /* 3 heads, 2 kv heads */
+	CHECK(strstr(ckv_loader_error(l), "multiple"));
+	CHECK(ckv_digest_scores(p, 3, q, QT, QH, s_cpu) == -EINVAL);
+	ckv_loader_free(l, q_dev);
+	ckv_loader_free(l, sc_dev);
+	free(q);
+	free(s_cpu);
+	free(s_dev);
+	free(ref);
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+	tstore_free(&t);
+}
+
+static const char *ckv_tool(const char *argv0)
+{
+	static char path[4096];
+	const char *b = getenv("CKV_BUILD");
+
+	if (b) {
+		snprintf(path, sizeof(path), "%s/ckv", b);
+	} else { /* build/tests/<name> -> build/ckv */
+		char tmp[4096];
+
+		snprintf(tmp, sizeof(tmp), "%s", argv0);
+		snprintf(path, sizeof(path), "%s/../ckv", dirname(tmp));
+	}
+	return path;
+}
+
+/* Planted chunks: digests must find them. */
+static void check_planted(const char *ckv, const char *preset, uint32_t tokens, double frac)
+{
+	char dir[] = "/tmp/ckv-test-plant-XXXXXX", cmd[8192], plant[128], hash[64] = "";
+	json_t *root, *planted, *query;
+	json_error_t jerr;
+	ckv_loader *l;
+	ckv_prefix *p;
+	ckv_shape sh;
+	FILE *f;
+	uint8_t *is_planted;
+	uint32_t *sel, np;
+	float *q, *sc;
+
+	CHECK(mkdtemp(dir));
+	snprintf(plant, sizeof(plant), "%s/plant.json", dir);
+	snprintf(cmd, sizeof(cmd),
+		 "'%s' init '%s/s' >/dev/null && '%s' gen -q --no-sync '%s/s' --model %s --tokens %u --seed 3 --plant %g --plant-out '%s'",
+		 ckv, dir, ckv, dir, preset, tokens, frac, plant);
+	f = popen(cmd, "r");
+	CHECK(f);
+	CHECK(fgets(hash, sizeof(hash), f));
+	CHECK(pclose(f) == 0);
+	hash[strcspn(hash, "\n")] = 0;
+	root = json_load_file(plant, 0, &jerr);
+	CHECK(root);
+	planted = json_object_get(root, "planted");
+	query = json_object_get(root, "query");
+	CHECK(json_is_array(planted) && json_is_array(query));
+	CHECK(strcmp(json_string_value(json_object_get(root, "hash")), hash) == 0);
+
+	snprintf(cmd, sizeof(cmd), "%s/s", dir);
+	l = tl_loader(cmd, 32 << 20, 0);
+	CHECK_RC(ckv_prefix_open(l, hash, &p), l);
+	ckv_prefix_shape(p, &sh);
+	np = (uint32_t)json_array_size(planted);
+	CHECK(np == (uint32_t)llround(frac * sh.chunks));
+	is_planted = calloc(sh.chunks, 1);
+	sel = malloc(sizeof(*sel) * sh.chunks);
+	sc = malloc(sizeof(*sc) * sh.chunks);
+	q = malloc(sizeof(*q) * 2 * sh.kv_heads * sh.head_dim);
+	CHECK(is_planted && sel && sc && q && json_array_size(query) == sh.layers);
+	for (size_t i = 0; i < np; i++)
+		is_planted[json_integer_value(json_array_get(planted, i))] = 1;
+	for (uint32_t layer = 0; layer < sh.layers; layer++) {
+		json_t *lq = json_array_get(query, layer);
+
+		/* [1][kv_heads][D] (q_heads = kv_heads), and GQA [1][2 kv_heads][D] */
+		for (int gqa = 0; gqa < 2; gqa++) {
+			uint32_t qh = sh.kv_heads * (gqa ? 2 : 1);
+			const double budgets[3] = { frac + 2.0 / sh.chunks, 1.5 * frac, 2 * frac };
+
+			for (uint32_t h = 0; h < qh; h++)
+				for (uint32_t d = 0; d < sh.head_dim; d++)
+					q[(size_t)h * sh.head_dim + d] = (float)json_real_value(
+						json_array_get(json_array_get(lq, gqa ? h / 2 : h), d));
+			CHECK_RC(ckv_digest_scores(p, layer, q, 1, qh, sc), l);
+			for (int b = 0; b < 3; b++) {
+				int n = ckv_select_topk(sc, sh.chunks, budgets[b], sel);
+				uint32_t hit = 0;
+
+				CHECK(n > 0);
+				for (int i = 0; i < n; i++)
+					hit += is_planted[sel[i]];
+				if (hit < 0.95 * np) {
+					fprintf(stderr, "%s layer %u budget %.4f: %u of %u planted chunks found\n",
+						preset, layer, budgets[b], hit, np);
+					exit(1);
+				}
+			}
+		}
+	}
+	free(is_planted);
+	free(sel);
+	free(sc);
+	free(q);
+	json_decref(root);
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	CHECK(system(cmd) == 0);
+}
+
+int main(int argc, char **argv)
+{
+	const char *ckv = ckv_tool(argv[0]);
+
+	(void)argc;
+	check_topk();
+	check_scores();
+	if (access(ckv, X_OK) != 0) {
+		fprintf(stderr, "%s: not found (set CKV_BUILD)\n", ckv);
+		return 1;
+	}
+	check_planted(ckv, "qwen2.5-0.5b", 4096, 0.05);
+	check_planted(ckv, "qwen2.5-0.5b", 3000, 0.1);
+	check_planted(ckv, "qwen2.5-7b", 2048, 0.2);
+	printf("ok\n");
+	return 0;
+}
