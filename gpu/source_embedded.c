@@ -96,7 +96,7 @@ static int pfx_refs(struct esource *es, uint32_t pid, uint32_t layer, enum ckv_s
 {
 	struct eprefix *ep = pfx_get(es, pid);
 	const ckv_manifest *m;
-	ckv_efile **files;
+	ckv_efile **files = NULL;
 	ckv_chunk_ref *r;
 	int rc;
 
@@ -202,7 +202,7 @@ static int es_open(ckv_source *s, const ckv_hash *h, ckv_manifest **mout, uint32
 		if (rc == -ENOENT)
 			snprintf(s->err, sizeof(s->err), "prefix %s: not stored", hex);
 		else
-			snprintf(s->err, sizeof(s->err), "prefix %s: %s", hex,
+			snprintf(s->err, sizeof(s->err), "prefix %s: %.400s", hex,
 				 err.msg[0] ? err.msg : strerror(-rc));
 		pthread_mutex_destroy(&ep->lock);
 		free(ep);
