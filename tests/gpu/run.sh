@@ -1,0 +1,36 @@
+#!/bin/bash
+# Everything that needs a GPU, in one go (run it on the GPU machine):
+#   tests/gpu/run.sh        build, CUDA unit tests, loader tests on the CUDA backend
+#   tests/gpu/run.sh -b     ... and the GPU benchmarks (bench-gather, bench-loader, bench-fs)
+# Writes logs to $OUT (or ./build/gpu-run) and prints a summary last.
+set -u
+cd "$(dirname "$0")/../.."
+out=${OUT:-build/gpu-run}
+mkdir -p "$out"
+bench=0
+[ "${1:-}" = "-b" ] && bench=1
+export PATH=/usr/local/cuda/bin:$PATH
+export ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+make -j"$(nproc)" all > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+pass=0 fail=0 skip=0
+run() { # name, command...
+	local name=$1
+	shift
+	"$@" > "$out/$name.log" 2>&1
+	case $? in
+	0) pass=$((pass + 1)); echo "ok   $name" ;;
+	77) skip=$((skip + 1)); echo "skip $name: $(tail -n 1 "$out/$name.log")" ;;
+	*) fail=$((fail + 1)); echo "FAIL $name"; tail -n 20 "$out/$name.log" | sed 's/^/    /' ;;
+	esac
+}
+for t in build/tests/gpu/*; do run "$(basename "$t")" "$t"; done
+for t in build/tests/test_loader_*; do run "$(basename "$t")-cuda" env CKV_TEST_BACKEND=cuda "$t"; done
+if [ $bench = 1 ]; then
+	run bench-gather build/bench-gather
+	run bench-loader build/bench-loader -r 5 --backend cuda "$(mktemp -d)"
+	run bench-fs env CKV_BUILD="$PWD/build" tools/bench-fs.sh -t 16384 -n 10000 -R 3
+	for b in bench-gather bench-loader bench-fs; do echo "== $b"; tail -n 14 "$out/$b.log"; done
+fi
+echo "gpu: $pass passed, $fail failed, $skip skipped"
+[ $fail -eq 0 ]
