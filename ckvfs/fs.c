@@ -4,9 +4,12 @@
  * The mounted view:
  *   /by-hash/<hash>/{manifest.json,tokens.bin,sums.xxh3,layer_NNN.kv}
  *   /by-model/<org>/<name>/<hash> -> ../../../by-hash/<hash>
- *   /import/                        (write side: a later issue; see "import hooks")
+ *   /import/<name>/                 staging areas: caches written by engines
  *   /.ckv/stats                     JSON counters, regenerated at each open
- * Every file of a published prefix is byte-identical to `ckv export`.
+ * Every file of a published prefix is byte-identical to `ckv export`. A
+ * directory made under by-hash/ or import/ is a staging area, written
+ * through to STORE/incoming/ and published by a worker thread once
+ * complete and verified (see "staging areas" below).
  *
  * Inode numbers. Fixed nodes (root, by-hash, ...) have small numbers. Every
  * other inode is (id << 12) | idx: a prefix's id comes from its hash (top
@@ -52,12 +55,19 @@
  * to the prefix data (its ckv_pview: record, segment sums) and to their
  * engine files, so a removed prefix's open files read on.
  *
+ * Inodes of staging areas and their files are (1 << 62) | serial: neither
+ * a prefix's (bit 63) nor a by-model directory's (small).
+ *
  * Locking. fs->lock protects the prefix table, the by-model directory
  * table, the cached model index pointer, the generation and the watcher's
  * flags; it is never held across store, engine or FUSE reply calls. Prefix
  * data, views, open files and the model index are reference counted; a read
  * holds its file handle (the kernel may send RELEASE as soon as the reply
- * is written).
+ * is written). fs->stg_lock protects the staging areas and their nodes;
+ * the two locks are never held together. A request that would change an
+ * area the publisher is verifying waits on fs->stg_cond; the publisher
+ * wakes it before it sends the kernel any notification, and notifies with
+ * no lock held.
  */
 #define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 14)
 
@@ -67,6 +77,7 @@
 #include <float.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <dirent.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -74,6 +85,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -131,6 +143,16 @@ enum {
 #define XA_WILLNEED "user.ckv.willneed"
 #define XA_SCORES "user.ckv.scores"
 #define XA_RESIDENT "user.ckv.resident"
+#define XA_STATE "user.ckv.state"         /* staging areas: staging|verifying|failed|published */
+#define XA_ERROR "user.ckv.error"         /* why a staging area is not published */
+#define XA_PUBLISHED "user.ckv.published" /* the hash an area published last */
+#define XA_CKV_PREFIX "user.ckv."
+
+#define STG_INO_BIT (1ull << 62) /* staging inodes: (STG_INO_BIT | serial); never a prefix's or by-model's */
+#define STG_BUCKETS 4096
+#define TMO_STAGE 1.0             /* staging entries and attributes (publication invalidates them) */
+#define MANIFEST_MAX (1u << 20)
+#define PROBLEMS_MAX 4            /* problems of an area listed in user.ckv.error */
 
 static const char SYMLINK_UP[] = "../../../by-hash/";
 
@@ -191,7 +213,9 @@ struct mindex {
 	struct mentry *e;          /* sorted by (org, name, hash) */
 };
 
-enum fh_kind { FH_BUF, FH_LAYER };
+enum fh_kind { FH_BUF, FH_LAYER, FH_STAGE };
+
+struct area;
 
 /*
  * An open file. Referenced by the open (dropped at release) and by each
@@ -214,6 +238,53 @@ struct fh {
 	_Atomic uint64_t last_end; /* end of the previous read: stream detection */
 	_Atomic uint64_t run_start; /* where the current sequential run began */
 	_Atomic uint32_t ra_next;  /* direct_io streams: first chunk not yet read ahead */
+	/* FH_STAGE: a file of a staging area */
+	int fd;                    /* the backing file, closed with the last reference */
+	bool writable;             /* counted in area->writers until release */
+	struct area *area;         /* a reference until release */
+};
+
+/*
+ * Staging areas (the write side; see "staging areas" below). A node is a
+ * file of an area, or the area's directory (embedded in the area).
+ */
+struct snode {
+	struct snode *next_ino, *next_bk; /* hash chains; fs->stg_lock */
+	fuse_ino_t ino;              /* immutable */
+	struct area *area;           /* immutable; a reference (not for the directory's own node) */
+	int fd;                      /* immutable: O_PATH of the backing file; -1: the directory */
+	dev_t bdev;                  /* immutable: backing identity */
+	ino_t bino;
+	uint64_t nlookup;            /* fs->stg_lock */
+	bool stale;                  /* fs->stg_lock: its content was published; attributes frozen */
+};
+
+enum area_kind { AREA_BY_HASH, AREA_IMPORT };
+enum area_state {
+	AS_STAGING,   /* being written; checked after each quiet period */
+	AS_VERIFYING, /* the publisher checks / imports it: changes wait */
+	AS_PUBLISHED, /* by-hash: published and deleted; its inodes stand for the prefix */
+	AS_REMOVED,   /* rmdir'ed */
+};
+
+struct area {
+	struct area *next;           /* fs->areas; fs->stg_lock */
+	unsigned refs;               /* fs->stg_lock: the list, file nodes, handles, the kernel (dir.nlookup) */
+	enum area_kind kind;         /* immutable */
+	char *name;                  /* immutable */
+	char *path;                  /* immutable: "by-hash/<name>", as messages name it */
+	char *bpath;                 /* immutable: STORE/incoming/<kind>/<name> */
+	int dfd;                     /* immutable: the backing directory */
+	struct snode dir;            /* the directory's node (fd -1) */
+	enum area_state state;       /* fs->stg_lock */
+	bool dirty;                  /* fs->stg_lock: changed since the last check */
+	int64_t last_ns;             /* fs->stg_lock: when the last change ended */
+	unsigned busy;               /* fs->stg_lock: requests changing it right now */
+	unsigned writers;            /* fs->stg_lock: open handles that may write */
+	char *error;                 /* fs->stg_lock: why it is not published, or NULL */
+	ckv_hash published;          /* fs->stg_lock: by-hash: the prefix; import: the last one */
+	bool has_published;          /* fs->stg_lock */
+	bool idle_published;         /* fs->stg_lock: emptied by a publication, unchanged since */
 };
 
 /* An open directory: a snapshot of its entries taken at opendir. */
@@ -259,6 +330,28 @@ struct ckvfs {
 	_Atomic uint64_t invalidations, retention_loaded, retention_saved, warm_chunks;
 	_Atomic uint64_t ra_chunks;     /* chunks read ahead for direct_io streams */
 	_Atomic uint64_t ra_inflight;   /* of those, not yet delivered; drained before close */
+
+	/*
+	 * The write side. stg_lock protects the areas, the node tables and
+	 * every field marked so in struct area and struct snode; it is never
+	 * held together with fs->lock, nor across a store call, a FUSE reply
+	 * or notification; backing syscalls under it are short (unlink of an
+	 * empty directory, close).
+	 */
+	pthread_mutex_t stg_lock;
+	pthread_cond_t stg_cond;        /* stg_lock: an area left AS_VERIFYING */
+	pthread_cond_t pub_cond;        /* stg_lock: wakes the publisher (CLOCK_MONOTONIC) */
+	struct area *areas;             /* stg_lock: live areas (staging or verifying) */
+	size_t nareas;                  /* stg_lock */
+	struct snode **stg_ino, **stg_bk; /* stg_lock: [STG_BUCKETS] by inode / backing identity */
+	uint64_t stg_serial;            /* stg_lock: last staging inode serial */
+	bool stg_stop;                  /* stg_lock */
+	int incoming_fd;                /* STORE/incoming; -1: writing disabled */
+	int incoming_lock_fd;           /* flock'ed incoming/lock */
+	int kind_fd[2];                 /* incoming/by-hash, incoming/import */
+	pthread_t publisher;
+	bool publisher_running;
+	_Atomic uint64_t writes, write_bytes, write_errors, publishes, publish_failures;
 };
 
 /* ---- small helpers -------------------------------------------------------- */
@@ -296,9 +389,11 @@ static bool is_pfx_ino(fuse_ino_t ino)
 	return ino_id(ino) & PFX_ID_BIT;
 }
 
+static bool is_stg_ino(fuse_ino_t ino);
+
 static bool is_mdir_ino(fuse_ino_t ino)
 {
-	return !is_pfx_ino(ino) && ino_id(ino) != 0 && ino_idx(ino) == IDX_MDIR;
+	return !is_pfx_ino(ino) && !is_stg_ino(ino) && ino_id(ino) != 0 && ino_idx(ino) == IDX_MDIR;
 }
 
 static uint64_t pfx_id_of(const ckv_hash *h)
@@ -534,25 +629,29 @@ static int pfx_attr(const struct ckvfs *fs, const struct pdata *pd, uint64_t id,
 	const ckv_manifest *m = pd->m;
 	struct timespec created = ts_of(m->created, 0), t = created;
 	fuse_ino_t ino = make_ino(id, idx);
+	bool md = m->has_modes; /* copied in through a mount: the modes it came with */
 
 	switch (idx) {
 	case IDX_DIR:
-		attr_fill(fs, st, ino, S_IFDIR | 0555, 2, 0, created, created);
+		if (m->has_dir_time)
+			t = ts_of(m->t_dir.sec, m->t_dir.nsec);
+		attr_fill(fs, st, ino, S_IFDIR | (md ? m->mode_dir : 0555), 2, 0, t, created);
 		return 0;
 	case IDX_MANIFEST:
 		if (m->has_times)
 			t = ts_of(m->t_manifest.sec, m->t_manifest.nsec);
-		attr_fill(fs, st, ino, S_IFREG | 0444, 1, pd->json_len, t, created);
+		attr_fill(fs, st, ino, S_IFREG | (md ? m->mode_manifest : 0444), 1, pd->json_len, t, created);
 		return 0;
 	case IDX_TOKENS:
 		if (m->has_times)
 			t = ts_of(m->t_tokens.sec, m->t_tokens.nsec);
-		attr_fill(fs, st, ino, S_IFREG | 0444, 1, (uint64_t)m->tokens * 4, t, created);
+		attr_fill(fs, st, ino, S_IFREG | (md ? m->mode_tokens : 0444), 1, (uint64_t)m->tokens * 4, t,
+			  created);
 		return 0;
 	case IDX_SUMS:
 		if (m->has_times)
 			t = ts_of(m->t_sums.sec, m->t_sums.nsec);
-		attr_fill(fs, st, ino, S_IFREG | 0444, 1,
+		attr_fill(fs, st, ino, S_IFREG | (md ? m->mode_sums : 0444), 1,
 			  CKV_SIDE_HEADER + (uint64_t)m->geom.layers * m->chunks * 8, t, created);
 		return 0;
 	case IDX_LINK:
@@ -566,7 +665,7 @@ static int pfx_attr(const struct ckvfs *fs, const struct pdata *pd, uint64_t id,
 			const ckv_ftime *lt = &m->t_layers[idx - IDX_LAYER0];
 			t = ts_of(lt->sec, lt->nsec);
 		}
-		attr_fill(fs, st, ino, S_IFREG | 0444, 1, layer_size(m), t, created);
+		attr_fill(fs, st, ino, S_IFREG | (md ? m->mode_layers : 0444), 1, layer_size(m), t, created);
 		return 0;
 	}
 }
@@ -1174,7 +1273,7 @@ static int list_by_model(struct ckvfs *fs, struct dirh *dh, const char *org, con
 static int stats_json(struct ckvfs *fs, char **out, size_t *len)
 {
 	ckv_engine_stats st;
-	uint64_t gen, np;
+	uint64_t gen, np, nareas;
 	char *buf;
 	int n;
 
@@ -1182,6 +1281,9 @@ static int stats_json(struct ckvfs *fs, char **out, size_t *len)
 	if (fs->engine)
 		ckv_engine_get_stats(fs->engine, &st);
 	gen = fs_gen(fs, &np);
+	pthread_mutex_lock(&fs->stg_lock);
+	nareas = fs->nareas;
+	pthread_mutex_unlock(&fs->stg_lock);
 	buf = malloc(4096);
 	if (!buf)
 		return -ENOMEM;
@@ -1215,6 +1317,12 @@ static int stats_json(struct ckvfs *fs, char **out, size_t *len)
 		     "  \"retention_loaded\": %" PRIu64 ",\n"
 		     "  \"warm_chunks\": %" PRIu64 ",\n"
 		     "  \"daemon_readahead\": %" PRIu64 ",\n"
+		     "  \"fuse_writes\": %" PRIu64 ",\n"
+		     "  \"fuse_write_bytes\": %" PRIu64 ",\n"
+		     "  \"fuse_write_errors\": %" PRIu64 ",\n"
+		     "  \"staging_areas\": %" PRIu64 ",\n"
+		     "  \"published_from_mount\": %" PRIu64 ",\n"
+		     "  \"publish_failures\": %" PRIu64 ",\n"
 		     "  \"prefixes\": %" PRIu64 ",\n"
 		     "  \"generation\": %" PRIu64 "\n"
 		     "}\n",
@@ -1227,7 +1335,9 @@ static int stats_json(struct ckvfs *fs, char **out, size_t *len)
 		     atomic_load(&fs->stream_reads), atomic_load(&fs->hints_willneed),
 		     atomic_load(&fs->hints_scores), atomic_load(&fs->hints_rejected),
 		     atomic_load(&fs->invalidations), atomic_load(&fs->retention_loaded),
-		     atomic_load(&fs->warm_chunks), atomic_load(&fs->ra_chunks), np, gen);
+		     atomic_load(&fs->warm_chunks), atomic_load(&fs->ra_chunks), atomic_load(&fs->writes),
+		     atomic_load(&fs->write_bytes), atomic_load(&fs->write_errors), nareas,
+		     atomic_load(&fs->publishes), atomic_load(&fs->publish_failures), np, gen);
 	if (n < 0 || n >= 4096) {
 		free(buf);
 		return -EOVERFLOW;
@@ -1711,6 +1821,8 @@ static void fh_put(struct fh *h)
 		return;
 	if (h->own_buf)
 		free(h->buf);
+	if (h->kind == FH_STAGE && h->fd >= 0)
+		close(h->fd);
 	if (h->files) {
 		layer_put(h->pd, h->files);
 		free(h->files);
@@ -1719,29 +1831,7 @@ static void fh_put(struct fh *h)
 	free(h);
 }
 
-/* ---- import hooks ----------------------------------------------------------- */
-/*
- * The write side of /import and of new directories under /by-hash comes in
- * a later issue (DESIGN §4: staging areas verified and published). Every
- * mutating operation lands here first; for now nothing is writable.
- */
-static int import_mkdir(struct ckvfs *fs, fuse_ino_t parent, const char *name)
-{
-	(void)fs;
-	(void)parent;
-	(void)name;
-	return -EROFS;
-}
-
-static int import_create(struct ckvfs *fs, fuse_ino_t parent, const char *name)
-{
-	(void)fs;
-	(void)parent;
-	(void)name;
-	return -EROFS;
-}
-
-/* ---- FUSE operations ----------------------------------------------------- */
+/* ---- entries ----------------------------------------------------------------- */
 
 static void entry_reply(fuse_req_t req, const struct stat *st, double entry_tmo, double attr_tmo)
 {
@@ -1755,6 +1845,1550 @@ static void entry_reply(fuse_req_t req, const struct stat *st, double entry_tmo,
 	e.attr_timeout = attr_tmo;
 	fuse_reply_entry(req, &e);
 }
+
+/* ---- staging areas: the write side (DESIGN §4) ------------------------------ */
+/*
+ * A directory made under by-hash/ or import/ is a staging area. Its files
+ * are real files in STORE/incoming/<by-hash|import>/<name>/ (same disk as
+ * the store, so a write is one pwrite and publishing reads them in place);
+ * every operation passes through to them. A node (struct snode) holds an
+ * O_PATH descriptor of its backing file, so it keeps its identity through
+ * renames and unlinks (passthrough_ll's way); the area's directory node is
+ * part of the area.
+ *
+ * The publisher thread checks an area once it has been quiet for
+ * publish_delay (no request changing it in flight, no file open for
+ * writing, no change for that long): cp -a and rsync -a set times and modes
+ * of files and of the directory after writing them, and must see a staging
+ * file, not a published one. A check first looks at names and sizes only
+ * (area_check); when the manifest, tokens and every layer file are there
+ * with their exact sizes, leftover dot files (a killed rsync's temporaries)
+ * are removed and ckv_store_import verifies and publishes the directory in
+ * place, with the directory's name as the expected hash under by-hash/.
+ * While it runs the area is AS_VERIFYING and requests that would change it
+ * wait. Then a by-hash area is deleted and its inodes stand for the
+ * published prefix (AS_PUBLISHED); an import area is emptied and stays. A
+ * failed check leaves everything as it is, with the reason in
+ * user.ckv.error and the log; the next change starts the clock again.
+ *
+ * Published data never changes: writes, creates, renames and unlinks get
+ * EROFS, and a setattr is accepted only when it changes nothing that is
+ * kept (mode, owner, size, mtime), which is what a second rsync -a or a
+ * late utimens of a copy tool asks for.
+ */
+
+static bool is_stg_ino(fuse_ino_t ino)
+{
+	return ((uint64_t)ino >> 62) == 1;
+}
+
+static size_t stg_bucket(uint64_t key)
+{
+	return (size_t)((key * 0x9e3779b97f4a7c15ull) >> 40) & (STG_BUCKETS - 1);
+}
+
+/* fs->stg_lock held. */
+static struct snode *snode_by_ino(struct ckvfs *fs, fuse_ino_t ino)
+{
+	for (struct snode *n = fs->stg_ino[stg_bucket(ino)]; n; n = n->next_ino)
+		if (n->ino == ino)
+			return n;
+	return NULL;
+}
+
+/* fs->stg_lock held. */
+static struct snode *snode_by_backing(struct ckvfs *fs, dev_t dev, ino_t bino)
+{
+	for (struct snode *n = fs->stg_bk[stg_bucket((uint64_t)bino ^ (uint64_t)dev << 32)]; n;
+	     n = n->next_bk)
+		if (n->bino == bino && n->bdev == dev)
+			return n;
+	return NULL;
+}
+
+/* fs->stg_lock held. Directory nodes (fd < 0) are found by inode only. */
+static void snode_link(struct ckvfs *fs, struct snode *n)
+{
+	size_t k = stg_bucket(n->ino);
+
+	n->next_ino = fs->stg_ino[k];
+	fs->stg_ino[k] = n;
+	if (n->fd >= 0) {
+		k = stg_bucket((uint64_t)n->bino ^ (uint64_t)n->bdev << 32);
+		n->next_bk = fs->stg_bk[k];
+		fs->stg_bk[k] = n;
+	}
+}
+
+/* fs->stg_lock held. */
+static void snode_unlink(struct ckvfs *fs, struct snode *n)
+{
+	struct snode **pp = &fs->stg_ino[stg_bucket(n->ino)];
+
+	while (*pp && *pp != n)
+		pp = &(*pp)->next_ino;
+	if (*pp)
+		*pp = n->next_ino;
+	if (n->fd >= 0) {
+		pp = &fs->stg_bk[stg_bucket((uint64_t)n->bino ^ (uint64_t)n->bdev << 32)];
+		while (*pp && *pp != n)
+			pp = &(*pp)->next_bk;
+		if (*pp)
+			*pp = n->next_bk;
+	}
+}
+
+/* fs->stg_lock held. */
+static void area_get(struct area *a)
+{
+	a->refs++;
+}
+
+/* fs->stg_lock held. The last reference frees the area and its directory node. */
+static void area_put(struct ckvfs *fs, struct area *a)
+{
+	assert(a->refs > 0);
+	if (--a->refs)
+		return;
+	snode_unlink(fs, &a->dir);
+	close(a->dfd);
+	free(a->name);
+	free(a->path);
+	free(a->bpath);
+	free(a->error);
+	free(a);
+}
+
+/* fs->stg_lock held. A lookup of an area's directory: the kernel's reference to the area. */
+static void area_dir_lookup(struct area *a)
+{
+	if (a->dir.nlookup++ == 0)
+		area_get(a);
+}
+
+/* fs->stg_lock held. A live area of kind by name. */
+static struct area *area_find(struct ckvfs *fs, enum area_kind kind, const char *name)
+{
+	for (struct area *a = fs->areas; a; a = a->next)
+		if (a->kind == kind && !strcmp(a->name, name))
+			return a;
+	return NULL;
+}
+
+/* fs->stg_lock held. Take a out of the list (published or removed). */
+static void area_unlist(struct ckvfs *fs, struct area *a)
+{
+	struct area **pp = &fs->areas;
+
+	while (*pp && *pp != a)
+		pp = &(*pp)->next;
+	if (*pp) {
+		*pp = a->next;
+		fs->nareas--;
+		area_put(fs, a);
+	}
+}
+
+/* fs->stg_lock held. A change ended: the quiet period starts (again). */
+static void area_touch(struct ckvfs *fs, struct area *a)
+{
+	a->dirty = true;
+	a->idle_published = false;
+	a->last_ns = now_ns();
+	pthread_cond_signal(&fs->pub_cond);
+}
+
+/*
+ * Wait until the publisher is done with a (AS_VERIFYING), then, for a
+ * change, count it in flight (area_leave ends it). -EROFS: its content was
+ * published (a by-hash area, or n is a file of a publication); -ENOENT: the
+ * area was removed.
+ */
+static int area_enter(struct ckvfs *fs, struct area *a, const struct snode *n, bool change)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	while (a->state == AS_VERIFYING)
+		pthread_cond_wait(&fs->stg_cond, &fs->stg_lock);
+	if (a->state == AS_PUBLISHED || (n && n->stale))
+		rc = -EROFS;
+	else if (a->state == AS_REMOVED)
+		rc = -ENOENT;
+	else if (change)
+		a->busy++;
+	pthread_mutex_unlock(&fs->stg_lock);
+	return rc;
+}
+
+static void area_leave(struct ckvfs *fs, struct area *a)
+{
+	pthread_mutex_lock(&fs->stg_lock);
+	assert(a->busy > 0);
+	a->busy--;
+	area_touch(fs, a);
+	pthread_mutex_unlock(&fs->stg_lock);
+}
+
+/* The node of a staging inode; the kernel keeps it alive while a request names it. */
+static struct snode *snode_get(struct ckvfs *fs, fuse_ino_t ino)
+{
+	struct snode *n;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	n = snode_by_ino(fs, ino);
+	pthread_mutex_unlock(&fs->stg_lock);
+	return n;
+}
+
+static bool snode_is_dir(const struct snode *n)
+{
+	return n == &n->area->dir;
+}
+
+/* "/proc/self/fd/N": reopens / changes the file behind an O_PATH descriptor. */
+static void proc_path(int fd, char out[40])
+{
+	snprintf(out, 40, "/proc/self/fd/%d", fd);
+}
+
+/*
+ * The data of a published prefix, for an inode that stands for it (a
+ * by-hash area after publication), without keeping a lookup count.
+ */
+static int pfx_peek(struct ckvfs *fs, const ckv_hash *h, uint64_t *id, struct pdata **pd)
+{
+	int rc = pfx_acquire(fs, h, id, pd);
+
+	if (rc == 0)
+		pfx_forget(fs, make_ino(*id, IDX_DIR), 1);
+	return rc;
+}
+
+/* Attributes of a staging node: the backing file's, or the prefix's once published. */
+static int stg_stat(struct ckvfs *fs, struct snode *n, struct stat *st)
+{
+	struct area *a = n->area;
+
+	if (snode_is_dir(n)) {
+		ckv_hash h;
+		bool pub;
+
+		pthread_mutex_lock(&fs->stg_lock);
+		pub = a->state == AS_PUBLISHED;
+		h = a->published;
+		pthread_mutex_unlock(&fs->stg_lock);
+		if (pub) {
+			struct pdata *pd;
+			uint64_t id;
+			int rc = pfx_peek(fs, &h, &id, &pd);
+
+			if (rc < 0)
+				return rc;
+			pfx_attr(fs, pd, id, IDX_DIR, st);
+			pdata_put(pd);
+			st->st_ino = n->ino;
+			return 0;
+		}
+		if (fstat(a->dfd, st) < 0)
+			return -errno;
+	} else if (fstat(n->fd, st) < 0) {
+		return -errno;
+	}
+	st->st_ino = n->ino;
+	st->st_dev = 0;
+	st->st_blksize = READ_MAX;
+	return 0;
+}
+
+/*
+ * The node of regular file `name` of area a, made on first sight, with a
+ * lookup counted; st gets its attributes. Only regular files are shown.
+ */
+static int snode_lookup(struct ckvfs *fs, struct area *a, const char *name, struct stat *st,
+			struct snode **out)
+{
+	int fd = openat(a->dfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	struct snode *n;
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, st) < 0) {
+		int rc = -errno;
+		close(fd);
+		return rc;
+	}
+	if (!S_ISREG(st->st_mode)) {
+		close(fd);
+		return -ENOENT;
+	}
+	pthread_mutex_lock(&fs->stg_lock);
+	n = snode_by_backing(fs, st->st_dev, st->st_ino);
+	if (n) {
+		n->nlookup++;
+		pthread_mutex_unlock(&fs->stg_lock);
+		close(fd);
+	} else {
+		n = calloc(1, sizeof(*n));
+		if (!n) {
+			pthread_mutex_unlock(&fs->stg_lock);
+			close(fd);
+			return -ENOMEM;
+		}
+		n->ino = (fuse_ino_t)(STG_INO_BIT | ++fs->stg_serial);
+		n->fd = fd;
+		n->bdev = st->st_dev;
+		n->bino = st->st_ino;
+		n->area = a;
+		n->nlookup = 1;
+		area_get(a);
+		snode_link(fs, n);
+		pthread_mutex_unlock(&fs->stg_lock);
+	}
+	st->st_ino = n->ino;
+	st->st_dev = 0;
+	st->st_blksize = READ_MAX;
+	*out = n;
+	return 0;
+}
+
+static void stg_forget(struct ckvfs *fs, fuse_ino_t ino, uint64_t nl)
+{
+	struct snode *n;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	n = snode_by_ino(fs, ino);
+	if (n) {
+		struct area *a = n->area;
+
+		assert(n->nlookup >= nl);
+		n->nlookup -= nl < n->nlookup ? nl : n->nlookup;
+		if (!n->nlookup) {
+			if (snode_is_dir(n)) {
+				area_put(fs, a); /* the kernel's reference */
+			} else {
+				snode_unlink(fs, n);
+				close(n->fd);
+				free(n);
+				area_put(fs, a);
+			}
+		}
+	}
+	pthread_mutex_unlock(&fs->stg_lock);
+}
+
+/*
+ * A new area over the existing backing directory kind/name: listed (the
+ * list's reference), with a lookup of its directory counted when `lookup`.
+ */
+static int area_new(struct ckvfs *fs, enum area_kind kind, const char *name, bool lookup,
+		    struct area **out)
+{
+	static const char *const kinds[] = { "by-hash", "import" };
+	struct area *a = calloc(1, sizeof(*a));
+	int rc = -ENOMEM;
+
+	if (!a)
+		return -ENOMEM;
+	a->dfd = openat(fs->kind_fd[kind], name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (a->dfd < 0) {
+		rc = -errno;
+		free(a);
+		return rc;
+	}
+	a->kind = kind;
+	a->name = strdup(name);
+	if (asprintf(&a->path, "%s/%s", kinds[kind], name) < 0)
+		a->path = NULL;
+	if (asprintf(&a->bpath, "%s/incoming/%s/%s", fs->store_path, kinds[kind], name) < 0)
+		a->bpath = NULL;
+	if (!a->name || !a->path || !a->bpath) {
+		close(a->dfd);
+		free(a->name);
+		free(a->path);
+		free(a->bpath);
+		free(a);
+		return rc;
+	}
+	a->dir.fd = -1;
+	a->dir.area = a;
+	a->refs = 1;
+	a->state = AS_STAGING;
+	pthread_mutex_lock(&fs->stg_lock);
+	if (area_find(fs, kind, name)) {
+		pthread_mutex_unlock(&fs->stg_lock);
+		close(a->dfd);
+		free(a->name);
+		free(a->path);
+		free(a->bpath);
+		free(a);
+		return -EEXIST;
+	}
+	a->dir.ino = (fuse_ino_t)(STG_INO_BIT | ++fs->stg_serial);
+	snode_link(fs, &a->dir);
+	a->next = fs->areas;
+	fs->areas = a;
+	fs->nareas++;
+	area_touch(fs, a);
+	if (lookup)
+		area_dir_lookup(a);
+	pthread_mutex_unlock(&fs->stg_lock);
+	*out = a;
+	return 0;
+}
+
+/* "by-hash/<name>": only a prefix hash (32 lowercase hex digits). */
+static bool hash_name(const char *name, ckv_hash *h)
+{
+	char hex[CKV_HASH_HEX + 1];
+
+	if (strlen(name) != CKV_HASH_HEX || ckv_hash_parse(h, name) < 0)
+		return false;
+	ckv_hash_hex(h, hex);
+	return !strcmp(hex, name);
+}
+
+/* mkdir by-hash/<hash> or import/<name>: a new staging area. */
+static int stg_mkdir_area(struct ckvfs *fs, fuse_ino_t parent, const char *name, mode_t mode,
+			  struct stat *st)
+{
+	enum area_kind kind = parent == INO_BY_HASH ? AREA_BY_HASH : AREA_IMPORT;
+	struct area *a;
+	ckv_hash h;
+	int rc;
+
+	if (fs->incoming_fd < 0)
+		return -EROFS;
+	if (kind == AREA_BY_HASH) {
+		ckv_manifest *m = NULL;
+
+		if (!hash_name(name, &h)) {
+			fuse_log(FUSE_LOG_WARNING,
+				 "ckvfs: mkdir by-hash/%s: not a prefix hash (32 lowercase hex digits); "
+				 "copy a cache into import/<any name>/ to publish it under the hash of its tokens\n",
+				 name);
+			return -EINVAL;
+		}
+		rc = ckv_store_get(fs->store, &h, &m, NULL);
+		if (m) {
+			ckv_manifest_free(m);
+			free(m);
+		}
+		if (rc == 0)
+			return -EEXIST;
+	}
+	if (mkdirat(fs->kind_fd[kind], name, mode & 07777) < 0)
+		return -errno;
+	rc = area_new(fs, kind, name, true, &a);
+	if (rc < 0) {
+		unlinkat(fs->kind_fd[kind], name, AT_REMOVEDIR);
+		return rc;
+	}
+	if (fstat(a->dfd, st) < 0)
+		memset(st, 0, sizeof(*st));
+	st->st_ino = a->dir.ino;
+	st->st_dev = 0;
+	st->st_blksize = READ_MAX;
+	return 0;
+}
+
+/* rmdir by-hash/<hash> or import/<name> of an (empty) staging area. */
+static int stg_rmdir_area(struct ckvfs *fs, fuse_ino_t parent, const char *name)
+{
+	enum area_kind kind = parent == INO_BY_HASH ? AREA_BY_HASH : AREA_IMPORT;
+	struct area *a;
+	int rc = 0;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	a = area_find(fs, kind, name);
+	if (a) {
+		area_get(a);
+		while (a->state == AS_VERIFYING)
+			pthread_cond_wait(&fs->stg_cond, &fs->stg_lock);
+	}
+	if (!a || a->state != AS_STAGING) {
+		rc = kind == AREA_BY_HASH ? -EROFS : -ENOENT; /* by-hash: a published prefix */
+	} else if (unlinkat(fs->kind_fd[kind], name, AT_REMOVEDIR) < 0) {
+		rc = -errno;
+	} else {
+		a->state = AS_REMOVED;
+		area_unlist(fs, a);
+	}
+	if (a)
+		area_put(fs, a);
+	pthread_mutex_unlock(&fs->stg_lock);
+	return rc;
+}
+
+/* A lookup of by-hash/<name> or import/<name> that names a staging area; -ENOENT if none. */
+static int stg_lookup_area(struct ckvfs *fs, enum area_kind kind, const char *name, struct stat *st)
+{
+	struct area *a;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	a = area_find(fs, kind, name);
+	if (a)
+		area_dir_lookup(a);
+	pthread_mutex_unlock(&fs->stg_lock);
+	if (!a)
+		return -ENOENT;
+	if (fstat(a->dfd, st) < 0)
+		memset(st, 0, sizeof(*st));
+	st->st_ino = a->dir.ino;
+	st->st_dev = 0;
+	st->st_blksize = READ_MAX;
+	return 0;
+}
+
+/* The staging areas of one kind, for readdir of by-hash/ or import/. */
+static int stg_list_areas(struct ckvfs *fs, enum area_kind kind, struct dirh *dh)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	for (struct area *a = fs->areas; a && rc == 0; a = a->next)
+		if (a->kind == kind)
+			rc = dirh_add(dh, a->dir.ino, S_IFDIR, a->name);
+	pthread_mutex_unlock(&fs->stg_lock);
+	return rc;
+}
+
+/*
+ * Whether a setattr on published data changes nothing that is kept (mode,
+ * owner, size, mtime; atime and ctime are not kept): then it is a no-op
+ * that succeeds, as a second rsync -a asks for, else EROFS.
+ */
+static bool attr_unchanged(const struct stat *cur, const struct stat *want, int to_set)
+{
+	if ((to_set & FUSE_SET_ATTR_MODE) && (want->st_mode & 07777) != (cur->st_mode & 07777))
+		return false;
+	if ((to_set & FUSE_SET_ATTR_UID) && want->st_uid != cur->st_uid)
+		return false;
+	if ((to_set & FUSE_SET_ATTR_GID) && want->st_gid != cur->st_gid)
+		return false;
+	if ((to_set & FUSE_SET_ATTR_SIZE) && want->st_size != cur->st_size)
+		return false;
+	if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+		return false;
+	if ((to_set & FUSE_SET_ATTR_MTIME) && (want->st_mtim.tv_sec != cur->st_mtim.tv_sec ||
+					       want->st_mtim.tv_nsec != cur->st_mtim.tv_nsec))
+		return false;
+	return true;
+}
+
+/* A staging directory must be a directory node. */
+static int stg_parent(struct ckvfs *fs, fuse_ino_t parent, struct snode **out)
+{
+	struct snode *p = snode_get(fs, parent);
+
+	if (!p)
+		return -ESTALE;
+	if (!snode_is_dir(p))
+		return -ENOTDIR;
+	*out = p;
+	return 0;
+}
+
+/* A lookup in a by-hash area that was published: the prefix's files. */
+static void stg_lookup_published(fuse_req_t req, struct ckvfs *fs, struct area *a, const char *name)
+{
+	struct pdata *pd;
+	struct stat st;
+	ckv_hash h;
+	uint64_t id;
+	unsigned idx;
+	int rc;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	h = a->published;
+	pthread_mutex_unlock(&fs->stg_lock);
+	rc = pfx_acquire(fs, &h, &id, &pd);
+	if (rc < 0) {
+		fuse_reply_err(req, -rc);
+		return;
+	}
+	idx = pfx_file_idx(pd->m, name);
+	if (!idx) {
+		pdata_put(pd);
+		pfx_forget(fs, make_ino(id, IDX_DIR), 1);
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	pfx_attr(fs, pd, id, idx, &st); /* the acquired lookup stands for this entry */
+	pdata_put(pd);
+	entry_reply(req, &st, TMO_STATIC, TMO_STATIC);
+}
+
+static void stg_lookup(fuse_req_t req, struct ckvfs *fs, fuse_ino_t parent, const char *name)
+{
+	struct snode *p, *n;
+	struct stat st;
+	int rc = stg_parent(fs, parent, &p);
+
+	if (rc == 0)
+		rc = area_enter(fs, p->area, NULL, false);
+	if (rc == -EROFS) {
+		stg_lookup_published(req, fs, p->area, name);
+		return;
+	}
+	if (rc == 0)
+		rc = snode_lookup(fs, p->area, name, &st, &n);
+	if (rc < 0) {
+		fuse_reply_err(req, -rc);
+		return;
+	}
+	entry_reply(req, &st, TMO_STAGE, TMO_STAGE);
+}
+
+/* A handle of a staging file: a reference to its area; writers counted. */
+static struct fh *stage_fh_new(struct ckvfs *fs, struct area *a, int fd, bool writable)
+{
+	struct fh *h = calloc(1, sizeof(*h));
+
+	if (!h)
+		return NULL;
+	atomic_init(&h->refs, 1);
+	h->kind = FH_STAGE;
+	h->fd = fd;
+	h->writable = writable;
+	h->area = a;
+	pthread_mutex_lock(&fs->stg_lock);
+	area_get(a);
+	if (writable)
+		a->writers++;
+	pthread_mutex_unlock(&fs->stg_lock);
+	return h;
+}
+
+/* Release: a writer closing starts the quiet period; the descriptor goes with the last reference. */
+static void stage_release(struct ckvfs *fs, struct fh *h)
+{
+	struct area *a = h->area;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	if (h->writable) {
+		assert(a->writers > 0);
+		a->writers--;
+		area_touch(fs, a);
+	}
+	h->area = NULL;
+	area_put(fs, a);
+	pthread_mutex_unlock(&fs->stg_lock);
+	fh_put(h);
+}
+
+/*
+ * Which staging handles bypass the page cache (direct_io: the kernel hands
+ * the writer's pages to the daemon, one copy less): those opened
+ * write-only (cp, dd, Python "wb"; cp into a mount ran twice as fast), which
+ * cannot be mapped anyway, and temporaries — "."-named files created with
+ * O_EXCL, like rsync's mkstemp files (rsync -a: 0.6 -> 0.8 of a plain
+ * directory). Other handles that can read (np.memmap "w+") keep the page
+ * cache, so shared mmap works on them. `name` is the created file's, or NULL.
+ */
+static bool stage_direct(int flags, const char *name)
+{
+	return (flags & O_ACCMODE) == O_WRONLY || (flags & O_DIRECT) ||
+	       (name && name[0] == '.' && (flags & O_EXCL));
+}
+
+/* Flags for opening a backing file on behalf of the kernel. */
+static int backing_flags(int flags)
+{
+	return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_DIRECT | O_NOFOLLOW)) | O_CLOEXEC;
+}
+
+static void stg_create(fuse_req_t req, struct ckvfs *fs, fuse_ino_t parent, const char *name,
+		       mode_t mode, struct fuse_file_info *fi)
+{
+	struct fuse_entry_param e;
+	struct snode *p, *n = NULL;
+	struct area *a;
+	struct fh *h;
+	int rc = stg_parent(fs, parent, &p), fd;
+	bool writable = (fi->flags & O_ACCMODE) != O_RDONLY;
+
+	if (rc < 0)
+		goto out_err;
+	a = p->area;
+	rc = area_enter(fs, a, NULL, true);
+	if (rc < 0)
+		goto out_err;
+	fd = openat(a->dfd, name, (fi->flags & ~(O_NOCTTY | O_DIRECT)) | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
+		    mode & 07777);
+	if (fd < 0) {
+		rc = -errno;
+		area_leave(fs, a);
+		goto out_err;
+	}
+	memset(&e, 0, sizeof(e));
+	rc = snode_lookup(fs, a, name, &e.attr, &n);
+	h = rc == 0 ? stage_fh_new(fs, a, fd, writable) : NULL;
+	area_leave(fs, a);
+	if (!h) {
+		close(fd);
+		if (n)
+			stg_forget(fs, n->ino, 1);
+		rc = rc < 0 ? rc : -ENOMEM;
+		goto out_err;
+	}
+	e.ino = n->ino;
+	e.generation = 1;
+	e.entry_timeout = TMO_STAGE;
+	e.attr_timeout = TMO_STAGE;
+	fi->fh = (uintptr_t)h;
+	fi->direct_io = stage_direct(fi->flags, name);
+	fi->keep_cache = 0;
+	if (fuse_reply_create(req, &e, fi) == -ENOENT) { /* interrupted: no release, no forget */
+		stage_release(fs, h);
+		stg_forget(fs, n->ino, 1);
+	}
+	return;
+out_err:
+	fuse_reply_err(req, -rc);
+}
+
+static void stg_open(fuse_req_t req, struct ckvfs *fs, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct snode *n = snode_get(fs, ino);
+	bool writable = (fi->flags & O_ACCMODE) != O_RDONLY, change = writable || (fi->flags & O_TRUNC);
+	char proc[40];
+	struct fh *h;
+	int rc = 0, fd;
+
+	if (!n) {
+		fuse_reply_err(req, ESTALE);
+		return;
+	}
+	if (snode_is_dir(n)) {
+		fuse_reply_err(req, EISDIR);
+		return;
+	}
+	if (change) {
+		rc = area_enter(fs, n->area, n, true);
+		if (rc < 0) {
+			fuse_reply_err(req, -rc);
+			return;
+		}
+	}
+	proc_path(n->fd, proc);
+	fd = open(proc, backing_flags(fi->flags));
+	if (fd < 0)
+		rc = -errno;
+	h = fd >= 0 ? stage_fh_new(fs, n->area, fd, writable) : NULL;
+	if (change)
+		area_leave(fs, n->area);
+	if (!h) {
+		if (fd >= 0)
+			close(fd);
+		fuse_reply_err(req, rc < 0 ? -rc : ENOMEM);
+		return;
+	}
+	fi->fh = (uintptr_t)h;
+	fi->direct_io = stage_direct(fi->flags, NULL);
+	fi->keep_cache = 0;
+	if (fuse_reply_open(req, fi) == -ENOENT)
+		stage_release(fs, h);
+}
+
+static void stage_read(fuse_req_t req, struct fh *h, size_t size, off_t off)
+{
+	struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+
+	buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+	buf.buf[0].fd = h->fd;
+	buf.buf[0].pos = off;
+	fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+}
+
+/* One pwrite per request (up to max_write, 1 MiB); a short write is answered as such. */
+static void stage_write(fuse_req_t req, struct ckvfs *fs, struct fh *h, const char *buf, size_t size,
+			off_t off)
+{
+	size_t done = 0;
+	int err = 0;
+
+	if (!h->writable) {
+		fuse_reply_err(req, EBADF);
+		return;
+	}
+	while (done < size) {
+		ssize_t w = pwrite(h->fd, buf + done, size - done, off + (off_t)done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			err = w < 0 ? errno : EIO;
+			break;
+		}
+		done += (size_t)w;
+	}
+	atomic_fetch_add(&fs->writes, 1);
+	if (!done && size) {
+		atomic_fetch_add(&fs->write_errors, 1);
+		fuse_reply_err(req, err);
+		return;
+	}
+	atomic_fetch_add(&fs->write_bytes, done);
+	fuse_reply_write(req, done);
+}
+
+static void stg_setattr(fuse_req_t req, struct ckvfs *fs, fuse_ino_t ino, struct stat *attr,
+			int to_set, struct fuse_file_info *fi)
+{
+	struct snode *n = snode_get(fs, ino);
+	struct fh *h = fi ? (struct fh *)(uintptr_t)fi->fh : NULL;
+	struct stat st;
+	struct area *a;
+	char proc[40];
+	bool dir;
+	int rc;
+
+	if (!n) {
+		fuse_reply_err(req, ESTALE);
+		return;
+	}
+	a = n->area;
+	dir = snode_is_dir(n);
+	if (h && h->kind != FH_STAGE)
+		h = NULL;
+	proc_path(n->fd, proc);
+	rc = area_enter(fs, a, n, true);
+	if (rc == -EROFS) { /* published: a no-op is fine, a change is not */
+		rc = stg_stat(fs, n, &st);
+		if (rc == 0 && !attr_unchanged(&st, attr, to_set))
+			rc = -EROFS;
+		goto out_reply;
+	}
+	if (rc < 0)
+		goto out_reply;
+	if (to_set & FUSE_SET_ATTR_MODE) {
+		mode_t mode = attr->st_mode & 07777;
+		if ((dir ? fchmod(a->dfd, mode) : h ? fchmod(h->fd, mode) : chmod(proc, mode)) < 0)
+			rc = -errno;
+	}
+	if (rc == 0 && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
+		uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
+		gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
+		if (fchownat(dir ? a->dfd : n->fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
+			rc = -errno;
+	}
+	if (rc == 0 && (to_set & FUSE_SET_ATTR_SIZE)) {
+		if (dir) {
+			rc = -EISDIR;
+		} else if (h && h->writable) {
+			if (ftruncate(h->fd, attr->st_size) < 0)
+				rc = -errno;
+		} else {
+			int fd = open(proc, O_WRONLY | O_CLOEXEC);
+			if (fd < 0 || ftruncate(fd, attr->st_size) < 0)
+				rc = -errno;
+			if (fd >= 0)
+				close(fd);
+		}
+	}
+	if (rc == 0 && (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+				  FUSE_SET_ATTR_MTIME_NOW))) {
+		struct timespec ts[2] = { { 0, UTIME_OMIT }, { 0, UTIME_OMIT } };
+		if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+			ts[0].tv_nsec = UTIME_NOW;
+		else if (to_set & FUSE_SET_ATTR_ATIME)
+			ts[0] = attr->st_atim;
+		if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+			ts[1].tv_nsec = UTIME_NOW;
+		else if (to_set & FUSE_SET_ATTR_MTIME)
+			ts[1] = attr->st_mtim;
+		if ((dir ? futimens(a->dfd, ts) : h ? futimens(h->fd, ts) : utimensat(AT_FDCWD, proc, ts, 0)) < 0)
+			rc = -errno;
+	}
+	area_leave(fs, a);
+	if (rc == 0)
+		rc = stg_stat(fs, n, &st);
+out_reply:
+	if (rc < 0)
+		fuse_reply_err(req, -rc);
+	else
+		fuse_reply_attr(req, &st, TMO_STAGE);
+}
+
+/* unlink / rmdir / mknod inside an area. */
+static int stg_unlink(struct ckvfs *fs, fuse_ino_t parent, const char *name, int flags)
+{
+	struct snode *p;
+	int rc = stg_parent(fs, parent, &p);
+
+	if (rc == 0)
+		rc = area_enter(fs, p->area, NULL, true);
+	if (rc < 0)
+		return rc;
+	if (unlinkat(p->area->dfd, name, flags) < 0)
+		rc = -errno;
+	area_leave(fs, p->area);
+	return rc;
+}
+
+static int stg_mknod(struct ckvfs *fs, fuse_ino_t parent, const char *name, mode_t mode,
+		     struct stat *st, struct snode **n)
+{
+	struct snode *p;
+	int rc = stg_parent(fs, parent, &p);
+
+	if (rc < 0)
+		return rc;
+	if (!S_ISREG(mode))
+		return -EPERM; /* a cache directory holds regular files only */
+	rc = area_enter(fs, p->area, NULL, true);
+	if (rc < 0)
+		return rc;
+	if (mknodat(p->area->dfd, name, S_IFREG | (mode & 07777), 0) < 0)
+		rc = -errno;
+	else
+		rc = snode_lookup(fs, p->area, name, st, n);
+	area_leave(fs, p->area);
+	return rc;
+}
+
+/* rename inside one area (rsync's temporary files); across areas EXDEV (mv copies). */
+static int stg_rename(struct ckvfs *fs, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
+		      const char *newname, unsigned flags)
+{
+	struct snode *p, *np;
+	int rc;
+
+	if (!is_stg_ino(parent) || !is_stg_ino(newparent))
+		return is_pfx_ino(parent) || is_pfx_ino(newparent) ? -EROFS : -EXDEV;
+	if ((rc = stg_parent(fs, parent, &p)) < 0 || (rc = stg_parent(fs, newparent, &np)) < 0)
+		return rc;
+	if (p->area != np->area)
+		return -EXDEV;
+	rc = area_enter(fs, p->area, NULL, true);
+	if (rc < 0)
+		return rc;
+	if (renameat2(p->area->dfd, name, p->area->dfd, newname, flags) < 0)
+		rc = -errno;
+	area_leave(fs, p->area);
+	return rc;
+}
+
+/* A listing of an area: its regular files (of the prefix once published). */
+static int stg_opendir(struct ckvfs *fs, fuse_ino_t ino, struct dirh *dh)
+{
+	struct snode *p;
+	struct area *a;
+	DIR *d;
+	struct dirent *de;
+	int rc = stg_parent(fs, ino, &p), fd;
+
+	if (rc < 0)
+		return rc;
+	a = p->area;
+	rc = dirh_add_dots(dh, ino, a->kind == AREA_BY_HASH ? INO_BY_HASH : INO_IMPORT);
+	if (rc < 0)
+		return rc;
+	if (area_enter(fs, a, NULL, false) == -EROFS) {
+		static const unsigned order[] = { IDX_MANIFEST, IDX_TOKENS, IDX_SUMS };
+		struct pdata *pd;
+		uint64_t id;
+		char name[32];
+		ckv_hash h;
+
+		pthread_mutex_lock(&fs->stg_lock);
+		h = a->published;
+		pthread_mutex_unlock(&fs->stg_lock);
+		rc = pfx_peek(fs, &h, &id, &pd);
+		if (rc < 0)
+			return rc;
+		for (size_t i = 0; rc == 0 && i < 3; i++)
+			if (pfx_file_name(pd->m, order[i], name))
+				rc = dirh_add(dh, make_ino(id, order[i]), S_IFREG, name);
+		for (uint32_t l = 0; rc == 0 && l < pd->m->geom.layers; l++) {
+			ckv_layer_name(l, name);
+			rc = dirh_add(dh, make_ino(id, IDX_LAYER0 + l), S_IFREG, name);
+		}
+		pdata_put(pd);
+		return rc;
+	}
+	fd = openat(a->dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		rc = -errno;
+		if (fd >= 0)
+			close(fd);
+		return rc;
+	}
+	while (rc == 0 && (de = readdir(d))) {
+		struct stat st;
+		struct snode *n;
+		fuse_ino_t ino_of = 0xffffffffu; /* not known yet: the kernel does not use d_ino */
+
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		if (fstatat(a->dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode))
+			continue;
+		pthread_mutex_lock(&fs->stg_lock);
+		n = snode_by_backing(fs, st.st_dev, st.st_ino);
+		if (n)
+			ino_of = n->ino;
+		pthread_mutex_unlock(&fs->stg_lock);
+		rc = dirh_add(dh, ino_of, S_IFREG, de->d_name);
+	}
+	closedir(d);
+	return rc;
+}
+
+/* user.ckv.state / user.ckv.error / user.ckv.published of an area's directory. */
+static int stg_xattr(struct ckvfs *fs, struct snode *n, const char *name, char **out, size_t *len)
+{
+	struct area *a = n->area;
+	char hex[CKV_HASH_HEX + 1];
+	const char *v = NULL;
+	int rc = 0;
+
+	if (!snode_is_dir(n))
+		return -ENODATA;
+	pthread_mutex_lock(&fs->stg_lock);
+	if (!strcmp(name, XA_STATE)) {
+		v = a->state == AS_VERIFYING			      ? "verifying"
+		    : a->state == AS_PUBLISHED || a->idle_published ? "published"
+		    : a->error					      ? "failed"
+								      : "staging";
+	} else if (!strcmp(name, XA_ERROR)) {
+		v = a->error;
+	} else if (!strcmp(name, XA_PUBLISHED) && a->has_published) {
+		ckv_hash_hex(&a->published, hex);
+		v = hex;
+	}
+	if (!v)
+		rc = -ENODATA;
+	else if (!(*out = strdup(v)))
+		rc = -ENOMEM;
+	else
+		*len = strlen(v);
+	pthread_mutex_unlock(&fs->stg_lock);
+	return rc;
+}
+
+/* ---- the publisher --------------------------------------------------------- */
+
+/* Up to PROBLEMS_MAX problems of an area, "; "-separated, then a count of the rest. */
+struct problems {
+	char msg[4096];
+	size_t len;
+	unsigned n;
+};
+
+static void problem(struct problems *p, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+static void problem(struct problems *p, const char *fmt, ...)
+{
+	va_list ap;
+	int k;
+
+	if (++p->n > PROBLEMS_MAX)
+		return;
+	if (p->len && p->len + 2 < sizeof(p->msg)) {
+		memcpy(p->msg + p->len, "; ", 3);
+		p->len += 2;
+	}
+	va_start(ap, fmt);
+	k = vsnprintf(p->msg + p->len, sizeof(p->msg) - p->len, fmt, ap);
+	va_end(ap);
+	if (k > 0)
+		p->len += (size_t)k;
+	if (p->len >= sizeof(p->msg))
+		p->len = sizeof(p->msg) - 1;
+}
+
+static char *problems_text(struct problems *p)
+{
+	if (p->n > PROBLEMS_MAX && p->len + 40 < sizeof(p->msg))
+		p->len += (size_t)snprintf(p->msg + p->len, sizeof(p->msg) - p->len, " (and %u more)",
+					   p->n - PROBLEMS_MAX);
+	return strdup(p->msg);
+}
+
+/* One file of an area must have exactly `want` bytes. */
+static void check_size(struct area *a, struct problems *p, const char *name, uint64_t want,
+		       const char *why)
+{
+	struct stat st;
+
+	if (fstatat(a->dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+		problem(p, "%s/%s: %s", a->path, name, errno == ENOENT ? "missing" : strerror(errno));
+	else if (!S_ISREG(st.st_mode))
+		problem(p, "%s/%s: not a regular file", a->path, name);
+	else if ((uint64_t)st.st_size != want)
+		problem(p, "%s/%s: %lld bytes, expected %llu (%s)%s", a->path, name,
+			(long long)st.st_size, (unsigned long long)want, why,
+			(uint64_t)st.st_size < want ? ": truncated" : ": too large");
+}
+
+/*
+ * Names and sizes only, no data read: 1 when the area holds nothing but
+ * dot files (empty, or a killed rsync's leftovers), 0 when it looks
+ * complete, -EINVAL with *msg (malloc'ed) saying what is missing or wrong.
+ */
+static int area_check(struct area *a, char **msg)
+{
+	struct problems p = { .len = 0 };
+	ckv_manifest m;
+	bool have_m = false;
+	unsigned files = 0;
+	struct dirent *de;
+	DIR *d;
+	int fd;
+
+	memset(&m, 0, sizeof(m));
+	fd = openat(a->dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		if (fd >= 0)
+			close(fd);
+		problem(&p, "%s: cannot list: %s", a->path, strerror(errno));
+		*msg = problems_text(&p);
+		return -EIO;
+	}
+	while ((de = readdir(d))) {
+		struct stat st;
+
+		if (de->d_name[0] == '.')
+			continue;
+		files++;
+		if (fstatat(a->dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISREG(st.st_mode))
+			problem(&p, "%s/%s: not a regular file", a->path, de->d_name);
+	}
+	closedir(d);
+	if (!files)
+		return 1;
+
+	fd = openat(a->dfd, "manifest.json", O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0) {
+		problem(&p, "%s/manifest.json: %s", a->path, errno == ENOENT ? "missing" : strerror(errno));
+	} else {
+		struct stat st;
+		char *json = NULL;
+		ssize_t got = -1;
+
+		if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+			problem(&p, "%s/manifest.json: not a regular file", a->path);
+		else if (st.st_size > MANIFEST_MAX)
+			problem(&p, "%s/manifest.json: %lld bytes, more than a manifest has (%u)", a->path,
+				(long long)st.st_size, MANIFEST_MAX);
+		else if (!(json = malloc((size_t)st.st_size + 1)) ||
+			 (got = pread(fd, json, (size_t)st.st_size, 0)) != st.st_size)
+			problem(&p, "%s/manifest.json: cannot read: %s", a->path,
+				got < 0 ? strerror(errno) : "short read");
+		if (got == st.st_size && json) {
+			char what[PATH_MAX + 32];
+			ckv_err e = { { 0 } };
+
+			snprintf(what, sizeof(what), "%s/manifest.json", a->path);
+			if (ckv_manifest_parse(&m, json, (size_t)got, false, what, &e) < 0)
+				problem(&p, "%s", e.msg[0] ? e.msg : "invalid manifest");
+			else
+				have_m = true;
+		}
+		free(json);
+		close(fd);
+	}
+	if (have_m) {
+		uint64_t lsize = (uint64_t)m.chunks * m.geom.chunk_bytes;
+		char why[160], name[32];
+		struct stat st;
+
+		snprintf(why, sizeof(why), "4 bytes for each of the %u tokens in manifest.json", m.tokens);
+		check_size(a, &p, "tokens.bin", (uint64_t)m.tokens * 4, why);
+		snprintf(why, sizeof(why), "%u chunks of %" PRIu64 " bytes", m.chunks, m.geom.chunk_bytes);
+		for (uint32_t l = 0; l < m.geom.layers; l++) {
+			ckv_layer_name(l, name);
+			check_size(a, &p, name, lsize, why);
+		}
+		if (fstatat(a->dfd, "sums.xxh3", &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+			check_size(a, &p, "sums.xxh3",
+				   CKV_SIDE_HEADER + (uint64_t)m.geom.layers * m.chunks * 8,
+				   "a 32-byte header and 8 bytes per chunk per layer");
+	}
+	ckv_manifest_free(&m);
+	if (!p.n)
+		return 0;
+	*msg = problems_text(&p);
+	return -EINVAL;
+}
+
+/* msg with every `from` replaced by `to` (backing paths shown as mount paths); malloc'ed. */
+static char *replace_all(const char *msg, const char *from, const char *to)
+{
+	size_t fl = strlen(from), tl = strlen(to), n = 0;
+	const char *s;
+	char *out, *o;
+
+	for (s = strstr(msg, from); s; s = strstr(s + fl, from))
+		n++;
+	out = malloc(strlen(msg) + n * (tl > fl ? tl - fl : 0) + 1);
+	if (!out)
+		return NULL;
+	for (o = out, s = msg;;) {
+		const char *hit = strstr(s, from);
+		size_t k = hit ? (size_t)(hit - s) : strlen(s);
+		memcpy(o, s, k);
+		o += k;
+		if (!hit)
+			break;
+		memcpy(o, to, tl);
+		o += tl;
+		s = hit + fl;
+	}
+	*o = 0;
+	return out;
+}
+
+/* Remove what `name` is in directory dfd (a file, or a directory tree). */
+static void rm_entry(int dfd, const char *name)
+{
+	struct dirent *de;
+	DIR *d;
+	int fd;
+
+	if (unlinkat(dfd, name, 0) == 0 || (errno != EISDIR && errno != EPERM))
+		return;
+	fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	while ((de = readdir(d)))
+		if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+			rm_entry(dirfd(d), de->d_name);
+	closedir(d);
+	unlinkat(dfd, name, AT_REMOVEDIR);
+}
+
+/* The names in an area; with dots_only, the leftovers (".*") only. *out malloc'ed. */
+static int area_names(struct area *a, bool dots_only, char ***out, size_t *n)
+{
+	struct dirent *de;
+	char **v = NULL;
+	size_t cap = 0;
+	DIR *d;
+	int fd = openat(a->dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = 0;
+
+	*n = 0;
+	d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		rc = -errno;
+		if (fd >= 0)
+			close(fd);
+		return rc;
+	}
+	while ((de = readdir(d))) {
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") ||
+		    (dots_only && de->d_name[0] != '.'))
+			continue;
+		if (*n == cap) {
+			char **nv = realloc(v, (cap = cap ? cap * 2 : 64) * sizeof(*v));
+			if (!nv) {
+				rc = -ENOMEM;
+				break;
+			}
+			v = nv;
+		}
+		if (!(v[*n] = strdup(de->d_name))) {
+			rc = -ENOMEM;
+			break;
+		}
+		(*n)++;
+	}
+	closedir(d);
+	*out = v;
+	return rc;
+}
+
+static void names_free(char **v, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(v[i]);
+	free(v);
+}
+
+/*
+ * After a publication: delete a by-hash area, empty an import area
+ * (manifest.json first, so that a crash halfway leaves nothing that looks
+ * complete). *names gets what was removed, for the kernel's dentries.
+ */
+static void area_empty(struct ckvfs *fs, struct area *a, char ***names, size_t *n)
+{
+	struct stat st;
+	bool chmodded = false;
+
+	/* A directory copied with mode 0555 must be writable to be emptied. */
+	if (fstat(a->dfd, &st) == 0 && (st.st_mode & 0300) != 0300 &&
+	    fchmod(a->dfd, (st.st_mode & 07777) | 0300) == 0)
+		chmodded = true;
+	if (area_names(a, false, names, n) < 0) {
+		names_free(*names, *n);
+		*names = NULL;
+		*n = 0;
+	}
+	unlinkat(a->dfd, "manifest.json", 0);
+	for (size_t i = 0; i < *n; i++)
+		rm_entry(a->dfd, (*names)[i]);
+	if (a->kind == AREA_BY_HASH) {
+		if (unlinkat(fs->kind_fd[AREA_BY_HASH], a->name, AT_REMOVEDIR) < 0)
+			fuse_log(FUSE_LOG_WARNING, "ckvfs: %s/incoming/%s: cannot remove: %s\n",
+				 fs->store_path, a->path, strerror(errno));
+	} else if (chmodded) {
+		fchmod(a->dfd, st.st_mode & 07777);
+	}
+}
+
+/*
+ * Verify and publish an area that looks complete (the publisher's part;
+ * the area is AS_VERIFYING, so nothing changes it meanwhile). Leftover dot
+ * files go first, the directory's mtime is put back, then
+ * ckv_store_import reads and checks every byte; by-hash areas must hash to
+ * their name. 0: published (*h), the area's files are gone.
+ */
+static int area_publish(struct ckvfs *fs, struct area *a, ckv_hash *h, char **msg,
+			char ***names, size_t *nnames)
+{
+	ckv_import_opts o = { .keep_modes = true };
+	ckv_import_result res;
+	ckv_err e = { { 0 } };
+	ckv_hash want;
+	struct stat st;
+	char **dots = NULL, hex[CKV_HASH_HEX + 1];
+	size_t ndots = 0;
+	int rc;
+
+	if (fstat(a->dfd, &st) == 0 && area_names(a, true, &dots, &ndots) == 0 && ndots) {
+		struct timespec ts[2] = { { 0, UTIME_OMIT }, st.st_mtim };
+
+		for (size_t i = 0; i < ndots; i++) {
+			fuse_log(FUSE_LOG_INFO, "ckvfs: %s/%s: removing a leftover (nothing has it open)\n",
+				 a->path, dots[i]);
+			rm_entry(a->dfd, dots[i]);
+		}
+		futimens(a->dfd, ts); /* the copy set it; keep it */
+	}
+	names_free(dots, ndots);
+	if (a->kind == AREA_BY_HASH)
+		hash_name(a->name, &want);
+	rc = ckv_store_import(fs->store, a->bpath, a->kind == AREA_BY_HASH ? &want : NULL, &o, &res, &e);
+	if (rc < 0) {
+		*msg = replace_all(e.msg[0] ? e.msg : strerror(-rc), a->bpath, a->path);
+		return rc;
+	}
+	*h = res.hash;
+	ckv_hash_hex(h, hex);
+	if (res.existed)
+		fuse_log(FUSE_LOG_INFO, "ckvfs: %s: %s was already stored\n", a->path, hex);
+	else
+		fuse_log(FUSE_LOG_INFO, "ckvfs: %s: published %s (%u new chunks, %u shared)\n", a->path,
+			 hex, res.new_chunks, res.shared_chunks);
+	area_empty(fs, a, names, nnames);
+	return 0;
+}
+
+/*
+ * The publisher's work on one area (AS_VERIFYING, a reference held): check,
+ * publish, record the outcome, wake the requests that waited, then tell
+ * the kernel (no lock held: it may call back).
+ */
+static void area_process(struct ckvfs *fs, struct area *a)
+{
+	char *msg = NULL, **names = NULL;
+	size_t nnames = 0;
+	ckv_hash h;
+	bool published = false;
+	fuse_ino_t dir;
+	int rc;
+
+	rc = area_check(a, &msg);
+	if (rc < 0)
+		fuse_log(FUSE_LOG_INFO, "ckvfs: %s: not complete: %s\n", a->path, msg ? msg : "");
+	if (rc == 0) {
+		rc = area_publish(fs, a, &h, &msg, &names, &nnames);
+		if (rc < 0) {
+			fuse_log(FUSE_LOG_WARNING, "ckvfs: %s: not published: %s\n", a->path,
+				 msg ? msg : strerror(-rc));
+			atomic_fetch_add(&fs->publish_failures, 1);
+		} else {
+			published = true;
+			atomic_fetch_add(&fs->publishes, 1);
+		}
+	}
+
+	pthread_mutex_lock(&fs->stg_lock);
+	free(a->error);
+	a->error = rc < 0 ? (msg ? msg : strdup(strerror(-rc))) : NULL;
+	msg = NULL;
+	a->state = AS_STAGING;
+	if (published) {
+		a->published = h;
+		a->has_published = true;
+		a->idle_published = true;
+		for (size_t b = 0; b < STG_BUCKETS; b++) /* its files now stand for published data */
+			for (struct snode *n = fs->stg_ino[b]; n; n = n->next_ino)
+				if (n->area == a && !snode_is_dir(n))
+					n->stale = true;
+		if (a->kind == AREA_BY_HASH) {
+			a->state = AS_PUBLISHED;
+			area_unlist(fs, a); /* the caller's reference keeps it */
+		}
+	}
+	dir = a->dir.ino;
+	pthread_cond_broadcast(&fs->stg_cond);
+	pthread_mutex_unlock(&fs->stg_lock);
+	free(msg);
+
+	if (published) {
+		fs_poll(fs, true);
+		if (a->kind == AREA_BY_HASH) {
+			fuse_lowlevel_notify_inval_entry(fs->se, INO_BY_HASH, a->name, strlen(a->name));
+			fuse_lowlevel_notify_inval_inode(fs->se, INO_BY_HASH, -1, 0);
+		} else {
+			for (size_t i = 0; i < nnames; i++)
+				fuse_lowlevel_notify_inval_entry(fs->se, dir, names[i], strlen(names[i]));
+			fuse_lowlevel_notify_inval_inode(fs->se, dir, -1, 0);
+		}
+	}
+	names_free(names, nnames);
+}
+
+static void *publisher_main(void *arg)
+{
+	struct ckvfs *fs = arg;
+	int64_t delay = (int64_t)fs->cfg.publish_delay_ms * 1000000ll;
+
+	pthread_mutex_lock(&fs->stg_lock);
+	while (!fs->stg_stop) {
+		int64_t t = now_ns(), wait = 1000000000ll;
+		struct area *pick = NULL;
+
+		for (struct area *a = fs->areas; a; a = a->next) {
+			if (a->state != AS_STAGING || !a->dirty || a->busy || a->writers)
+				continue; /* busy and writers signal when they are done */
+			if (a->last_ns + delay <= t) {
+				pick = a;
+				break;
+			}
+			if (a->last_ns + delay - t < wait)
+				wait = a->last_ns + delay - t;
+		}
+		if (!pick) {
+			struct timespec ts;
+			clock_gettime(CLOCK_MONOTONIC, &ts);
+			ts.tv_sec += (time_t)(wait / 1000000000ll);
+			ts.tv_nsec += (long)(wait % 1000000000ll);
+			if (ts.tv_nsec >= 1000000000l) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000l;
+			}
+			pthread_cond_timedwait(&fs->pub_cond, &fs->stg_lock, &ts);
+			continue;
+		}
+		pick->state = AS_VERIFYING;
+		pick->dirty = false;
+		area_get(pick);
+		pthread_mutex_unlock(&fs->stg_lock);
+		area_process(fs, pick);
+		pthread_mutex_lock(&fs->stg_lock);
+		area_put(fs, pick);
+	}
+	pthread_mutex_unlock(&fs->stg_lock);
+	return NULL;
+}
+
+/*
+ * Writing at start: STORE/incoming/{by-hash,import}, held with a flock on
+ * incoming/lock (one daemon per store writes; gc leaves held areas alone).
+ * Areas left by an earlier daemon are resumed: listed again and checked
+ * after the quiet period; a by-hash area whose prefix is published already
+ * (a crash between publishing and deleting it) is removed.
+ */
+static void stg_start(struct ckvfs *fs)
+{
+	static const char *const kinds[] = { "by-hash", "import" };
+	int dfd = ckv_store_dirfd(fs->store), fd, tries;
+
+	mkdirat(dfd, "incoming", 0755);
+	fs->incoming_fd = openat(dfd, "incoming", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fs->incoming_fd < 0) {
+		fuse_log(FUSE_LOG_WARNING, "ckvfs: %s/incoming: %s; by-hash/ and import/ are read-only\n",
+			 fs->store_path, strerror(errno));
+		return;
+	}
+	fd = openat(fs->incoming_fd, "lock", O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	for (tries = 0; fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) < 0 && tries < 40; tries++)
+		usleep(50000); /* a gc may hold it for a moment */
+	if (fd < 0 || tries == 40) {
+		fuse_log(FUSE_LOG_WARNING, "ckvfs: %s/incoming/lock: %s; by-hash/ and import/ are read-only\n",
+			 fs->store_path, fd < 0 ? strerror(errno) : "held by another ckvfs on this store");
+		if (fd >= 0)
+			close(fd);
+		close(fs->incoming_fd);
+		fs->incoming_fd = -1;
+		return;
+	}
+	fs->incoming_lock_fd = fd;
+	for (int k = 0; k < 2; k++) {
+		mkdirat(fs->incoming_fd, kinds[k], 0755);
+		fs->kind_fd[k] = openat(fs->incoming_fd, kinds[k], O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (fs->kind_fd[k] < 0) {
+			fuse_log(FUSE_LOG_WARNING, "ckvfs: %s/incoming/%s: %s; by-hash/ and import/ are read-only\n",
+				 fs->store_path, kinds[k], strerror(errno));
+			close(fs->incoming_fd);
+			fs->incoming_fd = -1;
+			return;
+		}
+	}
+	for (int k = 0; k < 2; k++) {
+		int kfd = dup(fs->kind_fd[k]);
+		DIR *d = kfd >= 0 ? fdopendir(kfd) : NULL;
+		struct dirent *de;
+
+		if (!d) {
+			if (kfd >= 0)
+				close(kfd);
+			continue;
+		}
+		while ((de = readdir(d))) {
+			struct area *a;
+			ckv_manifest *m = NULL;
+			ckv_hash h;
+			struct stat st;
+			int rc;
+
+			if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+				continue;
+			if (fstatat(fs->kind_fd[k], de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+			    !S_ISDIR(st.st_mode))
+				continue;
+			if (k == AREA_BY_HASH) {
+				if (!hash_name(de->d_name, &h))
+					continue;
+				rc = ckv_store_get(fs->store, &h, &m, NULL);
+				if (m) {
+					ckv_manifest_free(m);
+					free(m);
+				}
+				if (rc == 0) {
+					fuse_log(FUSE_LOG_INFO, "ckvfs: incoming/by-hash/%s: published already; removed\n",
+						 de->d_name);
+					rm_entry(fs->kind_fd[k], de->d_name);
+					continue;
+				}
+			}
+			if (area_new(fs, (enum area_kind)k, de->d_name, false, &a) == 0)
+				fuse_log(FUSE_LOG_INFO, "ckvfs: %s: resumed (checked again after publish_delay)\n",
+					 a->path); /* no requests yet: a stays listed */
+		}
+		closedir(d);
+	}
+}
+
+/* ---- FUSE operations ----------------------------------------------------- */
 
 static void fixed_attr(struct ckvfs *fs, fuse_ino_t ino, struct stat *st, double *tmo)
 {
@@ -1925,17 +3559,28 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 			}
 		goto out_err;
 	}
+	if (is_stg_ino(parent)) {
+		stg_lookup(req, fs, parent, name);
+		return;
+	}
+	if (parent == INO_IMPORT) {
+		rc = stg_lookup_area(fs, AREA_IMPORT, name, &st);
+		if (rc < 0)
+			goto out_err;
+		entry_reply(req, &st, TMO_STAGE, TMO_STAGE);
+		return;
+	}
 	if (parent == INO_BY_HASH) {
-		char hex[CKV_HASH_HEX + 1];
 		struct pdata *pd;
 		ckv_hash h;
 		uint64_t id;
 
-		if (strlen(name) != CKV_HASH_HEX || ckv_hash_parse(&h, name) < 0)
+		if (!hash_name(name, &h)) /* only the canonical lowercase spelling */
 			goto out_err;
-		ckv_hash_hex(&h, hex);
-		if (strcmp(hex, name)) /* only the canonical lowercase spelling */
-			goto out_err;
+		if (stg_lookup_area(fs, AREA_BY_HASH, name, &st) == 0) { /* a staging area */
+			entry_reply(req, &st, TMO_DYNAMIC, TMO_STAGE);
+			return;
+		}
 		rc = pfx_acquire(fs, &h, &id, &pd);
 		if (rc < 0)
 			goto out_err;
@@ -2027,18 +3672,24 @@ out_err:
 	fuse_reply_err(req, -rc);
 }
 
-static void fs_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+static void forget_one(struct ckvfs *fs, fuse_ino_t ino, uint64_t nlookup)
 {
 	if (is_pfx_ino(ino))
-		pfx_forget(fs_of(req), ino, nlookup);
+		pfx_forget(fs, ino, nlookup);
+	else if (is_stg_ino(ino))
+		stg_forget(fs, ino, nlookup);
+}
+
+static void fs_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+	forget_one(fs_of(req), ino, nlookup);
 	fuse_reply_none(req);
 }
 
 static void fs_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
 {
 	for (size_t i = 0; i < count; i++)
-		if (is_pfx_ino(forgets[i].ino))
-			pfx_forget(fs_of(req), forgets[i].ino, forgets[i].nlookup);
+		forget_one(fs_of(req), forgets[i].ino, forgets[i].nlookup);
 	fuse_reply_none(req);
 }
 
@@ -2052,6 +3703,10 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	(void)fi;
 	if (ino <= INO_FIXED_LAST) {
 		fixed_attr(fs, ino, &st, &tmo);
+	} else if (is_stg_ino(ino)) {
+		struct snode *n = snode_get(fs, ino);
+		rc = n ? stg_stat(fs, n, &st) : -ESTALE;
+		tmo = TMO_STAGE;
 	} else if (is_pfx_ino(ino)) {
 		struct pdata *pd = pfx_data(fs, ino);
 		if (!pd) {
@@ -2072,14 +3727,35 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		fuse_reply_attr(req, &st, tmo);
 }
 
+/*
+ * Published files and directories never change; a setattr that would
+ * change nothing kept (rsync -a run again, a copy tool's late utimens) is
+ * answered with the attributes, anything else with EROFS.
+ */
 static void fs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
 		       struct fuse_file_info *fi)
 {
-	(void)ino;
-	(void)attr;
-	(void)to_set;
-	(void)fi;
-	fuse_reply_err(req, EROFS);
+	struct ckvfs *fs = fs_of(req);
+	struct pdata *pd;
+	struct stat st;
+	int rc;
+
+	if (is_stg_ino(ino)) {
+		stg_setattr(req, fs, ino, attr, to_set, fi);
+		return;
+	}
+	if (!is_pfx_ino(ino) || !(pd = pfx_data(fs, ino))) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	rc = pfx_attr(fs, pd, ino_id(ino), ino_idx(ino), &st);
+	pdata_put(pd);
+	if (rc == 0 && !attr_unchanged(&st, attr, to_set))
+		rc = -EROFS;
+	if (rc < 0)
+		fuse_reply_err(req, -rc);
+	else
+		fuse_reply_attr(req, &st, TMO_STATIC);
 }
 
 static void fs_readlink(fuse_req_t req, fuse_ino_t ino)
@@ -2106,59 +3782,97 @@ static void fs_readlink(fuse_req_t req, fuse_ino_t ino)
 	fuse_reply_readlink(req, target);
 }
 
+/* mkdir by-hash/<hash> or import/<name> makes a staging area; nothing else may. */
 static void fs_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
 {
-	(void)mode;
-	fuse_reply_err(req, -import_mkdir(fs_of(req), parent, name));
+	struct ckvfs *fs = fs_of(req);
+	struct stat st;
+	int rc;
+
+	if (parent == INO_BY_HASH || parent == INO_IMPORT) {
+		rc = stg_mkdir_area(fs, parent, name, mode, &st);
+		if (rc == 0) {
+			entry_reply(req, &st, parent == INO_BY_HASH ? TMO_DYNAMIC : TMO_STAGE, TMO_STAGE);
+			return;
+		}
+	} else {
+		rc = is_stg_ino(parent) ? -EPERM : -EROFS; /* a cache directory has no sub-directories */
+	}
+	fuse_reply_err(req, -rc);
 }
 
 static void fs_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
 {
-	(void)mode;
+	struct snode *n;
+	struct stat st;
+	int rc = -EROFS;
+
 	(void)rdev;
-	fuse_reply_err(req, -import_create(fs_of(req), parent, name));
+	if (is_stg_ino(parent))
+		rc = stg_mknod(fs_of(req), parent, name, mode, &st, &n);
+	if (rc < 0)
+		fuse_reply_err(req, -rc);
+	else
+		entry_reply(req, &st, TMO_STAGE, TMO_STAGE);
 }
 
 static void fs_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 		      struct fuse_file_info *fi)
 {
-	(void)mode;
-	(void)fi;
-	fuse_reply_err(req, -import_create(fs_of(req), parent, name));
+	if (is_stg_ino(parent))
+		stg_create(req, fs_of(req), parent, name, mode, fi);
+	else
+		fuse_reply_err(req, EROFS);
 }
 
 static void fs_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-	(void)parent;
-	(void)name;
-	fuse_reply_err(req, EROFS);
+	fuse_reply_err(req, is_stg_ino(parent) ? -stg_unlink(fs_of(req), parent, name, 0) : EROFS);
+}
+
+static void fs_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	struct ckvfs *fs = fs_of(req);
+	int rc = -EROFS;
+
+	if (parent == INO_BY_HASH || parent == INO_IMPORT)
+		rc = stg_rmdir_area(fs, parent, name);
+	else if (is_stg_ino(parent))
+		rc = stg_unlink(fs, parent, name, AT_REMOVEDIR);
+	fuse_reply_err(req, -rc);
 }
 
 static void fs_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
 		      const char *newname, unsigned int flags)
 {
-	(void)parent;
-	(void)name;
-	(void)newparent;
-	(void)newname;
-	(void)flags;
-	fuse_reply_err(req, EROFS);
+	struct ckvfs *fs = fs_of(req);
+	int rc = -EROFS;
+
+	if (is_stg_ino(parent) || is_stg_ino(newparent)) {
+		rc = stg_rename(fs, parent, name, newparent, newname, flags);
+	} else if (parent == INO_BY_HASH || parent == INO_IMPORT) {
+		struct stat st;
+		/* moving an area: EXDEV, so mv copies and removes */
+		if (stg_lookup_area(fs, parent == INO_BY_HASH ? AREA_BY_HASH : AREA_IMPORT, name, &st) == 0) {
+			stg_forget(fs, st.st_ino, 1);
+			rc = -EXDEV;
+		}
+	}
+	fuse_reply_err(req, -rc);
 }
 
 static void fs_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
 {
 	(void)link;
-	(void)parent;
 	(void)name;
-	fuse_reply_err(req, EROFS);
+	fuse_reply_err(req, is_stg_ino(parent) ? EPERM : EROFS);
 }
 
 static void fs_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
 {
 	(void)ino;
-	(void)newparent;
 	(void)newname;
-	fuse_reply_err(req, EROFS);
+	fuse_reply_err(req, is_stg_ino(newparent) ? EPERM : EROFS);
 }
 
 static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -2168,6 +3882,10 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	unsigned idx = ino_idx(ino);
 	int rc = 0;
 
+	if (is_stg_ino(ino)) {
+		stg_open(req, fs, ino, fi);
+		return;
+	}
 	if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
 		fuse_reply_err(req, EROFS);
 		return;
@@ -2250,7 +3968,9 @@ static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 
 	(void)ino;
 	atomic_fetch_add(&h->refs, 1); /* see struct fh */
-	if (h->kind == FH_LAYER)
+	if (h->kind == FH_STAGE)
+		stage_read(req, h, size, off);
+	else if (h->kind == FH_LAYER)
 		read_layer(req, fs, h, size, off);
 	else if (off < 0 || (size_t)off >= h->len)
 		fuse_reply_buf(req, NULL, 0);
@@ -2263,19 +3983,36 @@ static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
 		     struct fuse_file_info *fi)
 {
+	struct fh *h = (struct fh *)(uintptr_t)fi->fh;
+
 	(void)ino;
-	(void)buf;
-	(void)size;
-	(void)off;
-	(void)fi;
-	fuse_reply_err(req, EROFS);
+	if (h->kind == FH_STAGE)
+		stage_write(req, fs_of(req), h, buf, size, off);
+	else
+		fuse_reply_err(req, EROFS);
 }
 
 static void fs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+	struct fh *h = (struct fh *)(uintptr_t)fi->fh;
+
 	(void)ino;
-	fh_put((struct fh *)(uintptr_t)fi->fh);
+	if (h->kind == FH_STAGE)
+		stage_release(fs_of(req), h);
+	else
+		fh_put(h);
 	fuse_reply_err(req, 0);
+}
+
+static void fs_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+	struct fh *h = (struct fh *)(uintptr_t)fi->fh;
+	int rc = 0;
+
+	(void)ino;
+	if (h->kind == FH_STAGE && (datasync ? fdatasync(h->fd) : fsync(h->fd)) < 0)
+		rc = errno;
+	fuse_reply_err(req, rc); /* published data is on disk already */
 }
 
 static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -2300,6 +4037,8 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		rc = dirh_add_dots(dh, ino, INO_ROOT);
 		if (rc == 0)
 			rc = ckv_store_list(fs->store, list_by_hash, dh);
+		if (rc == 0)
+			rc = stg_list_areas(fs, AREA_BY_HASH, dh);
 		break;
 	case INO_BY_MODEL:
 		rc = dirh_add_dots(dh, ino, INO_ROOT);
@@ -2308,6 +4047,8 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		break;
 	case INO_IMPORT:
 		rc = dirh_add_dots(dh, ino, INO_ROOT);
+		if (rc == 0)
+			rc = stg_list_areas(fs, AREA_IMPORT, dh);
 		break;
 	case INO_CTL:
 		rc = dirh_add_dots(dh, ino, INO_ROOT);
@@ -2317,7 +4058,9 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 			rc = dirh_add(dh, INO_CTLSOCK, S_IFLNK, "ctl");
 		break;
 	default:
-		if (is_pfx_ino(ino) && ino_idx(ino) == IDX_DIR) {
+		if (is_stg_ino(ino)) {
+			rc = stg_opendir(fs, ino, dh);
+		} else if (is_pfx_ino(ino) && ino_idx(ino) == IDX_DIR) {
 			struct pdata *pd = pfx_data(fs, ino);
 			static const unsigned order[] = { IDX_MANIFEST, IDX_TOKENS, IDX_SUMS };
 			char name[32];
@@ -2434,6 +4177,11 @@ static void fs_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const 
 	int l = layer_of(ino), rc;
 
 	(void)flags;
+	if (is_stg_ino(ino)) {
+		/* cp -a copies a mount's user.ckv.* views along: hints, meaningless here */
+		fuse_reply_err(req, strncmp(name, XA_CKV_PREFIX, strlen(XA_CKV_PREFIX)) ? ENOTSUP : 0);
+		return;
+	}
 	if (l < 0 || (strcmp(name, XA_WILLNEED) && strcmp(name, XA_SCORES))) {
 		fuse_reply_err(req, EPERM); /* published objects carry no attributes of their own */
 		return;
@@ -2457,18 +4205,21 @@ static void fs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
 	size_t len = 0;
 	int l = layer_of(ino), rc;
 
-	if (l < 0 || strcmp(name, XA_RESIDENT)) {
-		fuse_reply_err(req, ENODATA);
-		return;
+	if (is_stg_ino(ino)) {
+		struct snode *n = snode_get(fs, ino);
+		rc = n ? stg_xattr(fs, n, name, &buf, &len) : -ESTALE;
+	} else if (is_pfx_ino(ino) && ino_idx(ino) == IDX_DIR && !strcmp(name, XA_STATE)) {
+		rc = (buf = strdup("published")) ? 0 : -ENOMEM;
+		len = buf ? strlen(buf) : 0;
+	} else if (l < 0 || strcmp(name, XA_RESIDENT)) {
+		rc = -ENODATA;
+	} else if (!(pd = pfx_data(fs, ino))) {
+		rc = -ESTALE;
+	} else {
+		rc = (uint32_t)l < pd->m->geom.layers ? resident_list(fs, pd, (uint32_t)l, &buf, &len)
+						      : -ESTALE;
+		pdata_put(pd);
 	}
-	pd = pfx_data(fs, ino);
-	if (!pd) {
-		fuse_reply_err(req, ESTALE);
-		return;
-	}
-	rc = (uint32_t)l < pd->m->geom.layers ? resident_list(fs, pd, (uint32_t)l, &buf, &len)
-					      : -ESTALE;
-	pdata_put(pd);
 	if (rc < 0)
 		fuse_reply_err(req, -rc);
 	else if (!size)
@@ -2482,9 +4233,28 @@ static void fs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
 
 static void fs_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
-	static const char names[] = XA_RESIDENT; /* with its NUL */
-	size_t len = layer_of(ino) >= 0 ? sizeof(names) : 0;
+	static const char resident[] = XA_RESIDENT; /* with its NUL */
+	char names[64];
+	size_t len = 0;
 
+	if (layer_of(ino) >= 0) {
+		memcpy(names, resident, sizeof(resident));
+		len = sizeof(resident);
+	} else if (is_stg_ino(ino)) {
+		struct ckvfs *fs = fs_of(req);
+		struct snode *n = snode_get(fs, ino);
+		static const char *const xa[] = { XA_STATE, XA_ERROR, XA_PUBLISHED };
+
+		for (size_t i = 0; n && i < 3; i++) {
+			char *v = NULL;
+			size_t vl;
+			if (stg_xattr(fs, n, xa[i], &v, &vl) == 0) {
+				memcpy(names + len, xa[i], strlen(xa[i]) + 1);
+				len += strlen(xa[i]) + 1;
+			}
+			free(v);
+		}
+	}
 	if (!size)
 		fuse_reply_xattr(req, len);
 	else if (size < len)
@@ -2512,7 +4282,7 @@ static const struct fuse_lowlevel_ops ckvfs_oper = {
 	.mknod = fs_mknod,
 	.mkdir = fs_mkdir,
 	.unlink = fs_unlink,
-	.rmdir = fs_unlink,
+	.rmdir = fs_rmdir,
 	.symlink = fs_symlink,
 	.rename = fs_rename,
 	.link = fs_link,
@@ -2521,6 +4291,7 @@ static const struct fuse_lowlevel_ops ckvfs_oper = {
 	.read = fs_read,
 	.write = fs_write,
 	.release = fs_release,
+	.fsync = fs_fsync,
 	.opendir = fs_opendir,
 	.readdir = fs_readdir,
 	.releasedir = fs_releasedir,
@@ -2880,6 +4651,16 @@ int ckvfs_new(const struct ckvfs_config *cfg, ckvfs **out)
 		return -ENOMEM;
 	pthread_mutex_init(&fs->lock, NULL);
 	pthread_cond_init(&fs->cond, NULL);
+	pthread_mutex_init(&fs->stg_lock, NULL);
+	pthread_cond_init(&fs->stg_cond, NULL);
+	{
+		pthread_condattr_t ca;
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		pthread_cond_init(&fs->pub_cond, &ca);
+		pthread_condattr_destroy(&ca);
+	}
+	fs->incoming_fd = fs->incoming_lock_fd = fs->kind_fd[0] = fs->kind_fd[1] = -1;
 	fs->cfg = *cfg;
 	fs->store_path = cfg->store ? strdup(cfg->store) : NULL;
 	fs->mountpoint = cfg->mountpoint ? strdup(cfg->mountpoint) : NULL;
@@ -2887,7 +4668,10 @@ int ckvfs_new(const struct ckvfs_config *cfg, ckvfs **out)
 	fs->cfg.mountpoint = fs->mountpoint;
 	fs->nbuckets = 256;
 	fs->buckets = calloc(fs->nbuckets, sizeof(*fs->buckets));
-	if (!fs->buckets || (cfg->store && !fs->store_path) || (cfg->mountpoint && !fs->mountpoint)) {
+	fs->stg_ino = calloc(STG_BUCKETS, sizeof(*fs->stg_ino));
+	fs->stg_bk = calloc(STG_BUCKETS, sizeof(*fs->stg_bk));
+	if (!fs->buckets || !fs->stg_ino || !fs->stg_bk || (cfg->store && !fs->store_path) ||
+	    (cfg->mountpoint && !fs->mountpoint)) {
 		ckvfs_free(fs);
 		return -ENOMEM;
 	}
@@ -2978,11 +4762,30 @@ int ckvfs_start(ckvfs *fs, struct fuse_session *se)
 		return -rc;
 	}
 	fs->watcher_running = true;
+
+	stg_start(fs);
+	if (fs->incoming_fd >= 0) {
+		rc = pthread_create(&fs->publisher, NULL, publisher_main, fs);
+		if (rc) {
+			fuse_log(FUSE_LOG_ERR, "ckvfs: starting the publisher thread: %s\n", strerror(rc));
+			return -rc;
+		}
+		fs->publisher_running = true;
+	}
 	return 0;
 }
 
+/* The publisher finishes the area it works on (its waiters go on), then stops. */
 void ckvfs_stop(ckvfs *fs)
 {
+	if (fs->publisher_running) {
+		pthread_mutex_lock(&fs->stg_lock);
+		fs->stg_stop = true;
+		pthread_cond_signal(&fs->pub_cond);
+		pthread_mutex_unlock(&fs->stg_lock);
+		pthread_join(fs->publisher, NULL);
+		fs->publisher_running = false;
+	}
 	if (!fs->watcher_running)
 		return;
 	pthread_mutex_lock(&fs->lock);
@@ -2991,6 +4794,63 @@ void ckvfs_stop(ckvfs *fs)
 	pthread_mutex_unlock(&fs->lock);
 	pthread_join(fs->watcher, NULL);
 	fs->watcher_running = false;
+}
+
+/* At exit: every node and area, whoever still names them (the kernel is gone). */
+static void stg_free(struct ckvfs *fs)
+{
+	struct area **all = NULL;
+	size_t n = 0, cap = 0;
+
+	for (struct area *a = fs->areas; a; a = a->next) {
+		if (n == cap) {
+			struct area **na = realloc(all, (cap = cap ? 2 * cap : 16) * sizeof(*all));
+			if (!na)
+				break;
+			all = na;
+		}
+		all[n++] = a;
+	}
+	for (size_t b = 0; fs->stg_ino && b < STG_BUCKETS; b++)
+		for (struct snode *nd = fs->stg_ino[b], *next; nd; nd = next) {
+			struct area *a = nd->area;
+			size_t i;
+
+			next = nd->next_ino;
+			for (i = 0; i < n && all[i] != a; i++)
+				;
+			if (i == n) {
+				if (n == cap) {
+					struct area **na = realloc(all, (cap = cap ? 2 * cap : 16) * sizeof(*all));
+					if (!na)
+						continue;
+					all = na;
+				}
+				all[n++] = a;
+			}
+			if (!snode_is_dir(nd)) {
+				close(nd->fd);
+				free(nd);
+			}
+		}
+	for (size_t i = 0; i < n; i++) {
+		close(all[i]->dfd);
+		free(all[i]->name);
+		free(all[i]->path);
+		free(all[i]->bpath);
+		free(all[i]->error);
+		free(all[i]);
+	}
+	free(all);
+	free(fs->stg_ino);
+	free(fs->stg_bk);
+	for (int k = 0; k < 2; k++)
+		if (fs->kind_fd[k] >= 0)
+			close(fs->kind_fd[k]);
+	if (fs->incoming_lock_fd >= 0)
+		close(fs->incoming_lock_fd); /* the flock goes with it */
+	if (fs->incoming_fd >= 0)
+		close(fs->incoming_fd);
 }
 
 void ckvfs_free(ckvfs *fs)
@@ -3016,12 +4876,16 @@ void ckvfs_free(ckvfs *fs)
 		free(fs->mdirs[i].name);
 	}
 	free(fs->mdirs);
+	stg_free(fs);
 	if (fs->engine)
 		ckv_engine_close(fs->engine);
 	if (fs->store)
 		ckv_store_close(fs->store);
 	pthread_mutex_destroy(&fs->lock);
 	pthread_cond_destroy(&fs->cond);
+	pthread_mutex_destroy(&fs->stg_lock);
+	pthread_cond_destroy(&fs->stg_cond);
+	pthread_cond_destroy(&fs->pub_cond);
 	free(fs->store_path);
 	free(fs->mountpoint);
 	free(fs);

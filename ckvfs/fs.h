@@ -6,9 +6,10 @@
  *   fuse_session_new(..., ckvfs_ops(), ..., fs)
  *   ckvfs_open_store()   before mounting, so a bad STORE is an error, not a mount
  *   fuse_session_mount(), fuse_daemonize()
- *   ckvfs_start(fs, se)  after the fork: engine (its threads), retention, watcher
+ *   ckvfs_start(fs, se)  after the fork: engine (its threads), retention, watcher,
+ *                        staging areas resumed, publisher
  *   fuse_session_loop_mt()
- *   ckvfs_stop()         watcher joined; no more notifications
+ *   ckvfs_stop()         publisher and watcher joined; no more notifications
  *   fuse_session_unmount(), fuse_session_destroy()   (the destroy op saves retention)
  *   ckvfs_free()         engine and store closed
  */
@@ -35,6 +36,7 @@ struct ckvfs_config {
 	unsigned read_ahead_kb;     /* written to the mount's bdi after init; 0 leaves it */
 	bool populate;              /* fault the whole arena in at start */
 	const char *ctl_path;       /* control socket, shown as /.ckv/ctl; NULL: none */
+	unsigned publish_delay_ms;  /* a staging area is checked after this long without changes */
 	bool debug;
 };
 

@@ -35,11 +35,14 @@
 #define DEFAULT_MAX_THREADS 64
 #define DEFAULT_IDLE_THREADS 32
 #define MIN_CACHE (1ull << 20)
+#define DEFAULT_PUBLISH_DELAY_MS 1000
+#define MAX_PUBLISH_DELAY_MS 600000
 
 struct opts {
 	char *cache;
 	char *policy;
 	char *read_ahead_kb;
+	char *publish_delay;
 	int warm;
 	int direct_io;
 	int odirect;
@@ -62,6 +65,7 @@ static const struct fuse_opt ckvfs_opt_spec[] = {
 	OPT("cache=%s", cache, 0),
 	OPT("policy=%s", policy, 0),
 	OPT("read_ahead_kb=%s", read_ahead_kb, 0),
+	OPT("publish_delay=%s", publish_delay, 0),
 	OPT("warm", warm, 1),
 	OPT("no_warm", warm, 0),
 	OPT("direct_io", direct_io, 1),
@@ -141,9 +145,11 @@ static void usage(const char *prog)
 	       "    -o read_ahead_kb=N     kernel read-ahead window of the mount (default %u, 0: leave)\n"
 	       "    -o populate            allocate the whole arena at mount (faster first reads)\n"
 	       "    -o no_odirect          read segment files through the page cache (e.g. tmpfs)\n"
+	       "    -o publish_delay=MS    check a staging area this long after its last change\n"
+	       "                           (default %u)\n"
 	       "    -o allow_other, -o default_permissions, ...: see mount.fuse3(8)\n"
 	       "\n",
-	       prog, DEFAULT_READ_AHEAD_KB);
+	       prog, DEFAULT_READ_AHEAD_KB, DEFAULT_PUBLISH_DELAY_MS);
 	fuse_cmdline_help();
 	fuse_lowlevel_help();
 }
@@ -282,6 +288,20 @@ int main(int argc, char *argv[])
 		}
 		cfg.read_ahead_kb = (unsigned)v;
 	}
+	cfg.publish_delay_ms = DEFAULT_PUBLISH_DELAY_MS;
+	if (o.publish_delay) {
+		char *end;
+		unsigned long v;
+		errno = 0;
+		v = strtoul(o.publish_delay, &end, 10);
+		if (errno || end == o.publish_delay || *end || o.publish_delay[0] == '-' ||
+		    v > MAX_PUBLISH_DELAY_MS) {
+			fprintf(stderr, "ckvfs: publish_delay=%s: expected milliseconds, 0..%u\n",
+				o.publish_delay, MAX_PUBLISH_DELAY_MS);
+			goto out_args;
+		}
+		cfg.publish_delay_ms = (unsigned)v;
+	}
 	cfg.warm = o.warm;
 	cfg.direct_io = o.direct_io;
 	cfg.odirect = o.odirect;
@@ -402,6 +422,7 @@ out_args:
 	free(o.cache);
 	free(o.policy);
 	free(o.read_ahead_kb);
+	free(o.publish_delay);
 	free(o.store);
 	fuse_opt_free_args(&args);
 	if (log_syslog)

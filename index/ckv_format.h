@@ -135,6 +135,17 @@ typedef struct ckv_manifest {
 	ckv_ftime t_manifest, t_tokens, t_sums; /* mtimes of the exported files */
 	ckv_ftime *t_layers;    /* [layers], when has_times */
 	int64_t created;        /* unix seconds the prefix was published */
+	/* Store record, optional: the cache directory's mtime (times.dir). */
+	bool has_dir_time;
+	ckv_ftime t_dir;
+	/*
+	 * Store record, optional ("modes"): permission bits of the directory and
+	 * files as they were copied into a mount, which shows them again, so
+	 * that a second rsync -a / cp -a finds nothing to change. One mode for
+	 * all layer files (layer_000.kv's). Scalars only: copies stay shallow.
+	 */
+	bool has_modes;
+	uint32_t mode_dir, mode_manifest, mode_tokens, mode_sums, mode_layers;
 } ckv_manifest;
 
 void ckv_manifest_free(ckv_manifest *m);

@@ -45,6 +45,12 @@ typedef struct ckv_import_opts {
 	void *progress_arg;
 	/* Fault injection for crash tests: SIGKILL self at this stage (see store.c). */
 	const char *crash_at;
+	/*
+	 * ckv_store_import: keep the permission bits of the directory and its
+	 * files in the record ("modes"), for a view that shows them (the mount's
+	 * staging areas: a second rsync -a then finds nothing to change).
+	 */
+	bool keep_modes;
 } ckv_import_opts;
 
 typedef struct ckv_import_result {
@@ -114,6 +120,12 @@ int ckv_store_stat(ckv_store *s, const ckv_manifest *m, ckv_stat_info *st);
 /* Remove a prefix (its segments stay until ckv_store_gc). */
 int ckv_store_rm(ckv_store *s, const ckv_hash *h, ckv_err *e);
 
+/*
+ * gc also removes the mount's staging areas (STORE/incoming/, see
+ * docs/FILESYSTEM.md) when no daemon holds STORE/incoming/lock: copies
+ * into a mount that nobody serves any more are abandoned. They count as
+ * staging.
+ */
 typedef struct ckv_gc_result {
 	uint64_t segments, staging, manifests; /* removed */
 	uint64_t bytes;

@@ -615,6 +615,27 @@ int ckv_manifest_parse(ckv_manifest *m, const char *json, size_t len, bool store
 				if ((rc = get_time(v, &m->t_layers[i], what, "layers[]", e)) < 0)
 					goto out_free;
 			m->has_times = true;
+			if ((v = json_object_get(t, "dir"))) {
+				if ((rc = get_time(v, &m->t_dir, what, "dir", e)) < 0)
+					goto out_free;
+				m->has_dir_time = true;
+			}
+		}
+		t = json_object_get(root, "modes");
+		if (json_is_object(t)) {
+			static const char *const keys[] = { "dir", "manifest.json", "tokens.bin", "sums.xxh3", "layers" };
+			uint32_t *dst[] = { &m->mode_dir, &m->mode_manifest, &m->mode_tokens, &m->mode_sums,
+					    &m->mode_layers };
+			for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
+				char key[32];
+				snprintf(key, sizeof(key), "modes.%s", keys[k]);
+				if ((rc = get_uint(t, keys[k], 07777, true, &u, what, e)) < 0) {
+					ckv_errf(e, -EINVAL, "%s: field \"%s\": expected permission bits 0..4095", what, key);
+					goto out_free;
+				}
+				*dst[k] = (uint32_t)u;
+			}
+			m->has_modes = true;
 		}
 	}
 	json_decref(root);
@@ -673,6 +694,17 @@ int ckv_manifest_emit(const ckv_manifest *m, bool store_record, char **out, size
 			json_object_set_new(t, "layers", ls);
 			for (uint32_t l = 0; l < m->geom.layers; l++)
 				json_array_append_new(ls, time_json(&m->t_layers[l]));
+			if (m->has_dir_time)
+				json_object_set_new(t, "dir", time_json(&m->t_dir));
+		}
+		if (m->has_modes) {
+			json_t *mo = json_pack("{s:I, s:I, s:I, s:I, s:I}", "dir", (json_int_t)m->mode_dir,
+					       "manifest.json", (json_int_t)m->mode_manifest,
+					       "tokens.bin", (json_int_t)m->mode_tokens,
+					       "sums.xxh3", (json_int_t)m->mode_sums,
+					       "layers", (json_int_t)m->mode_layers);
+			if (!mo || json_object_set_new(root, "modes", mo) < 0)
+				goto out_decref;
 		}
 	}
 	s = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_ENSURE_ASCII);

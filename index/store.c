@@ -1390,6 +1390,14 @@ static int publish_impl(ckv_store *s, const ckv_geom *g, const uint32_t *tokens,
 		man.t_tokens = src->times->t_tokens;
 		man.t_sums = src->times->t_sums;
 		man.t_layers = src->times->t_layers; /* borrowed: cleared before free */
+		man.has_dir_time = src->times->has_dir_time;
+		man.t_dir = src->times->t_dir;
+		man.has_modes = src->times->has_modes;
+		man.mode_dir = src->times->mode_dir;
+		man.mode_manifest = src->times->mode_manifest;
+		man.mode_tokens = src->times->mode_tokens;
+		man.mode_sums = src->times->mode_sums;
+		man.mode_layers = src->times->mode_layers;
 	}
 	man.created = time(NULL);
 
@@ -1673,6 +1681,11 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dfd < 0)
 		return ckv_errf(e, -errno, "%s: %s", dir, strerror(errno));
+	if (fstat(dfd, &st) == 0) {
+		man.t_dir.sec = st.st_mtim.tv_sec;
+		man.t_dir.nsec = (uint32_t)st.st_mtim.tv_nsec;
+		man.mode_dir = st.st_mode & 07777;
+	}
 
 	fd = open_input(dfd, dir, "manifest.json", &st, e);
 	if (fd < 0) {
@@ -1686,6 +1699,7 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 	}
 	man.t_manifest.sec = st.st_mtim.tv_sec;
 	man.t_manifest.nsec = (uint32_t)st.st_mtim.tv_nsec;
+	man.mode_manifest = st.st_mode & 07777;
 	json = malloc((size_t)st.st_size + 1);
 	rc = json ? read_all(fd, json, (size_t)st.st_size, 0) : -ENOMEM;
 	len = (size_t)st.st_size;
@@ -1696,10 +1710,13 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 	}
 	{
 		char what[4200];
-		ckv_ftime tm = man.t_manifest;
+		ckv_manifest keep = man;
 		snprintf(what, sizeof(what), "%s/manifest.json", dir);
 		rc = ckv_manifest_parse(&man, json, len, false, what, e);
-		man.t_manifest = tm;
+		man.t_manifest = keep.t_manifest;
+		man.t_dir = keep.t_dir;
+		man.mode_dir = keep.mode_dir;
+		man.mode_manifest = keep.mode_manifest;
 		if (rc)
 			goto out_close;
 	}
@@ -1740,6 +1757,7 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 	}
 	man.t_tokens.sec = st.st_mtim.tv_sec;
 	man.t_tokens.nsec = (uint32_t)st.st_mtim.tv_nsec;
+	man.mode_tokens = st.st_mode & 07777;
 	if ((uint64_t)st.st_size != (uint64_t)man.tokens * 4) {
 		close(fd);
 		rc = ckv_errf(e, -EINVAL, "%s/tokens.bin: %lld bytes, expected %llu (field \"tokens\" = %u, 4 bytes each)",
@@ -1802,6 +1820,8 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 		}
 		man.t_layers[l].sec = st.st_mtim.tv_sec;
 		man.t_layers[l].nsec = (uint32_t)st.st_mtim.tv_nsec;
+		if (l == 0)
+			man.mode_layers = st.st_mode & 07777;
 	}
 
 	/* sums.xxh3, optional */
@@ -1820,6 +1840,7 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 		}
 		man.t_sums.sec = st.st_mtim.tv_sec;
 		man.t_sums.nsec = (uint32_t)st.st_mtim.tv_nsec;
+		man.mode_sums = st.st_mode & 07777;
 		snprintf(what, sizeof(what), "%s/sums.xxh3", dir);
 		if ((uint64_t)st.st_size != want) {
 			close(fd);
@@ -1848,8 +1869,11 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 		clock_gettime(CLOCK_REALTIME, &now);
 		man.t_sums.sec = now.tv_sec;
 		man.t_sums.nsec = (uint32_t)now.tv_nsec;
+		man.mode_sums = 0444; /* computed here: as the mount shows generated files */
 	}
 	man.has_times = true;
+	man.has_dir_time = true;
+	man.has_modes = o && o->keep_modes;
 
 	{
 		struct publish_src src = {
@@ -2192,6 +2216,8 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 		goto out;
 	}
 	set_times(fd, m->has_times ? &m->t_manifest : &tdef);
+	if (m->has_dir_time)
+		set_times(dfd, &m->t_dir); /* last: writing the files moved it */
 out:
 	if (fd >= 0)
 		close(fd);
@@ -2456,6 +2482,33 @@ int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
 			closedir(d);
 		else if (fd >= 0)
 			close(fd);
+	}
+	/* 3. Staging areas of a mount (incoming/<kind>/<name>) that no daemon holds. */
+	{
+		int lfd = openat(s->dirfd, "incoming/lock", O_RDWR | O_CLOEXEC);
+		static const char *const kinds[] = { "incoming/by-hash", "incoming/import" };
+		if (lfd >= 0 && flock(lfd, LOCK_EX | LOCK_NB) == 0) {
+			for (int kd = 0; kd < 2; kd++) {
+				int fd = openat(s->dirfd, kinds[kd], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+				DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+				struct dirent *a;
+				while (d && (a = readdir(d))) {
+					char rel[600];
+					if (!strcmp(a->d_name, ".") || !strcmp(a->d_name, ".."))
+						continue;
+					snprintf(rel, sizeof(rel), "%s/%s", kinds[kd], a->d_name);
+					rm_tree(s->dirfd, rel, &r->bytes);
+					r->staging++;
+				}
+				if (d)
+					closedir(d);
+				else if (fd >= 0)
+					close(fd);
+			}
+			flock(lfd, LOCK_UN);
+		}
+		if (lfd >= 0)
+			close(lfd);
 	}
 	rc = 0;
 out_free:

@@ -196,7 +196,7 @@ mounted() {
 	fs_umount "$MNT"
 }
 
-@test "the published tree is read-only; import/ refuses mkdir for now" {
+@test "the published tree is read-only; import/ takes new directories (staging areas)" {
 	fs_mount "$STORE" "$MNT"
 	run touch "$MNT/by-hash/$HASH/manifest.json"
 	assert_failure
@@ -204,10 +204,14 @@ mounted() {
 	assert_failure
 	run rm "$MNT/by-hash/$HASH/tokens.bin"
 	assert_failure
-	run mkdir "$MNT/import/new"
-	assert_failure
 	run mkdir "$MNT/by-hash/x"
 	assert_failure
+	run mkdir "$MNT/by-model/x"
+	assert_failure
+	run mkdir "$MNT/x"
+	assert_failure
+	mkdir "$MNT/import/new"
+	rmdir "$MNT/import/new"
 	[ -f "$MNT/by-hash/$HASH/tokens.bin" ]
 	fs_umount "$MNT"
 }
