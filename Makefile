@@ -198,7 +198,7 @@ bench: all
 	$(Q)CKV_BUILD=$(abspath $(O)) tools/bench-store.sh
 
 DEB_PKGS := build-essential pkg-config libfuse3-dev fuse3 liburing-dev liblmdb-dev lmdb-utils \
-	libxxhash-dev libjansson-dev bats rsync attr python3 python3-xxhash python3-numpy tree
+	libxxhash-dev libjansson-dev bats rsync attr python3 python3-xxhash python3-numpy python3-torch tree bc
 deps:
 	$(Q)tools/install-deps.sh $(DEB_PKGS)
 
