@@ -26,6 +26,7 @@ run() { # name, command...
 }
 for t in build/tests/gpu/*; do run "$(basename "$t")" "$t"; done
 for t in build/tests/test_loader_*; do run "$(basename "$t")-cuda" env CKV_TEST_BACKEND=cuda "$t"; done
+run loader_daemon-cuda env CKV_TEST_BACKEND=cuda CKV_BUILD="$PWD/build" bats tests/bats/loader_daemon.bats
 run test_hf env CKV_BUILD="$PWD/build" PYTHONPATH="$PWD/gpu/python" python3 tests/gpu/test_hf.py
 if [ $bench = 1 ]; then
 	run bench-gather build/bench-gather
