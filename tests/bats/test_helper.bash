@@ -5,7 +5,7 @@ CKV_BUILD=${CKV_BUILD:-$(cd "$BATS_TEST_DIRNAME/../.." && pwd)/build}
 CKV_SRC=$(cd "$BATS_TEST_DIRNAME/../.." && pwd)
 export PATH="$CKV_BUILD:$CKV_SRC:$CKV_SRC/tools:$PATH"
 export CKV="$CKV_BUILD/ckv"
-PY=/usr/bin/python3
+PY=${CKV_PYTHON:-/usr/bin/python3}
 export PYTHONPATH="$CKV_SRC/gpu/python${PYTHONPATH:+:$PYTHONPATH}"
 # LeakSanitizer needs ptrace-like access that some sandboxes deny; keep it on where it works.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}

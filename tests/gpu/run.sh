@@ -11,6 +11,16 @@ bench=0
 [ "${1:-}" = "-b" ] && bench=1
 export PATH=/usr/local/cuda/bin:$PATH
 export ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0}
+# a Python with numpy and torch for the binding's tests (the GPU machine's
+# /usr/bin/python3 may lack them)
+if [ -z "${CKV_PYTHON:-}" ]; then
+	for p in $(which -a python3 2>/dev/null) /opt/torch/.venv/bin/python3; do
+		if "$p" -c 'import numpy, torch' 2>/dev/null; then
+			export CKV_PYTHON=$p
+			break
+		fi
+	done
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
 make -j"$(nproc)" all > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 pass=0 fail=0 skip=0
@@ -27,7 +37,7 @@ run() { # name, command...
 for t in build/tests/gpu/*; do run "$(basename "$t")" "$t"; done
 for t in build/tests/test_loader_*; do run "$(basename "$t")-cuda" env CKV_TEST_BACKEND=cuda "$t"; done
 run loader_daemon-cuda env CKV_TEST_BACKEND=cuda CKV_BUILD="$PWD/build" bats tests/bats/loader_daemon.bats
-run test_hf env CKV_BUILD="$PWD/build" PYTHONPATH="$PWD/gpu/python" python3 tests/gpu/test_hf.py
+run test_hf env CKV_BUILD="$PWD/build" PYTHONPATH="$PWD/gpu/python" "${CKV_PYTHON:-python3}" tests/gpu/test_hf.py
 if [ $bench = 1 ]; then
 	run bench-gather build/bench-gather
 	run bench-loader build/bench-loader -r 5 --backend cuda "$(mktemp -d)"
