@@ -154,7 +154,9 @@ checked() {
 	pid=$!
 	wait_until 10 test -e "$MNT/by-hash/$H4/layer_003.kv"
 	kill -KILL -- "-$pid"
-	wait "$pid" || true
+	st=0
+	wait "$pid" || st=$?
+	[ "$st" -eq 137 ] # rsync died of the SIGKILL
 	sleep 1
 	[ "$(fsw_state "$MNT/by-hash/$H4")" != published ]
 	assert_equal "$(prefixes "$DST")" "$H3"
@@ -177,9 +179,13 @@ checked() {
 	pid=$!
 	wait_until 10 test -e "$MNT/by-hash/$H4/layer_003.kv"
 	kill -KILL "$FS_PID"
-	wait "$FS_PID" || true
+	st=0
+	wait "$FS_PID" || st=$?
+	[ "$st" -eq 137 ] # the daemon died of the SIGKILL
 	FS_PID=
-	wait "$pid" || true
+	st=0
+	wait "$pid" || st=$?
+	[ "$st" -ne 0 ] # rsync saw its destination go away
 	force_unmount "$MNT"
 	run "$CKV" verify "$DST"
 	assert_success

@@ -21,7 +21,9 @@ fsw_state() {
 
 # fsw_error DIR: user.ckv.error of a staging area (empty when none).
 fsw_error() {
-	getfattr --only-values -n user.ckv.error "$1" 2>/dev/null || true
+	local v
+	v=$(getfattr --only-values -n user.ckv.error "$1" 2>/dev/null) || v=
+	printf '%s' "$v"
 }
 
 _fsw_is() { [ "$(fsw_state "$1")" = "$2" ]; }

@@ -186,10 +186,12 @@ fs_teardown() {
 	for m in $(awk -v a="$BATS_TEST_TMPDIR" -v b="${BATS_FILE_TMPDIR:-/nonexistent}" \
 		'index($2, a) == 1 || index($2, b) == 1 { print $2 }' /proc/self/mounts); do
 		pids="$pids $(fs_daemon_pid "$m")"
-		fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+		fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null ||
+			echo "teardown: cannot unmount $m" >&2
 	done
 	for p in ${FS_PID:-} $pids; do
-		fs_wait_gone "$p" 5 || kill "$p" 2>/dev/null || true
+		fs_wait_gone "$p" 5 || kill "$p" 2>/dev/null ||
+			echo "teardown: daemon $p already gone" >&2
 	done
 	FS_PID=
 	return 0
