@@ -2337,6 +2337,83 @@ static bool seg_indexed(ckv_store *s, MDB_txn *txn, const char *id)
 	return mdb_get(txn, s->db_seg, &k, &v) == 0;
 }
 
+/*
+ * Call fn(arg, rel, name) for every entry top/<shard>/<name> of the store
+ * ("seg" or "prefix"); dot-names are skipped. Stops at fn's first non-zero
+ * return and returns it.
+ */
+typedef int (*shard_fn)(void *arg, const char *rel, const char *name);
+static int walk_sharded(ckv_store *s, const char *top, shard_fn fn, void *arg)
+{
+	int fd = openat(s->dirfd, top, O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = 0;
+	DIR *d1 = fd >= 0 ? fdopendir(fd) : NULL;
+	struct dirent *a;
+
+	if (!d1) {
+		if (fd >= 0)
+			close(fd);
+		return 0;
+	}
+	while (rc == 0 && (a = readdir(d1))) {
+		int fd2;
+		DIR *d2;
+		struct dirent *b;
+		if (a->d_name[0] == '.')
+			continue;
+		fd2 = openat(dirfd(d1), a->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		d2 = fd2 >= 0 ? fdopendir(fd2) : NULL;
+		if (!d2) {
+			if (fd2 >= 0)
+				close(fd2);
+			continue;
+		}
+		while (rc == 0 && (b = readdir(d2))) {
+			char rel[600];
+			if (b->d_name[0] == '.')
+				continue;
+			snprintf(rel, sizeof(rel), "%s/%s/%s", top, a->d_name, b->d_name);
+			rc = fn(arg, rel, b->d_name);
+		}
+		closedir(d2);
+	}
+	closedir(d1);
+	return rc;
+}
+
+struct gc_sweep {
+	ckv_store *s;
+	MDB_txn *txn;
+	ckv_gc_result *r;
+};
+
+/* A segment directory nothing indexes: a crashed import's. */
+static int gc_seg_one(void *arg, const char *rel, const char *name)
+{
+	struct gc_sweep *g = arg;
+	if (!seg_indexed(g->s, g->txn, name)) {
+		rm_tree(g->s->dirfd, rel, &g->r->bytes);
+		g->r->segments++;
+	}
+	return 0;
+}
+
+/* A record file whose prefix is not indexed: a crashed import's or rm's. */
+static int gc_record_one(void *arg, const char *rel, const char *name)
+{
+	struct gc_sweep *g = arg;
+	char hex[CKV_HASH_HEX + 1];
+	ckv_hash h;
+	MDB_val hk = { 16, h.b }, hv;
+
+	snprintf(hex, sizeof(hex), "%.32s", name);
+	if (strlen(name) == CKV_HASH_HEX + 5 && !strcmp(name + CKV_HASH_HEX, ".json") &&
+	    ckv_hash_parse(&h, hex) == 0 && mdb_get(g->txn, g->s->db_prefix, &hk, &hv) == 0)
+		return 0;
+	rm_tree(g->s->dirfd, rel, &g->r->bytes);
+	g->r->manifests++;
+	return 0;
+}
+
 int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
 {
 	MDB_txn *txn;
@@ -2415,55 +2492,9 @@ int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
 		goto out_free;
 	}
 	{
-		static const char *const tops[] = { "seg", "prefix" };
-		for (int t = 0; t < 2; t++) {
-			int fd = openat(s->dirfd, tops[t], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-			DIR *d1 = fd >= 0 ? fdopendir(fd) : NULL;
-			struct dirent *a;
-			while (d1 && (a = readdir(d1))) {
-				int fd2;
-				DIR *d2;
-				struct dirent *b;
-				if (a->d_name[0] == '.')
-					continue;
-				fd2 = openat(dirfd(d1), a->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-				d2 = fd2 >= 0 ? fdopendir(fd2) : NULL;
-				while (d2 && (b = readdir(d2))) {
-					char rel[600];
-					bool keep;
-					if (!strcmp(b->d_name, ".") || !strcmp(b->d_name, ".."))
-						continue;
-					snprintf(rel, sizeof(rel), "%s/%s/%s", tops[t], a->d_name, b->d_name);
-					if (t == 0) {
-						keep = seg_indexed(s, txn, b->d_name);
-					} else {
-						ckv_hash h;
-						char hex[CKV_HASH_HEX + 1];
-						MDB_val hk = { 16, h.b }, hv;
-						snprintf(hex, sizeof(hex), "%.32s", b->d_name);
-						keep = strlen(b->d_name) == CKV_HASH_HEX + 5 &&
-						       !strcmp(b->d_name + CKV_HASH_HEX, ".json") &&
-						       ckv_hash_parse(&h, hex) == 0 &&
-						       mdb_get(txn, s->db_prefix, &hk, &hv) == 0;
-					}
-					if (keep)
-						continue;
-					rm_tree(s->dirfd, rel, &r->bytes);
-					if (t == 0)
-						r->segments++;
-					else
-						r->manifests++;
-				}
-				if (d2)
-					closedir(d2);
-				else if (fd2 >= 0)
-					close(fd2);
-			}
-			if (d1)
-				closedir(d1);
-			else if (fd >= 0)
-				close(fd);
-		}
+		struct gc_sweep g = { s, txn, r };
+		walk_sharded(s, "seg", gc_seg_one, &g);
+		walk_sharded(s, "prefix", gc_record_one, &g);
 	}
 	mdb_txn_abort(txn);
 	{
@@ -2813,12 +2844,31 @@ static int reindex_links(ckv_store *s, MDB_txn *txn)
 	return rc;
 }
 
+struct reindex_walk {
+	ckv_store *s;
+	MDB_txn *txn;
+};
+
+static int reindex_record(void *arg, const char *rel, const char *name)
+{
+	struct reindex_walk *w = arg;
+	char *json = NULL;
+	size_t len = 0;
+	int rc;
+
+	if (strlen(name) != CKV_HASH_HEX + 5)
+		return 0;
+	if (slurp_at(w->s->dirfd, rel, MANIFEST_MAX, &json, &len))
+		return 0;
+	rc = reindex_one(w->s, w->txn, json, len, rel);
+	free(json);
+	return rc;
+}
+
 int ckv_store_reindex(ckv_store *s, ckv_err *e)
 {
 	MDB_txn *txn;
-	int rc, fd;
-	DIR *d1 = NULL;
-	struct dirent *a;
+	int rc;
 
 	if (flock(s->lockfd, LOCK_EX) < 0)
 		return ckv_errf(e, -errno, "%s/lock: %s", s->path, strerror(errno));
@@ -2833,36 +2883,10 @@ int ckv_store_reindex(ckv_store *s, ckv_err *e)
 		rc = ckv_errf(e, mdb_errno(rc), "%s: index: %s", s->path, mdb_strerror(rc));
 		goto out_unlock;
 	}
-	fd = openat(s->dirfd, "prefix", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	d1 = fd >= 0 ? fdopendir(fd) : NULL;
-	while (d1 && (a = readdir(d1)) && rc == 0) {
-		int fd2;
-		DIR *d2;
-		struct dirent *b;
-		if (a->d_name[0] == '.')
-			continue;
-		fd2 = openat(dirfd(d1), a->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		d2 = fd2 >= 0 ? fdopendir(fd2) : NULL;
-		while (d2 && (b = readdir(d2)) && rc == 0) {
-			char rel[600], *json = NULL;
-			size_t len = 0;
-			if (b->d_name[0] == '.' || strlen(b->d_name) != CKV_HASH_HEX + 5)
-				continue;
-			snprintf(rel, sizeof(rel), "prefix/%s/%s", a->d_name, b->d_name);
-			if (slurp_at(s->dirfd, rel, MANIFEST_MAX, &json, &len))
-				continue;
-			rc = reindex_one(s, txn, json, len, rel);
-			free(json);
-		}
-		if (d2)
-			closedir(d2);
-		else if (fd2 >= 0)
-			close(fd2);
+	{
+		struct reindex_walk w = { s, txn };
+		rc = walk_sharded(s, "prefix", reindex_record, &w);
 	}
-	if (d1)
-		closedir(d1);
-	else if (fd >= 0)
-		close(fd);
 	if (!rc)
 		rc = reindex_links(s, txn);
 	if (!rc)
