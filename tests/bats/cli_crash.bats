@@ -143,12 +143,17 @@ after_crash() {
 	h=$(gen_hash "$T/src" -m qwen2.5-7b -n 2000 --seed 42)
 	"$CKV" export "$T/src" "$h" "$T/big"
 	rm -rf "$T/src"
-	# how long an uninterrupted import takes here
-	"$CKV" init "$T/ref"
-	t0=$(date +%s%N)
-	"$CKV" import -q "$T/ref" "$T/big" >/dev/null
-	dur_ms=$((($(date +%s%N) - t0) / 1000000))
-	rm -rf "$T/ref"
+	# how long an uninterrupted import takes here: the faster of two (the
+	# first reads a cold page cache; the runs below read a warm one)
+	dur_ms=999999
+	for r in 1 2; do
+		"$CKV" init "$T/ref"
+		t0=$(date +%s%N)
+		"$CKV" import -q "$T/ref" "$T/big" >/dev/null
+		d=$((($(date +%s%N) - t0) / 1000000))
+		[ "$d" -lt "$dur_ms" ] && dur_ms=$d
+		rm -rf "$T/ref"
+	done
 	echo "# full import: ${dur_ms} ms"
 	killed=0
 	RANDOM=$$
@@ -156,8 +161,10 @@ after_crash() {
 		S=$T/s$i
 		cp -a "$F/base" "$S"
 		before=$(store_snapshot "$S")
-		# kill somewhere in 2% .. 111% of the import (late ones may land after the commit)
+		# kill somewhere in 2% .. 111% of the import (late ones may land after
+		# the commit); the first run early, so that at least one lands inside
 		delay=$((dur_ms * (2 + RANDOM % 110) / 100))
+		[ "$i" -eq 1 ] && delay=$((dur_ms / 10))
 		"$CKV" import -q "$S" "$T/big" >/dev/null 2>&1 3>&- &
 		pid=$!
 		sleep "$(printf '%d.%03d' $((delay / 1000)) $((delay % 1000)))"
