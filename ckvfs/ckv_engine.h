@@ -36,6 +36,7 @@ typedef struct ckv_engine_opts {
 	unsigned queue_depth;   /* io_uring entries; default 128 */
 	double halflife_s;      /* decay of I and F; default 600 s */
 	bool no_direct;         /* buffered reads (tmpfs and other stores without O_DIRECT) */
+	unsigned idle_depth;    /* idle (speculative) reads in flight at most; default 16 */
 	/* Log sink for checksum failures and I/O errors; default stderr. */
 	void (*log)(void *arg, const char *msg);
 	void *log_arg;
@@ -94,6 +95,21 @@ uint64_t ckv_slot_len(const ckv_slot *s);
 enum {
 	CKV_GET_DEMAND = 0,     /* a reader waits: goes ahead of background reads */
 	CKV_GET_STREAM = 1 << 0, /* whole-file streaming (cp, rsync): must not evict important chunks */
+	/*
+	 * Speculative (async gets): chunks not yet in the arena are read only
+	 * while no demand or background read is queued or in flight, at most
+	 * opts.idle_depth at once; until their read starts they can be
+	 * withdrawn with ckv_engine_cancel. A get without this flag for such a
+	 * chunk makes its read a demand read.
+	 */
+	CKV_GET_IDLE = 1 << 1,
+	/*
+	 * Async gets: callbacks of chunks that complete at once (resident, or
+	 * failed) may run on the calling thread before ckv_engine_get_async
+	 * returns, instead of on an engine thread: no hand-off for arena hits.
+	 * The caller must not hold a lock its callback takes.
+	 */
+	CKV_GET_INLINE = 1 << 2,
 };
 
 /*
@@ -106,12 +122,27 @@ enum {
 int ckv_engine_get(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsigned flags,
 		   ckv_slot **slots, int *rcs);
 
-/* Asynchronous form: cb(arg, i, slot, rc) once per ref, on an engine thread. */
+/* Asynchronous form: cb(arg, i, slot, rc) once per ref, on an engine thread (CKV_GET_INLINE: see there). */
 typedef void (*ckv_get_cb)(void *arg, size_t i, ckv_slot *slot, int rc);
 int ckv_engine_get_async(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsigned flags,
 			 ckv_get_cb cb, void *arg);
 
 void ckv_engine_release(ckv_engine *e, ckv_slot *s);
+/* The same for s[0..n) (NULL entries skipped) under one lock. */
+void ckv_engine_release_n(ckv_engine *e, ckv_slot *const *s, size_t n);
+
+/*
+ * Withdraw requests of an earlier CKV_GET_IDLE ckv_engine_get_async (the
+ * same cb and arg) whose reads have not started: refs[k] is the ref at
+ * index idx[k] of that get. done[k] = 1 where withdrawn: that index's
+ * callback comes (on an engine thread) with rc -ECANCELED and no slot, and
+ * the chunk is not read for it; 0 where the read has started or ended, or
+ * the chunk was already there (the callback comes as usual). The caller
+ * must keep arg valid until the call returns (e.g. hold the lock its
+ * callbacks take). Returns 0 or -EINVAL.
+ */
+int ckv_engine_cancel(ckv_engine *e, const ckv_chunk_ref *refs, const size_t *idx, size_t n,
+		      ckv_get_cb cb, void *arg, uint8_t *done);
 
 /* Read-ahead: queue background reads, return at once. */
 int ckv_engine_prefetch(ckv_engine *e, const ckv_chunk_ref *refs, size_t n);
@@ -121,6 +152,8 @@ int ckv_engine_score(ckv_engine *e, const ckv_chunk_ref *refs, const float *scor
 
 /* Whether a chunk is resident now (for tests and stats). */
 bool ckv_engine_resident(ckv_engine *e, const ckv_chunk_ref *ref);
+/* The same for refs[0..n) under one lock: out[i] = 1 when resident. */
+void ckv_engine_resident_n(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, uint8_t *out);
 
 typedef struct ckv_engine_stats {
 	uint64_t arena_bytes, arena_used, slots_used, pinned;

@@ -9,15 +9,24 @@
  * contiguous pages. A slab whose slots are all free gives its pages back.
  *
  * I/O. One I/O thread owns an io_uring (queue_depth entries plus one for the
- * eventfd that wakes it). Chunks to read wait in two queues, demand (a reader
- * waits) and background (prefetch); demand is drained first. Whatever is
- * queued when the thread looks is sorted by (file, chunk) and adjacent chunks
- * of one file become one readv straight into their slots (up to CKV_MAX_IOV
- * chunks). Short reads are resubmitted for the rest, -EAGAIN resubmitted,
- * -EINVAL on an O_DIRECT file reopens it buffered. Each chunk is hashed with
- * XXH3-64 before anybody can see it; a mismatch frees the slot and fails
- * that chunk alone with -EIO. A second request for a chunk in flight waits
- * on the same read.
+ * eventfd that wakes it). Chunks to read wait in three queues, demand (a
+ * reader waits), background (prefetch) and idle (speculative gets,
+ * CKV_GET_IDLE); demand is drained first, then background; idle reads start
+ * only while nothing of the other two is queued or in flight, at most
+ * opts.idle_depth of them at once, so a speculation never delays a read
+ * somebody needs by more than those few; ckv_engine_cancel withdraws idle
+ * reads that have not started. A get that needs a chunk queued as idle
+ * moves it to the demand queue. Whatever is queued when the thread looks
+ * is sorted by (file, chunk), files in the order their first chunk was
+ * queued (a reader that asked first is served first), and adjacent chunks
+ * of one file become one readv straight into their slots (up to
+ * CKV_MAX_IOV chunks). Short reads are resubmitted for the rest, -EAGAIN
+ * resubmitted, -EINVAL on an O_DIRECT file reopens it buffered. Each chunk
+ * is hashed with XXH3-64 before anybody can see it; a mismatch frees the
+ * slot and fails that chunk alone with -EIO. A second request for a chunk
+ * in flight waits on the same read. Callbacks of async gets run on the I/O
+ * thread, or with CKV_GET_INLINE those of chunks already there on the
+ * caller's, before ckv_engine_get_async returns.
  *
  * Retention. Per (file key, chunk) the engine keeps I (sum of score
  * feedback) and F (demand accesses), both decayed with opts.halflife_s, and
@@ -67,6 +76,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,11 +97,12 @@
 #define CKV_MAX_LOAD_CHUNK (1u << 24)
 #define CKV_DEFAULT_ARENA (1ull << 30)
 #define CKV_DEFAULT_QD 128u
+#define CKV_DEFAULT_IDLE_QD 16u
 #define CKV_MAX_QD 4096u
 #define CKV_DEFAULT_HALFLIFE 600.0
 
 enum slot_state { SLOT_FREE = 0, SLOT_READING, SLOT_READY };
-enum slot_queue { Q_NONE = 0, Q_DEMAND, Q_BG };
+enum slot_queue { Q_NONE = 0, Q_DEMAND, Q_BG, Q_IDLE };
 enum { HEAP_NONE = 0, HEAP_PLAIN = 1, HEAP_IMPORTANT = 2 };
 
 /* Retention record of one chunk; normalised to e->epoch (see top). */
@@ -128,6 +139,8 @@ struct ckv_efile {
 	unsigned nslots;               /* slots (any state, detached too) naming this file; e->lock */
 	unsigned nreading;             /* of those, reads queued or in flight; e->lock */
 	ckv_slot **ent;                /* [nchunks] arena slot of each chunk or NULL; e->lock */
+	uint64_t rank_gen;             /* io_build's batch that ranked it; I/O thread, e->lock */
+	uint32_t rank;                 /* its order in that batch; I/O thread, e->lock */
 };
 
 struct getreq;
@@ -147,7 +160,9 @@ struct getreq {
 	pthread_cond_t cv; /* sync only: signalled when remaining reaches 0 */
 	ckv_get_cb cb;     /* NULL for a synchronous get */
 	void *arg;
-	size_t delivered;  /* async: callbacks run; I/O thread */
+	atomic_size_t delivered; /* async: callbacks run (the I/O thread's and inline ones) */
+	bool inline_open;  /* CKV_GET_INLINE, while get_submit runs: completions go to inl; e->lock */
+	struct waiter *inl, *inl_tail; /* completions the caller delivers itself; e->lock */
 	struct waiter w[];
 };
 
@@ -206,6 +221,7 @@ struct rdop {
 	uint32_t iov_first; /* first iovec still to fill */
 	int rc;             /* 0, or the error that ended the read */
 	bool reopen;        /* O_DIRECT refused: reopen buffered, then retry */
+	bool idle;          /* taken from the idle queue */
 	ckv_slot **slots;   /* [n] */
 	int *rcs;           /* [n] per-chunk verdict */
 	struct iovec *iov;  /* [n] */
@@ -236,7 +252,7 @@ struct ckv_engine {
 	struct rkey **rk_tab;
 	size_t rk_nb, rk_count;
 	ckv_efile *files;          /* every efile struct alive */
-	struct squeue qdemand, qbg;
+	struct squeue qdemand, qbg, qidle;
 	struct waiter *deliver, *deliver_tail;
 	uint64_t seq;
 	double epoch;              /* monotonic seconds that normalised values refer to */
@@ -248,7 +264,9 @@ struct ckv_engine {
 	struct io_uring ring;
 	struct rdop *retry;
 	unsigned inflight;         /* ops submitted and not finished */
+	unsigned inflight_idle;    /* of those, reads of the idle queue */
 	ckv_slot **batch;          /* [queue_depth * CKV_MAX_IOV] */
+	uint64_t rank_gen;         /* batches ranked so far (io_build) */
 	uint64_t evbuf;
 };
 
@@ -844,7 +862,14 @@ static void waiter_done(ckv_engine *e, struct waiter *w, ckv_slot *s, int rc)
 
 	r->slots[w->i] = s;
 	r->rcs[w->i] = rc;
-	if (r->cb) {
+	if (r->cb && r->inline_open) {
+		w->next = NULL;
+		if (r->inl_tail)
+			r->inl_tail->next = w;
+		else
+			r->inl = w;
+		r->inl_tail = w;
+	} else if (r->cb) {
 		w->next = NULL;
 		if (e->deliver_tail)
 			e->deliver_tail->next = w;
@@ -907,13 +932,13 @@ static int efile_open(ckv_engine *e, ckv_efile *f)
 	return f->fd < 0 ? -errno : 0;
 }
 
+/* By file (in the order io_build ranked them), then chunk. */
 static int slot_cmp(const void *pa, const void *pb)
 {
 	const ckv_slot *a = *(ckv_slot *const *)pa, *b = *(ckv_slot *const *)pb;
-	uintptr_t fa = (uintptr_t)a->f, fb = (uintptr_t)b->f;
 
-	if (fa != fb)
-		return fa < fb ? -1 : 1;
+	if (a->f != b->f)
+		return a->f->rank < b->f->rank ? -1 : 1;
 	return a->chunk < b->chunk ? -1 : a->chunk > b->chunk;
 }
 
@@ -928,7 +953,7 @@ static void op_prep(ckv_engine *e, struct rdop *op)
 }
 
 /* Turn a sorted run of n queued slots into one read, or fail them. */
-static void run_submit(ckv_engine *e, ckv_slot **run, uint32_t n)
+static void run_submit(ckv_engine *e, ckv_slot **run, uint32_t n, bool idle)
 {
 	ckv_efile *f = run[0]->f;
 	struct rdop *op;
@@ -961,7 +986,9 @@ static void run_submit(ckv_engine *e, ckv_slot **run, uint32_t n)
 		op->iov[i].iov_base = run[i]->data;
 		op->iov[i].iov_len = f->chunk_bytes;
 	}
+	op->idle = idle;
 	e->inflight++;
+	e->inflight_idle += idle;
 	e->st.disk_reads++;
 	op_prep(e, op);
 }
@@ -997,20 +1024,34 @@ static void io_build(ckv_engine *e)
 		}
 	}
 
-	struct squeue *queues[2] = { &e->qdemand, &e->qbg };
+	struct squeue *queues[3] = { &e->qdemand, &e->qbg, &e->qidle };
 
-	for (int qi = 0; qi < 2; qi++) {
+	for (int qi = 0; qi < 3; qi++) {
 		struct squeue *q = queues[qi];
+		bool idle = qi == 2;
 
-		while (e->inflight < e->o.queue_depth && q->len) {
+		/* idle reads only while nothing else is queued or in flight (see top) */
+		if (idle && !e->stopping &&
+		    (e->qdemand.len || e->qbg.len || e->inflight > e->inflight_idle))
+			break;
+		while (e->inflight < e->o.queue_depth && q->len &&
+		       (!idle || e->stopping || e->inflight_idle < e->o.idle_depth)) {
 			size_t cap = e->o.queue_depth - e->inflight;
 			size_t m = 0, i, j;
+			uint32_t nrank = 0;
 
+			if (idle && !e->stopping && cap > e->o.idle_depth - e->inflight_idle)
+				cap = e->o.idle_depth - e->inflight_idle;
+			e->rank_gen++;
 			while (m < cap * CKV_MAX_IOV && q->len) {
 				ckv_slot *s = q_pop(q);
 
 				s->queue = Q_NONE;
 				e->batch[m++] = s;
+				if (s->f->rank_gen != e->rank_gen) { /* first chunk of its file */
+					s->f->rank_gen = e->rank_gen;
+					s->f->rank = nrank++;
+				}
 			}
 			qsort(e->batch, m, sizeof(*e->batch), slot_cmp);
 			for (i = 0; i < m; i = j) {
@@ -1020,13 +1061,14 @@ static void io_build(ckv_engine *e)
 						e->batch[j]->chunk == e->batch[j - 1]->chunk + 1;
 				     j++)
 					;
-				if (e->inflight >= e->o.queue_depth)
+				if (e->inflight >= e->o.queue_depth ||
+				    (idle && !e->stopping && e->inflight_idle >= e->o.idle_depth))
 					break;
-				run_submit(e, e->batch + i, (uint32_t)(j - i));
+				run_submit(e, e->batch + i, (uint32_t)(j - i), idle);
 			}
 			/* What did not fit goes back in front, in order. */
 			for (size_t k = m; k-- > i;) {
-				e->batch[k]->queue = (uint8_t)(qi == 0 ? Q_DEMAND : Q_BG);
+				e->batch[k]->queue = (uint8_t)(qi == 0 ? Q_DEMAND : qi == 1 ? Q_BG : Q_IDLE);
 				q_push(q, e->batch[k], true);
 			}
 		}
@@ -1111,10 +1153,11 @@ static void deliver_all(struct waiter *w)
 
 	for (; w; w = next) {
 		struct getreq *r = w->req;
+		size_t n = r->n; /* once counted, r may be another thread's to free */
 
 		next = w->next;
 		r->cb(r->arg, w->i, r->slots[w->i], r->rcs[w->i]);
-		if (++r->delivered == r->n)
+		if (atomic_fetch_add_explicit(&r->delivered, 1, memory_order_acq_rel) + 1 == n)
 			free(r);
 	}
 }
@@ -1134,7 +1177,8 @@ static void *io_main(void *arg)
 		io_build(e);
 		dl = e->deliver;
 		e->deliver = e->deliver_tail = NULL;
-		finish = e->stopping && !dl && !e->qdemand.len && !e->qbg.len && !e->inflight &&
+		finish = e->stopping && !dl && !e->qdemand.len && !e->qbg.len && !e->qidle.len &&
+			 !e->inflight &&
 			 !e->retry;
 		pthread_mutex_unlock(&e->lock);
 
@@ -1190,6 +1234,7 @@ static void *io_main(void *arg)
 				slot_complete(e, op->slots[i], op->rcs[i]);
 			}
 			e->inflight--;
+			e->inflight_idle -= op->idle;
 			free(op);
 		}
 		pthread_mutex_unlock(&e->lock);
@@ -1217,6 +1262,10 @@ int ckv_engine_open(const ckv_engine_opts *o, ckv_engine **out)
 		e->o.queue_depth = CKV_DEFAULT_QD;
 	if (e->o.queue_depth > CKV_MAX_QD)
 		e->o.queue_depth = CKV_MAX_QD;
+	if (!e->o.idle_depth)
+		e->o.idle_depth = CKV_DEFAULT_IDLE_QD;
+	if (e->o.idle_depth > e->o.queue_depth)
+		e->o.idle_depth = e->o.queue_depth;
 	if (!(e->o.halflife_s > 0)) /* also NaN */
 		e->o.halflife_s = CKV_DEFAULT_HALFLIFE;
 	if (!e->o.log)
@@ -1534,6 +1583,7 @@ static bool get_submit(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsig
 		       struct getreq *r)
 {
 	bool stream = flags & CKV_GET_STREAM;
+	bool idle = flags & CKV_GET_IDLE;
 	double scale = decay_scale(e);
 	bool wake = false;
 
@@ -1571,8 +1621,8 @@ static bool get_submit(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsig
 			}
 			w->next = s->waiters;
 			s->waiters = w;
-			if (s->queue == Q_BG) { /* a reader waits now */
-				q_remove(&e->qbg, s);
+			if (s->queue == Q_BG || (s->queue == Q_IDLE && !idle)) { /* a reader waits now */
+				q_remove(s->queue == Q_BG ? &e->qbg : &e->qidle, s);
 				s->queue = Q_DEMAND;
 				q_push(&e->qdemand, s, true);
 				wake = true;
@@ -1600,8 +1650,8 @@ static bool get_submit(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsig
 		slot_pin(e, s);
 		w->next = NULL;
 		s->waiters = w;
-		s->queue = Q_DEMAND;
-		q_push(&e->qdemand, s, false);
+		s->queue = idle ? Q_IDLE : Q_DEMAND;
+		q_push(idle ? &e->qidle : &e->qdemand, s, false);
 		wake = true;
 	}
 	if (r->cb && e->deliver)
@@ -1658,6 +1708,7 @@ int ckv_engine_get_async(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, uns
 			 ckv_get_cb cb, void *arg)
 {
 	struct getreq *r;
+	struct waiter *inl;
 	size_t sz;
 
 	if (!e || !cb || (n && !refs))
@@ -1675,19 +1726,24 @@ int ckv_engine_get_async(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, uns
 	r->rcs = (int *)(r->slots + n);
 	r->cb = cb;
 	r->arg = arg;
+	atomic_init(&r->delivered, 0);
 
 	pthread_mutex_lock(&e->lock);
+	r->inline_open = flags & CKV_GET_INLINE;
 	if (get_submit(e, refs, n, flags, r))
 		kick(e);
+	r->inline_open = false;
+	inl = r->inl;
 	pthread_mutex_unlock(&e->lock);
+	/* r may be freed by the last callback: inl is ours, r no longer */
+	if (inl)
+		deliver_all(inl);
 	return 0; /* r belongs to the I/O thread now; freed after the last callback */
 }
 
-void ckv_engine_release(ckv_engine *e, ckv_slot *s)
+/* Drop one pin of a resident slot. e->lock held. */
+static void slot_release(ckv_engine *e, ckv_slot *s)
 {
-	if (!s)
-		return;
-	pthread_mutex_lock(&e->lock);
 	assert(s->pins > 0 && s->state == SLOT_READY);
 	if (--s->pins == 0) {
 		if (s->detached) {
@@ -1702,6 +1758,25 @@ void ckv_engine_release(ckv_engine *e, ckv_slot *s)
 			}
 		}
 	}
+}
+
+void ckv_engine_release(ckv_engine *e, ckv_slot *s)
+{
+	if (!s)
+		return;
+	pthread_mutex_lock(&e->lock);
+	slot_release(e, s);
+	pthread_mutex_unlock(&e->lock);
+}
+
+void ckv_engine_release_n(ckv_engine *e, ckv_slot *const *s, size_t n)
+{
+	if (!e || n == 0)
+		return;
+	pthread_mutex_lock(&e->lock);
+	for (size_t i = 0; i < n; i++)
+		if (s[i])
+			slot_release(e, s[i]);
 	pthread_mutex_unlock(&e->lock);
 }
 
@@ -1788,6 +1863,75 @@ bool ckv_engine_resident(ckv_engine *e, const ckv_chunk_ref *ref)
 	res = ref->file->ent[ref->chunk] && ref->file->ent[ref->chunk]->state == SLOT_READY;
 	pthread_mutex_unlock(&e->lock);
 	return res;
+}
+
+void ckv_engine_resident_n(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, uint8_t *out)
+{
+	if (!e || (n && (!refs || !out)))
+		return;
+	pthread_mutex_lock(&e->lock);
+	for (size_t i = 0; i < n; i++) {
+		const ckv_efile *f = refs[i].file;
+
+		out[i] = f && refs[i].chunk < f->nchunks && f->ent[refs[i].chunk] &&
+			 f->ent[refs[i].chunk]->state == SLOT_READY;
+	}
+	pthread_mutex_unlock(&e->lock);
+}
+
+/*
+ * Withdraw request idx[k] of the idle get (cb, arg) for refs[k] while its
+ * chunk still waits in the idle queue: its waiter completes with
+ * -ECANCELED (delivered by the I/O thread like any completion), its pin
+ * goes, and a slot nobody else waits for is freed unread.
+ */
+int ckv_engine_cancel(ckv_engine *e, const ckv_chunk_ref *refs, const size_t *idx, size_t n,
+		      ckv_get_cb cb, void *arg, uint8_t *done)
+{
+	bool wake = false;
+
+	if (!e || !cb || (n && (!refs || !idx || !done)))
+		return -EINVAL;
+	pthread_mutex_lock(&e->lock);
+	for (size_t k = 0; k < n; k++) {
+		ckv_efile *f = refs[k].file;
+		uint32_t c = refs[k].chunk;
+		struct waiter **pw, *w = NULL;
+		ckv_slot *s;
+
+		done[k] = 0;
+		if (!f || c >= f->nchunks)
+			continue;
+		s = f->ent[c];
+		if (!s || s->state != SLOT_READING || s->queue != Q_IDLE)
+			continue;
+		for (pw = &s->waiters; *pw; pw = &(*pw)->next)
+			if ((*pw)->req->cb == cb && (*pw)->req->arg == arg && (*pw)->i == idx[k]) {
+				w = *pw;
+				*pw = w->next;
+				break;
+			}
+		if (!w)
+			continue;
+		/* while a slot is read, each of its pins belongs to one waiter */
+		assert(s->pins > 0);
+		if (--s->pins == 0 && !s->detached)
+			e->st.pinned--;
+		waiter_done(e, w, NULL, -ECANCELED);
+		wake = true;
+		done[k] = 1;
+		if (!s->waiters) {
+			assert(s->pins == 0);
+			q_remove(&e->qidle, s);
+			s->queue = Q_NONE;
+			f->nreading--;
+			slot_free(e, s);
+		}
+	}
+	pthread_mutex_unlock(&e->lock);
+	if (wake)
+		kick(e);
+	return 0;
 }
 
 void ckv_engine_get_stats(ckv_engine *e, ckv_engine_stats *st)

@@ -496,6 +496,8 @@ int ckv_prefix_open(ckv_loader *l, const char *hash, ckv_prefix **out)
 	p->l = l;
 	pthread_mutex_init(&p->jobs_lock, NULL);
 	pthread_cond_init(&p->jobs_cv, NULL);
+	pthread_mutex_init(&p->dig_lock, NULL);
+	pthread_cond_init(&p->dig_cv, NULL);
 	pthread_mutex_lock(&l->src_lock);
 	l->src->err[0] = 0;
 	rc = l->src->ops->open(l->src, &h, &p->m, &p->pid);
@@ -520,6 +522,12 @@ int ckv_prefix_open(ckv_loader *l, const char *hash, ckv_prefix **out)
 	p->shape.chunks = p->m->chunks;
 	p->shape.chunk_bytes = g->chunk_bytes;
 	p->shape.half_bytes = g->half_bytes;
+	p->dig = calloc(g->layers, sizeof(*p->dig));
+	p->dig_q = calloc(g->layers, sizeof(*p->dig_q));
+	if (!p->dig || !p->dig_q) {
+		rc = ckv_lerr(l, -ENOMEM, "prefix %s: out of memory", hash);
+		goto out_close;
+	}
 	{
 		uint64_t lo, hi;
 
@@ -564,6 +572,10 @@ out_free:
 	}
 	free(p->ext_start);
 	free(p->seg_hash);
+	free(p->dig);
+	free(p->dig_q);
+	pthread_cond_destroy(&p->dig_cv);
+	pthread_mutex_destroy(&p->dig_lock);
 	pthread_cond_destroy(&p->jobs_cv);
 	pthread_mutex_destroy(&p->jobs_lock);
 	free(p);
@@ -582,10 +594,22 @@ void ckv_prefix_close(ckv_prefix *p)
 	while (p->jobs)
 		pthread_cond_wait(&p->jobs_cv, &p->jobs_lock);
 	pthread_mutex_unlock(&p->jobs_lock);
+	/* the digest thread reads through the source: stop it before the source closes */
+	pthread_mutex_lock(&p->dig_lock);
+	p->dig_stop = true;
+	pthread_cond_broadcast(&p->dig_cv);
+	pthread_mutex_unlock(&p->dig_lock);
+	if (p->dig_thread_on)
+		pthread_join(p->dig_thread, NULL);
 	l->src->ops->close(l->src, p->pid);
 	if (p->dig_dev)
 		l->be->ops->free(l->be, p->dig_dev);
-	free(p->dig_host);
+	for (uint32_t x = 0; x < p->shape.layers; x++)
+		free(p->dig[x].data);
+	free(p->dig);
+	free(p->dig_q);
+	pthread_cond_destroy(&p->dig_cv);
+	pthread_mutex_destroy(&p->dig_lock);
 	ckv_manifest_free(p->m);
 	free(p->m);
 	free(p->ext_start);
@@ -630,19 +654,232 @@ ckv_tkey ckv_prefix_chunk_key(const ckv_prefix *p, uint32_t layer, uint32_t chun
 	return k;
 }
 
-int ckv_prefix_digests(ckv_prefix *p, uint32_t layer, float *out)
+/*
+ * Read a layer's digests from the source into out. With digests_r any
+ * thread may do it at once; else under src_lock (the source's message
+ * buffer). The message goes to err.
+ */
+static int digests_read(ckv_prefix *p, uint32_t layer, float *out, char *err, size_t errlen)
 {
 	ckv_loader *l = p->l;
 	int rc;
 
+	err[0] = 0;
+	if (l->src->ops->digests_r)
+		return l->src->ops->digests_r(l->src, p->pid, layer, out, err, errlen);
 	pthread_mutex_lock(&l->src_lock);
 	l->src->err[0] = 0;
 	rc = l->src->ops->digests(l->src, p->pid, layer, out);
 	if (rc < 0)
-		ckv_lerr(l, rc, "prefix %s layer %u: %s", p->shape.hash, layer,
-			 l->src->err[0] ? l->src->err : "cannot read the key digests");
+		snprintf(err, errlen, "%.*s", (int)(errlen - 1), l->src->err);
 	pthread_mutex_unlock(&l->src_lock);
 	return rc;
+}
+
+int ckv_prefix_digests(ckv_prefix *p, uint32_t layer, float *out)
+{
+	char err[256];
+	int rc = digests_read(p, layer, out, err, sizeof(err));
+
+	if (rc < 0)
+		ckv_lerr(p->l, rc, "prefix %s layer %u: %s", p->shape.hash, layer,
+			 err[0] ? err : "cannot read the key digests");
+	return rc;
+}
+
+uint64_t ckv_prefix_digest_bytes(const ckv_prefix *p)
+{
+	return (uint64_t)p->shape.chunks * p->shape.kv_heads * p->shape.head_dim * sizeof(float);
+}
+
+/*
+ * Free unpinned cached layers, least recently used first, until the cache
+ * holds at most DIG_CACHE_BYTES. dig_lock held.
+ */
+static void dig_trim(ckv_prefix *p)
+{
+	uint64_t per = ckv_prefix_digest_bytes(p);
+
+	while (p->dig_bytes > DIG_CACHE_BYTES) {
+		struct dig_ent *v = NULL;
+
+		for (uint32_t x = 0; x < p->shape.layers; x++) {
+			struct dig_ent *d = &p->dig[x];
+
+			if (d->state == DIG_READY && d->pins == 0 && (!v || d->stamp < v->stamp))
+				v = d;
+		}
+		if (!v)
+			return;
+		free(v->data);
+		v->data = NULL;
+		v->state = DIG_NONE;
+		p->dig_bytes -= per;
+	}
+}
+
+/*
+ * Read layer (state LOADING, claimed by the caller) and publish the result.
+ * Called without dig_lock; returns with it held.
+ */
+static void dig_load(ckv_prefix *p, uint32_t layer)
+{
+	uint64_t bytes = ckv_prefix_digest_bytes(p);
+	float *buf = malloc(bytes ? bytes : 1);
+	char err[256] = "";
+	int rc = buf ? digests_read(p, layer, buf, err, sizeof(err)) : -ENOMEM;
+	struct dig_ent *d;
+
+	pthread_mutex_lock(&p->dig_lock);
+	d = &p->dig[layer];
+	if (rc == 0) {
+		d->data = buf;
+		d->state = DIG_READY;
+		d->stamp = ++p->dig_stamp;
+		p->dig_bytes += bytes;
+		dig_trim(p);
+	} else {
+		free(buf);
+		d->state = DIG_FAILED;
+		d->rc = rc;
+		snprintf(d->err, sizeof(d->err), "%s", err[0] ? err : strerror(-rc));
+	}
+	pthread_cond_broadcast(&p->dig_cv);
+}
+
+/*
+ * The digest thread: tell the source about every queued layer (its reads
+ * start at once, side by side), then read the first into the cache.
+ */
+static void *dig_main(void *arg)
+{
+	ckv_prefix *p = arg;
+	ckv_source *src = p->l->src;
+	uint32_t *hint = malloc(sizeof(*hint) * p->shape.layers);
+
+	pthread_mutex_lock(&p->dig_lock);
+	for (;;) {
+		uint32_t layer, nh = 0;
+
+		while (!p->dig_stop && p->dig_qn == 0)
+			pthread_cond_wait(&p->dig_cv, &p->dig_lock);
+		if (p->dig_stop)
+			break;
+		for (uint32_t k = 0; hint && src->ops->digests_hint && k < p->dig_qn; k++) {
+			struct dig_ent *d = &p->dig[p->dig_q[(p->dig_qh + k) % p->shape.layers]];
+
+			if (d->state == DIG_QUEUED && !d->hinted) {
+				d->hinted = true;
+				hint[nh++] = p->dig_q[(p->dig_qh + k) % p->shape.layers];
+			}
+		}
+		if (nh) {
+			pthread_mutex_unlock(&p->dig_lock);
+			for (uint32_t k = 0; k < nh; k++)
+				src->ops->digests_hint(src, p->pid, hint[k]);
+			pthread_mutex_lock(&p->dig_lock);
+			continue; /* the queue may have changed */
+		}
+		layer = p->dig_q[p->dig_qh];
+		p->dig_qh = (p->dig_qh + 1) % p->shape.layers;
+		p->dig_qn--;
+		if (p->dig[layer].state != DIG_QUEUED)
+			continue; /* taken over by a reader */
+		p->dig[layer].state = DIG_LOADING;
+		pthread_mutex_unlock(&p->dig_lock);
+		dig_load(p, layer);
+	}
+	pthread_mutex_unlock(&p->dig_lock);
+	free(hint);
+	return NULL;
+}
+
+int ckv_prefix_digests_ahead(ckv_prefix *p, uint32_t layer)
+{
+	struct dig_ent *d;
+	int rc = 0;
+
+	if (!p || layer >= p->shape.layers)
+		return -EINVAL;
+	pthread_mutex_lock(&p->dig_lock);
+	d = &p->dig[layer];
+	if (d->state == DIG_FAILED)
+		d->state = DIG_NONE; /* try again */
+	if (d->state != DIG_NONE || p->dig_stop)
+		goto out_unlock;
+	if (!p->dig_thread_on) {
+		if (pthread_create(&p->dig_thread, NULL, dig_main, p) != 0)
+			goto out_unlock; /* the reader will read it */
+		p->dig_thread_on = true;
+	}
+	/* the ring holds each layer at most once while queued; a taken-over entry may linger */
+	if (p->dig_qn == p->shape.layers)
+		goto out_unlock;
+	p->dig_q[(p->dig_qh + p->dig_qn) % p->shape.layers] = layer;
+	p->dig_qn++;
+	d->state = DIG_QUEUED;
+	d->hinted = false;
+	pthread_cond_broadcast(&p->dig_cv);
+	rc = 1;
+out_unlock:
+	pthread_mutex_unlock(&p->dig_lock);
+	return rc;
+}
+
+int ckv_prefix_digests_get(ckv_prefix *p, uint32_t layer, const float **out, int *how,
+			   double *waited)
+{
+	struct dig_ent *d = &p->dig[layer];
+	double t0 = 0;
+	int got = DIG_GOT_CACHED, rc = 0;
+
+	*waited = 0;
+	pthread_mutex_lock(&p->dig_lock);
+	for (;;) {
+		if (d->state == DIG_READY)
+			break;
+		if (d->state == DIG_LOADING) { /* the thread reads it: wait */
+			if (t0 == 0)
+				t0 = ckv_now();
+			got = DIG_GOT_AHEAD;
+			pthread_cond_wait(&p->dig_cv, &p->dig_lock);
+			continue;
+		}
+		if (d->state == DIG_FAILED) {
+			rc = ckv_lerr(p->l, d->rc, "prefix %s layer %u: %s", p->shape.hash, layer, d->err);
+			d->state = DIG_NONE;
+			goto out_unlock;
+		}
+		/* NONE, or QUEUED and not started (the thread will skip it): read it here */
+		got = DIG_GOT_READ;
+		d->state = DIG_LOADING;
+		pthread_mutex_unlock(&p->dig_lock);
+		dig_load(p, layer);
+		if (d->state != DIG_READY) {
+			rc = ckv_lerr(p->l, d->rc, "prefix %s layer %u: %s", p->shape.hash, layer, d->err);
+			d->state = DIG_NONE;
+			goto out_unlock;
+		}
+		break;
+	}
+	if (t0 != 0)
+		*waited = ckv_now() - t0;
+	d->pins++;
+	d->stamp = ++p->dig_stamp;
+	*out = d->data;
+	*how = got;
+out_unlock:
+	pthread_mutex_unlock(&p->dig_lock);
+	return rc;
+}
+
+void ckv_prefix_digests_put(ckv_prefix *p, uint32_t layer)
+{
+	pthread_mutex_lock(&p->dig_lock);
+	if (p->dig[layer].pins > 0)
+		p->dig[layer].pins--;
+	dig_trim(p);
+	pthread_mutex_unlock(&p->dig_lock);
 }
 
 /* ---- read batches -------------------------------------------------------- */
@@ -663,47 +900,102 @@ static void rbatch_cb(void *arg, uint32_t i, uint64_t off, uint64_t len, uint64_
 	pthread_mutex_unlock(&b->mu); /* b may be freed by its owner from here on */
 }
 
-int ckv_rbatch_issue(ckv_prefix *p, uint32_t layer, enum ckv_source_part part,
-		     const uint32_t *chunks, uint32_t n, struct rstats *rs, struct rbatch **out)
+/* Bytes a disk read of one chunk request of part counts: K and V (+ padding). */
+static void miss_bytes(const ckv_shape *sh, enum ckv_source_part part, uint64_t *bk, uint64_t *bv)
+{
+	uint64_t bytes = ckv_part_bytes(sh, part);
+
+	*bk = part == CKV_SRC_V ? 0 : part == CKV_SRC_KV ? sh->half_bytes : bytes;
+	*bv = bytes - *bk;
+}
+
+/* Add (sign 1) or take back (sign -1) n disk reads and h arena hits to the counters. */
+static void count_reads(ckv_loader *l, struct rstats *rs, const ckv_shape *sh,
+			enum ckv_source_part part, uint64_t h, uint64_t n, int sign)
+{
+	uint64_t bk, bv;
+
+	miss_bytes(sh, part, &bk, &bv);
+	bk *= n;
+	bv *= n;
+	if (sign > 0) {
+		atomic_fetch_add_explicit(&l->st.hits_arena, h, memory_order_relaxed);
+		atomic_fetch_add_explicit(&l->st.misses, n, memory_order_relaxed);
+		atomic_fetch_add_explicit(&l->st.bytes_k, bk, memory_order_relaxed);
+		atomic_fetch_add_explicit(&l->st.bytes_v, bv, memory_order_relaxed);
+		if (rs) {
+			rs->hits_arena += h;
+			rs->misses += n;
+			rs->bytes_k += bk;
+			rs->bytes_v += bv;
+		}
+	} else {
+		atomic_fetch_sub_explicit(&l->st.misses, n, memory_order_relaxed);
+		atomic_fetch_sub_explicit(&l->st.bytes_k, bk, memory_order_relaxed);
+		atomic_fetch_sub_explicit(&l->st.bytes_v, bv, memory_order_relaxed);
+		if (rs) {
+			rs->misses -= n;
+			rs->bytes_k -= bk;
+			rs->bytes_v -= bv;
+		}
+	}
+}
+
+/* One allocation: the batch and its arrays (8-byte ones first). */
+static struct rbatch *rbatch_alloc(uint32_t n)
+{
+	size_t sz = sizeof(struct rbatch) + (size_t)n * (3 * sizeof(uint64_t) + 2 * sizeof(uint32_t) + 2);
+	struct rbatch *b = calloc(1, sz);
+	uint8_t *q;
+
+	if (!b)
+		return NULL;
+	q = (uint8_t *)(b + 1);
+	b->off = (uint64_t *)q;
+	b->tok = b->off + n;
+	b->len = b->tok + n;
+	b->chunks = (uint32_t *)(b->len + n);
+	b->rc = (int *)(b->chunks + n);
+	b->state = (uint8_t *)(b->rc + n);
+	b->miss = b->state + n;
+	return b;
+}
+
+int ckv_rbatch_issue_ex(ckv_prefix *p, uint32_t layer, enum ckv_source_part part,
+			const uint32_t *chunks, uint32_t n, bool idle, struct rstats *rs,
+			struct rbatch **out)
 {
 	ckv_loader *l = p->l;
 	ckv_source *src = l->src;
-	uint64_t hits = 0, bytes = ckv_part_bytes(&p->shape, part), bk, bv;
+	uint64_t hits = 0;
 	struct rbatch *b;
-	uint8_t *res;
 	int rc;
 
-	b = calloc(1, sizeof(*b));
+	b = rbatch_alloc(n);
 	if (!b)
-		return -ENOMEM;
-	b->chunks = malloc(sizeof(*b->chunks) * n);
-	b->off = malloc(sizeof(*b->off) * n);
-	b->tok = malloc(sizeof(*b->tok) * n);
-	b->len = malloc(sizeof(*b->len) * n);
-	b->rc = malloc(sizeof(*b->rc) * n);
-	b->state = calloc(n, 1);
-	res = calloc(n, 1);
-	if (!b->chunks || !b->off || !b->tok || !b->len || !b->rc || !b->state || !res) {
-		free(res);
-		b->n = 0;
-		ckv_rbatch_free_all(b);
 		return ckv_lerr(l, -ENOMEM, "prefix %s layer %u: out of memory", p->shape.hash, layer);
-	}
 	b->p = p;
 	b->layer = layer;
 	b->part = part;
 	b->n = n;
 	b->unresolved = n;
 	b->pending = n;
+	b->rs = rs;
+	b->idle = idle && src->ops->get_ex && src->ops->cancel;
 	memcpy(b->chunks, chunks, sizeof(*chunks) * n);
 	pthread_mutex_init(&b->mu, NULL);
 	pthread_cond_init(&b->cv, NULL);
 
-	if (src->ops->resident && src->ops->resident(src, p->pid, layer, part, chunks, n, res) == 0)
-		for (uint32_t i = 0; i < n; i++)
-			hits += res[i] != 0;
-	free(res);
-	rc = src->ops->get(src, p->pid, layer, part, b->chunks, n, rbatch_cb, b);
+	/* b->miss holds "resident" until the get is in */
+	if (src->ops->get_ex) {
+		rc = src->ops->get_ex(src, p->pid, layer, part, b->chunks, n,
+				      b->idle ? CKV_SRC_GET_IDLE : 0, rbatch_cb, b, b->miss, &b->handle);
+	} else {
+		if (!src->ops->resident ||
+		    src->ops->resident(src, p->pid, layer, part, chunks, n, b->miss) < 0)
+			memset(b->miss, 0, n);
+		rc = src->ops->get(src, p->pid, layer, part, b->chunks, n, rbatch_cb, b);
+	}
 	if (rc < 0) {
 		pthread_mutex_lock(&b->mu);
 		b->pending = 0;
@@ -711,27 +1003,71 @@ int ckv_rbatch_issue(ckv_prefix *p, uint32_t layer, enum ckv_source_part part,
 		for (uint32_t i = 0; i < n; i++) {
 			b->rc[i] = rc;
 			b->state[i] = RB_DONE;
+			b->miss[i] = 0;
 		}
 		b->unresolved = 0;
 		*out = b;
 		return ckv_lerr(l, rc, "prefix %s layer %u: %s", p->shape.hash, layer,
 				src->err[0] ? src->err : strerror(-rc));
 	}
-	/* disk bytes of the misses, K and V (+ padding for whole chunks) */
-	bk = part == CKV_SRC_V ? 0 : (n - hits) * (part == CKV_SRC_KV ? p->shape.half_bytes : bytes);
-	bv = (n - hits) * bytes - bk;
-	atomic_fetch_add_explicit(&l->st.hits_arena, hits, memory_order_relaxed);
-	atomic_fetch_add_explicit(&l->st.misses, n - hits, memory_order_relaxed);
-	atomic_fetch_add_explicit(&l->st.bytes_k, bk, memory_order_relaxed);
-	atomic_fetch_add_explicit(&l->st.bytes_v, bv, memory_order_relaxed);
-	if (rs) {
-		rs->hits_arena += hits;
-		rs->misses += n - hits;
-		rs->bytes_k += bk;
-		rs->bytes_v += bv;
+	for (uint32_t i = 0; i < n; i++) {
+		hits += b->miss[i] != 0;
+		b->miss[i] = !b->miss[i];
 	}
+	count_reads(l, rs, &p->shape, part, hits, n - hits, 1);
 	*out = b;
 	return 0;
+}
+
+int ckv_rbatch_issue(ckv_prefix *p, uint32_t layer, enum ckv_source_part part,
+		     const uint32_t *chunks, uint32_t n, struct rstats *rs, struct rbatch **out)
+{
+	return ckv_rbatch_issue_ex(p, layer, part, chunks, n, false, rs, out);
+}
+
+uint32_t ckv_rbatch_withdraw(struct rbatch *b, const uint32_t *idx, uint32_t n, uint8_t *done)
+{
+	ckv_prefix *p = b->p;
+	ckv_source *src = p->l->src;
+	uint32_t got = 0, nmiss = 0;
+	uint32_t stack[64], *ch = n <= 64 ? stack : malloc(sizeof(*ch) * n);
+	int rc = -ENOENT;
+
+	memset(done, 0, n);
+	if (!b->idle || !b->handle || n == 0 || !ch) {
+		if (ch != stack)
+			free(ch);
+		return 0;
+	}
+	for (uint32_t k = 0; k < n; k++)
+		ch[k] = b->chunks[idx[k]];
+	/* while pending > 0 under b->mu the get's last callback cannot finish: the handle lives */
+	pthread_mutex_lock(&b->mu);
+	if (b->pending > 0)
+		rc = src->ops->cancel(src, b->handle, p->pid, b->layer, b->part, ch, idx, n, done);
+	pthread_mutex_unlock(&b->mu);
+	if (ch != stack)
+		free(ch);
+	if (rc < 0) {
+		memset(done, 0, n);
+		return 0;
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		uint32_t i = idx[k];
+
+		if (!done[k])
+			continue;
+		got++;
+		if (b->state[i] == RB_HELD)
+			b->state[i] = RB_DROP; /* its -ECANCELED completion releases nothing */
+		if (b->miss[i]) {
+			b->miss[i] = 0;
+			nmiss++;
+		}
+	}
+	if (nmiss)
+		count_reads(p->l, b->rs, &p->shape, b->part, 0, nmiss, -1);
+	return got;
 }
 
 void ckv_rbatch_wait(struct rbatch *b)
@@ -812,13 +1148,7 @@ static void rbatch_destroy(struct rbatch *b)
 		pthread_cond_destroy(&b->cv);
 		pthread_mutex_destroy(&b->mu);
 	}
-	free(b->chunks);
-	free(b->off);
-	free(b->tok);
-	free(b->len);
-	free(b->rc);
-	free(b->state);
-	free(b);
+	free(b); /* the arrays are part of it */
 }
 
 struct rbatch *ckv_rbatch_sweep(struct rbatch *list)
@@ -854,6 +1184,18 @@ void ckv_rbatch_free_all(struct rbatch *list)
 		struct rbatch *b = list;
 
 		list = b->next;
+		if (b->n && b->idle) { /* idle reads not started need not start */
+			uint32_t *idx = malloc(sizeof(*idx) * b->n), k = 0;
+			uint8_t *done = malloc(b->n);
+
+			for (uint32_t i = 0; idx && done && i < b->n; i++)
+				if (b->state[i] != RB_DONE)
+					idx[k++] = i;
+			if (idx && done && k)
+				ckv_rbatch_withdraw(b, idx, k, done);
+			free(idx);
+			free(done);
+		}
 		if (b->n) {
 			ckv_rbatch_wait(b);
 			for (uint32_t i = 0; i < b->n; i++)
@@ -950,17 +1292,14 @@ struct ckv_fetch {
 	uint32_t *te;            /* [n] tier entry or CKV_TIER_NONE */
 	void **tptr;             /* [n] tier memory of a hit (part offset applied) */
 	uint32_t *bi;            /* [n] index in b, or UINT32_MAX */
+	ckv_copy *cp;            /* [n] gather list (ckv_fetch_wait) */
+	void **ts, **td;         /* [n] tier copy lists (ckv_fetch_wait) */
 	struct rbatch *b;
 };
 
 static void fetch_free(struct ckv_fetch *f)
 {
-	free(f->chunks);
-	free(f->dst);
-	free(f->te);
-	free(f->tptr);
-	free(f->bi);
-	free(f);
+	free(f); /* the arrays are part of it */
 }
 
 int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n,
@@ -992,7 +1331,9 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 		if (chunks[i] >= sh->chunks)
 			return ckv_lerr(l, -EINVAL, "fetch: chunk %u, the prefix has %u chunks",
 					chunks[i], sh->chunks);
-	f = calloc(1, sizeof(*f));
+	/* one allocation: the handle, its arrays (8-byte ones first) and the miss list */
+	f = calloc(1, sizeof(*f) + (size_t)n * (sizeof(ckv_copy) + 4 * sizeof(void *) +
+						 4 * sizeof(uint32_t)));
 	if (!f)
 		return ckv_lerr(l, -ENOMEM, "fetch: out of memory");
 	f->p = p;
@@ -1002,17 +1343,15 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 	f->len = part == CKV_PART_KV ? sh->chunk_bytes : sh->half_bytes;
 	f->stream = stream;
 	if (n) {
-		f->chunks = malloc(sizeof(*f->chunks) * n);
-		f->dst = malloc(sizeof(*f->dst) * n);
-		f->te = malloc(sizeof(*f->te) * n);
-		f->tptr = calloc(n, sizeof(*f->tptr));
-		f->bi = malloc(sizeof(*f->bi) * n);
-		miss = malloc(sizeof(*miss) * n);
-		if (!f->chunks || !f->dst || !f->te || !f->tptr || !f->bi || !miss) {
-			free(miss);
-			fetch_free(f);
-			return ckv_lerr(l, -ENOMEM, "fetch: out of memory");
-		}
+		f->cp = (ckv_copy *)(f + 1);
+		f->dst = (void **)(f->cp + n);
+		f->tptr = f->dst + n;
+		f->ts = f->tptr + n;
+		f->td = f->ts + n;
+		f->chunks = (uint32_t *)(f->td + n);
+		f->te = f->chunks + n;
+		f->bi = f->te + n;
+		miss = f->bi + n;
 		memcpy(f->chunks, chunks, sizeof(*chunks) * n);
 	}
 	for (uint32_t i = 0; i < n; i++) {
@@ -1036,7 +1375,6 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 	if (nmiss) {
 		rc = ckv_rbatch_issue(p, layer, (enum ckv_source_part)part, miss, nmiss, NULL, &f->b);
 		if (rc < 0) {
-			free(miss);
 			ckv_rbatch_free_all(f->b);
 			for (uint32_t i = 0; i < n; i++)
 				if (f->te[i] != CKV_TIER_NONE)
@@ -1045,7 +1383,6 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 			return rc;
 		}
 	}
-	free(miss);
 	*out = f;
 	return 0;
 }
@@ -1080,11 +1417,12 @@ int ckv_fetch_wait(ckv_fetch *f)
 		}
 	}
 	if (rc == 0 && f->n) {
-		cp = malloc(sizeof(*cp) * f->n);
-		ts = malloc(sizeof(*ts) * f->n);
-		td = malloc(sizeof(*td) * f->n);
+		/* the copy lists live in the handle (allocated with it) */
+		cp = f->cp;
+		ts = (const void **)f->ts;
+		td = f->td;
 		j = ckv_reljob_new(p, f->n, f->n);
-		if (!cp || !ts || !td || !j)
+		if (!j)
 			rc = ckv_lerr(l, -ENOMEM, "fetch: out of memory");
 	}
 	if (rc < 0) {
@@ -1151,9 +1489,6 @@ int ckv_fetch_wait(ckv_fetch *f)
 
 out_free:
 	free(j);
-	free(cp);
-	free(ts);
-	free(td);
 	ckv_rbatch_free_all(f->b); /* releases whatever the job did not take */
 	fetch_free(f);
 	return rc;

@@ -8,6 +8,8 @@
  *     completions land in arrays; owned by the thread that issued it;
  *   - reljob: what to undo once a gather has executed on its stream (arena
  *     pins, GPU tier pins), run by backend->after;
+ *   - the digest cache of a prefix: key digests read ahead by a thread of
+ *     the prefix and kept for the prefix's life (DIG_CACHE_BYTES at most);
  *   - ckv_tier: the GPU-resident chunk cache (gpu_tier.c).
  */
 #ifndef CKV_LOADER_INT_H
@@ -88,6 +90,22 @@ struct ckv_loader {
 	struct lstats st;
 };
 
+/* One layer's key digests in a prefix's digest cache. */
+struct dig_ent {
+	float *data;             /* [chunks][kv_heads][head_dim]; NULL unless READY */
+	uint8_t state;           /* DIG_* */
+	bool hinted;             /* QUEUED: the source was told (digests_hint) */
+	uint32_t pins;           /* users of data (ckv_prefix_digests_get) */
+	uint64_t stamp;          /* last use, for eviction */
+	int rc;                  /* DIG_FAILED: the error */
+	char err[256];           /* DIG_FAILED: its message */
+};
+
+enum { DIG_NONE = 0, DIG_QUEUED, DIG_LOADING, DIG_READY, DIG_FAILED };
+
+/* Bytes of digests a prefix keeps at most (pinned ones may exceed it). */
+#define DIG_CACHE_BYTES (64ull << 20)
+
 struct ckv_prefix {
 	ckv_loader *l;
 	uint32_t pid;            /* the source's handle */
@@ -103,7 +121,20 @@ struct ckv_prefix {
 	/* ckv_digest_scores_device: digests of one layer in backend memory */
 	float *dig_dev;
 	uint64_t dig_dev_bytes;
-	float *dig_host;         /* [chunks][kv_heads][head_dim] scratch */
+	/*
+	 * Digest cache: dig_lock protects dig[], the queue, dig_bytes,
+	 * dig_stamp, dig_stop; the worker (dig_thread) loads queued layers
+	 * without it. Lock order: dig_lock is a leaf; the worker takes
+	 * l->src_lock (sources without digests_r) without holding it.
+	 */
+	pthread_mutex_t dig_lock;
+	pthread_cond_t dig_cv;
+	struct dig_ent *dig;     /* [layers] */
+	uint32_t *dig_q;         /* [layers] FIFO ring of queued layers */
+	uint32_t dig_qh, dig_qn;
+	uint64_t dig_bytes, dig_stamp;
+	bool dig_thread_on, dig_stop;
+	pthread_t dig_thread;
 };
 
 /* Set this thread's message for l and return rc (a negative errno). */
@@ -118,6 +149,27 @@ static inline uint64_t ckv_part_bytes(const ckv_shape *sh, enum ckv_source_part 
 ckv_tkey ckv_prefix_chunk_key(const ckv_prefix *p, uint32_t layer, uint32_t chunk);
 /* The layer's digests ([chunks][kv_heads][head_dim] fp32) from the source; message on failure. */
 int ckv_prefix_digests(ckv_prefix *p, uint32_t layer, float *out);
+/* Bytes of one layer's digests. */
+uint64_t ckv_prefix_digest_bytes(const ckv_prefix *p);
+/*
+ * Start reading a layer's digests into the prefix's digest cache in the
+ * background (a thread of the prefix). Returns 1 when a read was queued,
+ * 0 when the layer is cached, queued or loading already (or the thread
+ * cannot start: ckv_prefix_digests_get then reads it), -EINVAL.
+ */
+int ckv_prefix_digests_ahead(ckv_prefix *p, uint32_t layer);
+/* How ckv_prefix_digests_get found a layer. */
+enum { DIG_GOT_CACHED = 0, DIG_GOT_AHEAD = 1, DIG_GOT_READ = 2 };
+/*
+ * The layer's digests from the cache, pinned until ckv_prefix_digests_put:
+ * waits for a read in flight, or reads them on this thread (a queued read
+ * not started yet is taken over). *how: DIG_GOT_CACHED (there before the
+ * call), DIG_GOT_AHEAD (being read by the thread: waited *waited seconds),
+ * DIG_GOT_READ (read by this call). Message on failure.
+ */
+int ckv_prefix_digests_get(ckv_prefix *p, uint32_t layer, const float **out, int *how,
+			   double *waited);
+void ckv_prefix_digests_put(ckv_prefix *p, uint32_t layer);
 
 /* ---- reads --------------------------------------------------------------- */
 
@@ -131,6 +183,10 @@ struct rbatch {
 	uint32_t layer;
 	enum ckv_source_part part;
 	uint32_t n;
+	bool idle;             /* speculative (CKV_SRC_GET_IDLE): ckv_rbatch_withdraw applies */
+	void *handle;          /* the source's name of the get, for cancel */
+	struct rstats *rs;     /* the caller's counters the get was counted in, or NULL */
+	uint8_t *miss;         /* [n] counted as a disk read */
 	uint32_t *chunks;      /* [n] */
 	uint64_t *off, *tok;   /* [n], written by the completion before pending drops */
 	uint64_t *len;         /* [n], likewise */
@@ -157,6 +213,22 @@ enum {
  */
 int ckv_rbatch_issue(ckv_prefix *p, uint32_t layer, enum ckv_source_part part,
 		     const uint32_t *chunks, uint32_t n, struct rstats *rs, struct rbatch **out);
+/*
+ * The same, speculative when idle and the source can withdraw reads
+ * (get_ex and cancel): its reads wait for an idle disk (CKV_SRC_GET_IDLE)
+ * and ckv_rbatch_withdraw may take back those not started. rs must stay
+ * valid for the batch's life.
+ */
+int ckv_rbatch_issue_ex(ckv_prefix *p, uint32_t layer, enum ckv_source_part part,
+			const uint32_t *chunks, uint32_t n, bool idle, struct rstats *rs,
+			struct rbatch **out);
+/*
+ * Withdraw indices idx[0..n) (held, not wanted as they are) of an idle
+ * batch whose reads have not started: done[k] = 1 where withdrawn (the
+ * index is dropped, nothing was read for it, and it no longer counts as a
+ * disk read in the loader's and rs's counters). Returns how many.
+ */
+uint32_t ckv_rbatch_withdraw(struct rbatch *b, const uint32_t *idx, uint32_t n, uint8_t *done);
 /* Block until every completion arrived. */
 void ckv_rbatch_wait(struct rbatch *b);
 /* After the wait: 0 when index i holds a pinned chunk of the right size, else -errno. */
@@ -196,6 +268,18 @@ int ckv_copy_dev(ckv_loader *l, const void *const *src, void *const *dst, uint32
 
 /* Monotonic seconds. */
 double ckv_now(void);
+
+/* ---- pipeline counters beyond ckvgpu.h's (tests, tools) ------------------- */
+
+struct ckv_pipeline_xstats {
+	uint64_t spec_withdrawn; /* speculative requests dropped before their read started (not read) */
+	uint64_t spec_promoted;  /* speculative requests needed before their read started: read as ordinary ones */
+	uint64_t dig_ahead;      /* identifications whose digests were asked for ahead */
+	uint64_t dig_cached;     /* ... found in the prefix's cache, read before this pipeline */
+	uint64_t dig_read;       /* ... read when the layer was identified */
+	double dig_wait_s;       /* time identifications waited for digests (read or being read) */
+};
+void ckv_pipeline_get_xstats(const ckv_pipeline *pl, struct ckv_pipeline_xstats *x);
 
 /* ---- selection helpers (select.c) ---------------------------------------- */
 

@@ -16,6 +16,21 @@
  * (S is the layer's own set) turns kept speculative requests into used
  * ones.
  *
+ * Speculative reads are idle reads where the source can withdraw them
+ * (CKV_SRC_GET_IDLE: the engine reads them only while it has nothing else
+ * to read). Reconciling withdraws those whose read has not started when
+ * they are dropped (nothing was read: neither a disk read nor waste) or
+ * when they are needed now (read again at once as an ordinary read), so a
+ * speculation costs disk time only when the disk would have been idle.
+ *
+ * Digests. Identification reads the layer's key digests from the prefix's
+ * digest cache; they need no query, so the pipeline asks for them ahead (a
+ * thread of the prefix reads them while earlier layers load and compute):
+ * at open the first identifying layer's, after a period's identification
+ * the next period's (PERIOD); DIG_AHEAD layers ahead where every layer is
+ * identified (LAYER, RERANK, also with no_prefetch, which concerns chunk
+ * reads).
+ *
  * Gather. At ckv_pipeline_layer(l) every request of l belongs to a chunk of
  * l's set; one gather per source kind (arena whole chunks, arena K halves,
  * arena V halves, and the same from the tier) fills buffer slot l % depth
@@ -33,6 +48,7 @@
 #include "loader_int.h"
 
 #define NPARTS 3
+#define DIG_AHEAD 4 /* layers whose digests are asked for ahead when every layer identifies */
 
 struct preq {
 	uint32_t chunk;
@@ -72,9 +88,16 @@ struct ckv_pipeline {
 	uint32_t *cand, ncand; /* RERANK candidates */
 	uint32_t *miss;      /* [m] scratch of req_issue */
 	uint32_t *rmiss;     /* [m] scratch of reconcile */
+	uint8_t *rdisp;      /* [m] scratch of reconcile: what becomes of each request */
+	uint8_t *rgone;      /* [m] scratch of reconcile: withdrawn */
+	uint32_t *wcand;     /* [m] scratch of withdraw_idle */
+	uint32_t *widx;      /* [m] */
+	uint32_t *wpos;      /* [m] */
+	uint8_t *wdone;      /* [m] */
+	uint8_t *dig_counted; /* [L] the layer's digest read was counted in bytes_digest */
+	bool dig_ahead;      /* read digests ahead (digest identifications, prefetch on) */
 	struct preq *radd;   /* [m] scratch of req_issue */
 	float *scores;       /* [m] */
-	float *dig;          /* [m][kv_heads][head_dim] */
 	uint8_t *khost;      /* [half_bytes]: a tier chunk's K, for exact scores on a device backend */
 	uint32_t depth;
 	void **buf;          /* [depth] backend memory, rows * chunk_bytes each */
@@ -85,6 +108,7 @@ struct ckv_pipeline {
 	double t_open;
 	struct rstats rs;
 	ckv_pipeline_stats st;
+	struct ckv_pipeline_xstats xst;
 };
 
 static int pfail(ckv_pipeline *pl, uint32_t layer, int rc)
@@ -179,7 +203,7 @@ static int req_issue(ckv_pipeline *pl, uint32_t layer, enum ckv_source_part part
 		pl->miss[nmiss++] = chunks[i];
 	}
 	if (nmiss) {
-		rc = ckv_rbatch_issue(pl->p, layer, part, pl->miss, nmiss, &pl->rs, &b);
+		rc = ckv_rbatch_issue_ex(pl->p, layer, part, pl->miss, nmiss, spec, &pl->rs, &b);
 		if (b) { /* even a failed get: the sweep frees it */
 			b->next = pl->batches;
 			pl->batches = b;
@@ -208,22 +232,81 @@ static int req_issue(ckv_pipeline *pl, uint32_t layer, enum ckv_source_part part
 	return 0;
 }
 
+enum { R_KEEP = 0, R_DROP = 1, R_PROMOTE = 2 };
+
+/*
+ * Withdraw the idle reads, not started yet, of the requests of q that will
+ * be dropped or are needed now (disp[i] != R_KEEP); gone[i] = 1 where
+ * withdrawn. One call per batch.
+ */
+static void withdraw_idle(ckv_pipeline *pl, struct preqs *q, const uint8_t *disp, uint8_t *gone)
+{
+	uint32_t nc = 0;
+
+	for (uint32_t i = 0; i < q->n; i++) {
+		struct rbatch *b = q->v[i].b;
+
+		gone[i] = 0;
+		if (disp[i] != R_KEEP && b && b->idle && b->state[q->v[i].i] == RB_HELD)
+			pl->wcand[nc++] = i;
+	}
+	for (uint32_t a = 0; a < nc; a++) {
+		struct rbatch *b;
+		uint32_t k = 0;
+
+		if (pl->wcand[a] == UINT32_MAX)
+			continue;
+		b = q->v[pl->wcand[a]].b;
+		for (uint32_t c = a; c < nc; c++)
+			if (pl->wcand[c] != UINT32_MAX && q->v[pl->wcand[c]].b == b) {
+				pl->widx[k] = q->v[pl->wcand[c]].i;
+				pl->wpos[k++] = pl->wcand[c];
+				pl->wcand[c] = UINT32_MAX;
+			}
+		if (ckv_rbatch_withdraw(b, pl->widx, k, pl->wdone) == 0)
+			continue;
+		for (uint32_t c = 0; c < k; c++)
+			gone[pl->wpos[c]] = pl->wdone[c];
+	}
+}
+
 /*
  * Make layer's requests of part equal S[0..nS) (ascending): keep, drop,
- * issue the missing (speculative unless final).
+ * issue the missing (speculative unless final). Speculative reads not
+ * started are withdrawn when dropped, and when final read again as
+ * ordinary reads (they are needed now).
  */
 static int reconcile(ckv_pipeline *pl, uint32_t layer, enum ckv_source_part part,
 		     const uint32_t *S, uint32_t nS, bool final)
 {
 	struct preqs *q = &pl->lay[layer].rq[part];
-	uint32_t i = 0, s = 0, w = 0, nmiss = 0;
+	uint32_t i, s = 0, w = 0, nmiss = 0;
 
+	for (i = 0; i < q->n; i++) {
+		while (s < nS && S[s] < q->v[i].chunk)
+			s++;
+		pl->rdisp[i] = !(s < nS && S[s] == q->v[i].chunk) ? R_DROP :
+			       final && q->v[i].spec ? R_PROMOTE : R_KEEP;
+	}
+	withdraw_idle(pl, q, pl->rdisp, pl->rgone);
+	i = 0;
+	s = 0;
 	while (i < q->n || s < nS) {
-		if (s == nS || (i < q->n && q->v[i].chunk < S[s])) {
-			req_drop(pl, &q->v[i++], true); /* not in S */
+		if (s == nS || (i < q->n && q->v[i].chunk < S[s])) { /* not in S */
+			if (pl->rgone[i])
+				pl->xst.spec_withdrawn++;
+			else
+				req_drop(pl, &q->v[i], true);
+			i++;
 		} else if (i == q->n || S[s] < q->v[i].chunk) {
 			pl->rmiss[nmiss++] = S[s++];
 		} else { /* in both */
+			if (pl->rgone[i]) { /* withdrawn unread: read it now */
+				pl->xst.spec_promoted++;
+				pl->rmiss[nmiss++] = S[s++];
+				i++;
+				continue;
+			}
 			if (final && q->v[i].spec) {
 				q->v[i].spec = false;
 				pl->st.spec_used++;
@@ -265,10 +348,15 @@ static int wait_layer(ckv_pipeline *pl, uint32_t layer, int part)
 
 		if (part >= 0 && x != part)
 			continue;
+		struct rbatch *last = NULL;
+
 		for (uint32_t i = 0; i < q->n; i++) {
 			struct rbatch *b = q->v[i].b;
 
-			if (!b || ckv_rbatch_complete(b))
+			if (!b || b == last)
+				continue;
+			last = b;
+			if (ckv_rbatch_complete(b))
 				continue;
 			if (!waited) {
 				t0 = ckv_now();
@@ -279,6 +367,7 @@ static int wait_layer(ckv_pipeline *pl, uint32_t layer, int part)
 	}
 	if (waited)
 		pl->st.wait_s += ckv_now() - t0;
+
 	for (int x = 0; x < NPARTS; x++) {
 		struct preqs *q = &pl->lay[layer].rq[x];
 
@@ -304,15 +393,39 @@ static int wait_layer(ckv_pipeline *pl, uint32_t layer, int part)
 
 /* ---- identification -------------------------------------------------------- */
 
+/* Ask the prefix's digest thread for a layer's digests (counted once as read). */
+static void digests_ahead(ckv_pipeline *pl, uint32_t layer)
+{
+	if (!pl->dig_ahead || layer >= pl->L)
+		return;
+	if (ckv_prefix_digests_ahead(pl->p, layer) == 1 && !pl->dig_counted[layer]) {
+		pl->dig_counted[layer] = 1;
+		pl->st.bytes_digest += ckv_prefix_digest_bytes(pl->p);
+	}
+}
+
 static int digest_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 {
-	int rc = ckv_prefix_digests(pl->p, layer, pl->dig);
+	const float *dig;
+	double t0 = ckv_now(), waited;
+	int how, rc = ckv_prefix_digests_get(pl->p, layer, &dig, &how, &waited);
 
 	if (rc < 0)
 		return rc;
-	pl->st.bytes_digest += (uint64_t)pl->m * pl->sh.kv_heads * pl->sh.head_dim * sizeof(float);
-	ckv_digest_scores_cpu(pl->dig, pl->m, pl->sh.kv_heads, pl->sh.head_dim, query,
-			      pl->o.q_tokens, pl->o.q_heads, pl->scores);
+
+	pl->xst.dig_wait_s += how == DIG_GOT_CACHED ? 0 : ckv_now() - t0;
+	if (how == DIG_GOT_READ) {
+		pl->xst.dig_read++;
+		if (!pl->dig_counted[layer])
+			pl->st.bytes_digest += ckv_prefix_digest_bytes(pl->p);
+	} else {
+		pl->xst.dig_ahead += how == DIG_GOT_AHEAD || pl->dig_counted[layer];
+		pl->xst.dig_cached += how == DIG_GOT_CACHED && !pl->dig_counted[layer];
+	}
+	pl->dig_counted[layer] = 1;
+	ckv_digest_scores_cpu(dig, pl->m, pl->sh.kv_heads, pl->sh.head_dim, query, pl->o.q_tokens,
+			      pl->o.q_heads, pl->scores);
+	ckv_prefix_digests_put(pl->p, layer);
 	return 0;
 }
 
@@ -562,7 +675,13 @@ void ckv_pipeline_close(ckv_pipeline *pl)
 	free(pl->rmiss);
 	free(pl->radd);
 	free(pl->scores);
-	free(pl->dig);
+	free(pl->rdisp);
+	free(pl->rgone);
+	free(pl->wcand);
+	free(pl->widx);
+	free(pl->wpos);
+	free(pl->wdone);
+	free(pl->dig_counted);
 	free(pl->khost);
 	free(pl);
 }
@@ -649,14 +768,19 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 	pl->rmiss = malloc(sizeof(*pl->rmiss) * pl->m);
 	pl->radd = malloc(sizeof(*pl->radd) * pl->m);
 	pl->scores = malloc(sizeof(*pl->scores) * pl->m);
-	pl->dig = pl->o.mode == CKV_MODE_FULL ? NULL :
-		  malloc(sizeof(float) * (size_t)pl->m * pl->sh.kv_heads * pl->sh.head_dim);
+	pl->rdisp = malloc(pl->m);
+	pl->rgone = malloc(pl->m);
+	pl->wcand = malloc(sizeof(*pl->wcand) * pl->m);
+	pl->widx = malloc(sizeof(*pl->widx) * pl->m);
+	pl->wpos = malloc(sizeof(*pl->wpos) * pl->m);
+	pl->wdone = malloc(pl->m);
+	pl->dig_counted = calloc(pl->L, 1);
 	pl->khost = halves ? malloc(pl->sh.half_bytes) : NULL;
 	pl->buf = calloc(pl->depth, sizeof(*pl->buf));
 	pl->vchunks = calloc(pl->depth, sizeof(*pl->vchunks));
 	if (!pl->lay || !pl->all || !pl->cur || !pl->cand || !pl->miss || !pl->rmiss ||
-	    !pl->radd || !pl->scores ||
-	    (pl->o.mode != CKV_MODE_FULL && !pl->dig) || (halves && !pl->khost) || !pl->buf ||
+	    !pl->radd || !pl->scores || !pl->rdisp || !pl->rgone || !pl->wcand || !pl->widx ||
+	    !pl->wpos || !pl->wdone || !pl->dig_counted || (halves && !pl->khost) || !pl->buf ||
 	    !pl->vchunks) {
 		rc = ckv_lerr(l, -ENOMEM, "pipeline: out of memory");
 		goto out_close;
@@ -705,11 +829,50 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 			rc = plan_issue(pl, j);
 	if (rc < 0)
 		goto out_close;
+	/* the first identifications' digests do not wait for a query */
+	pl->dig_ahead = pl->o.mode != CKV_MODE_FULL && !pl->o.period_keys;
+	digests_ahead(pl, 0);
+	for (uint32_t j = 1; j < DIG_AHEAD && pl->o.mode != CKV_MODE_PERIOD; j++)
+		digests_ahead(pl, j);
 	*out = pl;
 	return 0;
 
 out_close:
 	ckv_pipeline_close(pl);
+	return rc;
+}
+
+/* 3. Reads of the layers ahead of layer, as the mode says (see ckvgpu.h). */
+static int issue_ahead(ckv_pipeline *pl, uint32_t layer, bool ident)
+{
+	uint32_t p = pl->o.period;
+	uint32_t last = pl->ahead < pl->L - 1 - layer ? layer + pl->ahead : pl->L - 1;
+	int rc = 0;
+
+	switch (pl->o.mode) {
+	case CKV_MODE_FULL:
+	case CKV_MODE_PERIOD:
+		for (uint32_t j = layer + 1; j <= last && rc == 0; j++) {
+			if (!pl->lay[j].issued)
+				rc = plan_issue(pl, j);
+			else if (ident && pl->o.mode == CKV_MODE_PERIOD &&
+				 !(pl->o.period_keys && j % p == 0))
+				/* speculated with the last period's set: only the difference */
+				rc = reconcile(pl, j, CKV_SRC_KV, pl->cur, pl->ncur, j / p == pl->cur_period);
+		}
+		break;
+	case CKV_MODE_LAYER:
+		if (last > layer)
+			rc = req_issue(pl, layer + 1, CKV_SRC_KV, pl->cur, pl->ncur, true);
+		break;
+	case CKV_MODE_RERANK:
+		if (last > layer) {
+			rc = req_issue(pl, layer + 1, CKV_SRC_K, pl->cand, pl->ncand, true);
+			if (rc == 0)
+				rc = req_issue(pl, layer + 1, CKV_SRC_V, pl->cur, pl->ncur, true);
+		}
+		break;
+	}
 	return rc;
 }
 
@@ -719,8 +882,8 @@ int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
 	ckv_loader *l;
 	struct play *ly;
 	const uint32_t *S;
-	uint32_t nS, p, last;
-	bool ident = false;
+	uint32_t nS, p;
+	bool ident = false, early;
 	int rc = 0;
 
 	if (!pl || !out)
@@ -794,42 +957,29 @@ int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
 		break;
 	}
 
-	/* 2. wait for the layer's chunks and gather them */
+	/*
+	 * 2. reads of the layers ahead (3) and the layer's wait and gather: at a
+	 * period's identification the window's reads go first, so that the
+	 * disk has the period's reads queued behind the layer's own while it
+	 * waits (the engine serves them in the order they came); elsewhere
+	 * after the gather, which keeps the window's pins as they were.
+	 */
+	early = pl->o.mode == CKV_MODE_PERIOD && ident;
+	if (rc == 0 && early)
+		rc = issue_ahead(pl, layer, ident);
 	if (rc == 0)
 		rc = wait_layer(pl, layer, -1);
 	if (rc == 0)
 		rc = gather_layer(pl, layer, S, nS, out);
+	if (rc == 0 && !early)
+		rc = issue_ahead(pl, layer, ident);
 	if (rc < 0)
 		return pfail(pl, layer, rc);
-
-	/* 3. reads of the layers ahead */
-	last = pl->ahead < pl->L - 1 - layer ? layer + pl->ahead : pl->L - 1;
-	switch (pl->o.mode) {
-	case CKV_MODE_FULL:
-	case CKV_MODE_PERIOD:
-		for (uint32_t j = layer + 1; j <= last && rc == 0; j++) {
-			if (!pl->lay[j].issued)
-				rc = plan_issue(pl, j);
-			else if (ident && pl->o.mode == CKV_MODE_PERIOD &&
-				 !(pl->o.period_keys && j % p == 0))
-				/* speculated with the last period's set: only the difference */
-				rc = reconcile(pl, j, CKV_SRC_KV, pl->cur, pl->ncur, j / p == pl->cur_period);
-		}
-		break;
-	case CKV_MODE_LAYER:
-		if (last > layer)
-			rc = req_issue(pl, layer + 1, CKV_SRC_KV, pl->cur, pl->ncur, true);
-		break;
-	case CKV_MODE_RERANK:
-		if (last > layer) {
-			rc = req_issue(pl, layer + 1, CKV_SRC_K, pl->cand, pl->ncand, true);
-			if (rc == 0)
-				rc = req_issue(pl, layer + 1, CKV_SRC_V, pl->cur, pl->ncur, true);
-		}
-		break;
-	}
-	if (rc < 0)
-		return pfail(pl, layer, rc);
+	/* 4. digests of the identifications ahead */
+	if (pl->o.mode == CKV_MODE_PERIOD && ident)
+		digests_ahead(pl, layer + p);
+	else if (pl->o.mode == CKV_MODE_LAYER || pl->o.mode == CKV_MODE_RERANK)
+		digests_ahead(pl, layer + DIG_AHEAD);
 	pl->next++;
 	if (pl->next == pl->L)
 		pl->st.total_s = ckv_now() - pl->t_open;
@@ -850,4 +1000,13 @@ void ckv_pipeline_get_stats(const ckv_pipeline *pl, ckv_pipeline_stats *st)
 	st->chunks_read = pl->rs.hits_arena + pl->rs.misses;
 	if (pl->next < pl->L)
 		st->total_s = ckv_now() - pl->t_open;
+}
+
+void ckv_pipeline_get_xstats(const ckv_pipeline *pl, struct ckv_pipeline_xstats *x)
+{
+	if (!pl) {
+		memset(x, 0, sizeof(*x));
+		return;
+	}
+	*x = pl->xst;
 }

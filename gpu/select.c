@@ -103,6 +103,8 @@ int ckv_select_topk(const float *scores, uint32_t m, double budget, uint32_t *ou
 	return (int)n;
 }
 
+#define DS_LANES 8
+
 void ckv_digest_scores_cpu(const float *dig, uint32_t m, uint32_t kv_heads, uint32_t head_dim,
 			   const float *query, uint32_t q_tokens, uint32_t q_heads, float *scores)
 {
@@ -135,7 +137,29 @@ void ckv_digest_scores_cpu(const float *dig, uint32_t m, uint32_t kv_heads, uint
 			for (uint32_t x = 0; x < head_dim; x++)
 				s[x] += q[x];
 		}
-	for (uint32_t j = 0; j < m; j++) {
+	/*
+	 * DS_LANES chunks at a time, each summed in its own accumulator in the
+	 * order of x as one chunk alone would be: the same doubles, the same
+	 * scores bit for bit, but independent additions the CPU can overlap
+	 * (one chain is bound by the latency of an add).
+	 */
+	uint32_t j = 0;
+
+	for (; j + DS_LANES <= m; j += DS_LANES) {
+		const float *d = dig + (size_t)j * per;
+		double acc[DS_LANES] = { 0 };
+
+		for (size_t x = 0; x < per; x++) {
+			const double qx = qs[x];
+
+#pragma GCC unroll 8
+			for (uint32_t k = 0; k < DS_LANES; k++)
+				acc[k] += qx * d[(size_t)k * per + x];
+		}
+		for (uint32_t k = 0; k < DS_LANES; k++)
+			scores[j + k] = (float)(acc[k] * inv);
+	}
+	for (; j < m; j++) {
 		const float *d = dig + (size_t)j * per;
 		double acc = 0;
 
@@ -144,23 +168,6 @@ void ckv_digest_scores_cpu(const float *dig, uint32_t m, uint32_t kv_heads, uint
 		scores[j] = (float)(acc * inv);
 	}
 	free(qs);
-}
-
-/* The prefix's digests of one layer into p->dig_host. */
-static int load_digests(ckv_prefix *p, uint32_t layer)
-{
-	ckv_loader *l = p->l;
-	size_t n = (size_t)p->shape.chunks * p->shape.kv_heads * p->shape.head_dim;
-	int rc;
-
-	if (!p->dig_host) {
-		p->dig_host = malloc(n * sizeof(float));
-		if (!p->dig_host)
-			return ckv_lerr(l, -ENOMEM, "prefix %s: no memory for %zu digest floats",
-					p->shape.hash, n);
-	}
-	rc = ckv_prefix_digests(p, layer, p->dig_host);
-	return rc < 0 ? rc : 0;
 }
 
 static int check_query(ckv_prefix *p, uint32_t layer, const void *query, uint32_t q_tokens,
@@ -182,16 +189,20 @@ static int check_query(ckv_prefix *p, uint32_t layer, const void *query, uint32_
 int ckv_digest_scores(ckv_prefix *p, uint32_t layer, const float *query, uint32_t q_tokens,
 		      uint32_t q_heads, float *scores)
 {
-	int rc;
+	const float *dig;
+	double waited;
+	int how, rc;
 
 	if (!p)
 		return -EINVAL;
 	rc = check_query(p, layer, query, q_tokens, q_heads, scores);
 	if (rc == 0)
-		rc = load_digests(p, layer);
-	if (rc == 0)
-		ckv_digest_scores_cpu(p->dig_host, p->shape.chunks, p->shape.kv_heads,
-				      p->shape.head_dim, query, q_tokens, q_heads, scores);
+		rc = ckv_prefix_digests_get(p, layer, &dig, &how, &waited);
+	if (rc == 0) {
+		ckv_digest_scores_cpu(dig, p->shape.chunks, p->shape.kv_heads, p->shape.head_dim,
+				      query, q_tokens, q_heads, scores);
+		ckv_prefix_digests_put(p, layer);
+	}
 	return rc;
 }
 
@@ -200,8 +211,10 @@ int ckv_digest_scores_device(ckv_prefix *p, uint32_t layer, const float *query,
 {
 	ckv_loader *l;
 	ckv_backend *be;
+	const float *dig;
 	uint64_t bytes;
-	int rc;
+	double waited;
+	int how, rc;
 
 	if (!p)
 		return -EINVAL;
@@ -212,7 +225,7 @@ int ckv_digest_scores_device(ckv_prefix *p, uint32_t layer, const float *query,
 		return rc;
 	if (!be->ops->digest_scores)
 		return ckv_lerr(l, -ENOTSUP, "the %s backend has no digest scoring", be->ops->name);
-	rc = load_digests(p, layer);
+	rc = ckv_prefix_digests_get(p, layer, &dig, &how, &waited);
 	if (rc < 0)
 		return rc;
 	bytes = (uint64_t)p->shape.chunks * p->shape.kv_heads * p->shape.head_dim * sizeof(float);
@@ -224,14 +237,17 @@ int ckv_digest_scores_device(ckv_prefix *p, uint32_t layer, const float *query,
 		p->dig_dev = NULL;
 		p->dig_dev_bytes = 0;
 		rc = be->ops->alloc(be, bytes, &d);
-		if (rc < 0)
+		if (rc < 0) {
+			ckv_prefix_digests_put(p, layer);
 			return ckv_lerr(l, rc, "digest scores: cannot allocate %llu bytes of %s memory",
 					(unsigned long long)bytes, be->ops->name);
+		}
 		p->dig_dev = d;
 		p->dig_dev_bytes = bytes;
 	}
 	/* the previous call synchronized its stream: the buffer is free */
-	rc = be->ops->from_host(be, p->dig_dev, p->dig_host, bytes);
+	rc = be->ops->from_host(be, p->dig_dev, dig, bytes);
+	ckv_prefix_digests_put(p, layer);
 	if (rc == 0)
 		rc = be->ops->digest_scores(be, query, q_tokens, q_heads, p->dig_dev, p->shape.chunks,
 					    p->shape.kv_heads, p->shape.head_dim, scores, stream);

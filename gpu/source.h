@@ -29,6 +29,17 @@ typedef void (*ckv_source_cb)(void *arg, uint32_t i, uint64_t off, uint64_t len,
 
 enum ckv_source_part { CKV_SRC_KV = 0, CKV_SRC_K = 1, CKV_SRC_V = 2 };
 
+/* Flags of get_ex. */
+enum {
+	/*
+	 * Speculative: chunks not in the arena are read only while the source
+	 * has no other read queued or in flight; until a read starts, cancel
+	 * may withdraw it. A later get of the same chunk without the flag
+	 * makes it an ordinary read.
+	 */
+	CKV_SRC_GET_IDLE = 1u << 0,
+};
+
 struct ckv_source_ops {
 	/* Longest stored prefix of tokens under geometry g (ckv_store_match). */
 	int (*match)(ckv_source *s, const ckv_geom *g, const uint32_t *tokens, uint32_t n,
@@ -61,6 +72,38 @@ struct ckv_source_ops {
 	 */
 	int (*resident)(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
 			const uint32_t *chunks, uint32_t n, uint8_t *out);
+	/*
+	 * Optional (NULL: use get, and resident before it): get with flags
+	 * (CKV_SRC_GET_*). Where resident is non-NULL it receives what
+	 * resident() would say, from the same pass. *handle names the get for
+	 * cancel; it is valid while a callback of the get is still to come.
+	 */
+	int (*get_ex)(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		      const uint32_t *chunks, uint32_t n, unsigned flags, ckv_source_cb cb, void *arg,
+		      uint8_t *resident, void **handle);
+	/*
+	 * Optional: withdraw requests idx[0..n) of a CKV_SRC_GET_IDLE get_ex
+	 * (handle) whose reads have not started; chunks[k] is the chunk at
+	 * idx[k] (same pid, layer and part). done[k] = 1 where withdrawn: that
+	 * completion comes with -ECANCELED and the chunk is not read for it.
+	 * The caller must keep the get's last callback from finishing during
+	 * the call (hold the lock its callback takes). Does not block on I/O.
+	 */
+	int (*cancel)(ckv_source *s, void *handle, uint32_t pid, uint32_t layer,
+		      enum ckv_source_part part, const uint32_t *chunks, const uint32_t *idx,
+		      uint32_t n, uint8_t *done);
+	/*
+	 * Optional (NULL: digests under the caller's lock): digests of a layer
+	 * from any thread without touching s->err: a failure message goes to
+	 * err (errlen bytes).
+	 */
+	int (*digests_r)(ckv_source *s, uint32_t pid, uint32_t layer, float *out, char *err,
+			 size_t errlen);
+	/*
+	 * Optional: a layer's digests will be read soon: start reading them
+	 * (exactly them) in the background. Any thread; no error.
+	 */
+	void (*digests_hint)(ckv_source *s, uint32_t pid, uint32_t layer);
 };
 
 struct ckv_source {

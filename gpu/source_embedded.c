@@ -8,29 +8,48 @@
  * chunk shared by a parent prefix and its extension is one chunk in the
  * arena.
  *
+ * Key digests (digest.bin of each extent's segment) are read through the
+ * page cache (warm requests find them there) without the kernel's
+ * read-ahead (POSIX_FADV_RANDOM: it read megabytes past the layer asked
+ * for); digests_hint starts the reads of exactly a layer's regions
+ * (POSIX_FADV_WILLNEED) for a later digests call. Each prefix keeps its
+ * digest files open, headers checked, after the first use.
+ *
  * Locking: es->lock protects the prefix table (es->pfx, es->npfx); each
- * prefix's lock protects its lazily filled file table. Lock order: es->lock
- * before a prefix's lock; neither is held while calling into the engine
- * with a callback that could come back here (completion callbacks only
- * touch their own struct getctx).
+ * prefix's lock protects its lazily filled file table and digest files.
+ * Lock order: es->lock before a prefix's lock; neither is held while
+ * calling into the engine with a callback that could come back here
+ * (completion callbacks only touch their own struct getctx; gets ask for
+ * CKV_GET_INLINE, so a hit's callback runs inside the get, still without
+ * these locks).
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ckv_engine.h"
 #include "ckv_pview.h"
 #include "ckv_store.h"
 #include "source.h"
 
+/* An extent's digest.bin, opened on first use. */
+struct dfile {
+	int fd;                    /* -1: not open yet */
+	uint32_t chunks;           /* the segment's chunks (from the header) */
+};
+
 struct eprefix {
 	ckv_pview *v;              /* one reference */
-	pthread_mutex_t lock;      /* protects files */
+	pthread_mutex_t lock;      /* protects files, have, dig */
 	ckv_efile **files;         /* [3 parts][layers][nextents], lazily filled */
 	uint8_t *have;             /* [3][layers]: files of that layer and part held */
+	struct dfile *dig;         /* [nextents] */
 	uint32_t layers, nextents;
 };
 
@@ -143,6 +162,10 @@ static void eprefix_free(struct esource *es, struct eprefix *ep)
 			if (ep->have[slot])
 				ckv_pview_files_put(ep->v, ep->files + slot * ep->nextents);
 	(void)es;
+	for (uint32_t x = 0; ep->dig && x < ep->nextents; x++)
+		if (ep->dig[x].fd >= 0)
+			close(ep->dig[x].fd);
+	free(ep->dig);
 	free(ep->files);
 	free(ep->have);
 	pthread_mutex_destroy(&ep->lock);
@@ -213,7 +236,10 @@ static int es_open(ckv_source *s, const ckv_hash *h, ckv_manifest **mout, uint32
 	ep->nextents = m->nextents;
 	ep->files = calloc((size_t)3 * ep->layers * ep->nextents, sizeof(*ep->files));
 	ep->have = calloc((size_t)3 * ep->layers, 1);
-	if (!ep->files || !ep->have) {
+	ep->dig = calloc(ep->nextents ? ep->nextents : 1, sizeof(*ep->dig));
+	for (uint32_t x = 0; ep->dig && x < ep->nextents; x++)
+		ep->dig[x].fd = -1;
+	if (!ep->files || !ep->have || !ep->dig) {
 		rc = -ENOMEM;
 		goto out_free;
 	}
@@ -285,14 +311,17 @@ static void es_get_cb(void *arg, size_t i, ckv_slot *slot, int rc)
 		free(g);
 }
 
-static int es_get(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
-		  const uint32_t *chunks, uint32_t n, ckv_source_cb cb, void *arg)
+static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		     const uint32_t *chunks, uint32_t n, unsigned flags, ckv_source_cb cb, void *arg,
+		     uint8_t *resident, void **handle)
 {
 	struct esource *es = es_of(s);
 	ckv_chunk_ref *refs = NULL;
 	struct getctx *g;
 	int rc;
 
+	if (handle)
+		*handle = NULL;
 	if (n == 0)
 		return 0;
 	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
@@ -306,21 +335,70 @@ static int es_get(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_p
 	g->cb = cb;
 	g->arg = arg;
 	atomic_init(&g->left, n);
-	rc = ckv_engine_get_async(es->engine, refs, n, CKV_GET_DEMAND, es_get_cb, g);
+	if (resident)
+		ckv_engine_resident_n(es->engine, refs, n, resident);
+	if (handle)
+		*handle = g; /* before the get: its callbacks may free g */
+	/* arena hits complete on this thread: no hand-off to the engine's */
+	rc = ckv_engine_get_async(es->engine, refs, n,
+				  CKV_GET_INLINE | (flags & CKV_SRC_GET_IDLE ? CKV_GET_IDLE : CKV_GET_DEMAND),
+				  es_get_cb, g);
 	free(refs);
 	if (rc < 0) {
 		free(g);
+		if (handle)
+			*handle = NULL;
 		snprintf(s->err, sizeof(s->err), "layer %u: engine get: %s", layer, strerror(-rc));
 	}
+	return rc;
+}
+
+static int es_get(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+		  const uint32_t *chunks, uint32_t n, ckv_source_cb cb, void *arg)
+{
+	return es_get_ex(s, pid, layer, part, chunks, n, 0, cb, arg, NULL, NULL);
+}
+
+static int es_cancel(ckv_source *s, void *handle, uint32_t pid, uint32_t layer,
+		     enum ckv_source_part part, const uint32_t *chunks, const uint32_t *idx,
+		     uint32_t n, uint8_t *done)
+{
+	struct esource *es = es_of(s);
+	ckv_chunk_ref *refs = NULL;
+	size_t *ix;
+	int rc;
+
+	if (n == 0)
+		return 0;
+	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
+	if (rc < 0)
+		return rc;
+	ix = malloc(sizeof(*ix) * n);
+	if (!ix) {
+		free(refs);
+		return -ENOMEM;
+	}
+	for (uint32_t k = 0; k < n; k++)
+		ix[k] = idx[k];
+	rc = ckv_engine_cancel(es->engine, refs, ix, n, es_get_cb, handle, done);
+	free(ix);
+	free(refs);
 	return rc;
 }
 
 static void es_release(ckv_source *s, const uint64_t *tokens, uint32_t n)
 {
 	struct esource *es = es_of(s);
+	ckv_slot *v[64];
 
-	for (uint32_t i = 0; i < n; i++)
-		ckv_engine_release(es->engine, (ckv_slot *)(uintptr_t)tokens[i]);
+	/* tokens are the slots: release them in bunches under one engine lock */
+	for (uint32_t i = 0; i < n;) {
+		uint32_t k = 0;
+
+		while (i < n && k < 64)
+			v[k++] = (ckv_slot *)(uintptr_t)tokens[i++];
+		ckv_engine_release_n(es->engine, v, k);
+	}
 }
 
 static int es_prefetch(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
@@ -365,18 +443,145 @@ static int es_score(ckv_source *s, uint32_t pid, uint32_t layer, const uint32_t 
 	return rc;
 }
 
-static int es_digests(ckv_source *s, uint32_t pid, uint32_t layer, float *out)
+/* Open extent x's digest.bin and check its header. ep->lock held. */
+static int dig_open(struct esource *es, struct eprefix *ep, uint32_t x, char *err, size_t errlen)
 {
-	struct eprefix *ep = pfx_get(es_of(s), pid);
+	const ckv_manifest *m = ckv_pview_manifest(ep->v);
+	const ckv_extent *ex = &m->extents[x];
+	struct dfile *d = &ep->dig[x];
+	uint8_t hdr[CKV_SIDE_HEADER];
+	char rel[PATH_MAX];
+	ckv_side_header sh;
+	ssize_t got;
+	int n, fd;
+
+	if (d->fd >= 0)
+		return 0;
+	ckv_segment_path(ex->segment, rel, sizeof(rel));
+	n = (int)strlen(rel);
+	snprintf(rel + n, sizeof(rel) - (size_t)n, "/digest.bin");
+	fd = openat(ckv_store_dirfd(es->store), rel, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		int rc = -errno;
+
+		snprintf(err, errlen, "%s: %s", rel, strerror(errno));
+		return rc;
+	}
+	/* the pipeline says what it will read (digests_hint): no read-ahead past what is read */
+	posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+	got = pread(fd, hdr, sizeof(hdr), 0);
+	if (got != (ssize_t)sizeof(hdr) ||
+	    ckv_side_header_decode(&sh, hdr, CKV_DIGEST_MAGIC, rel, NULL) < 0 ||
+	    sh.layers != m->geom.layers || sh.per_chunk != m->geom.kv_heads * m->geom.head_dim ||
+	    (uint64_t)ex->first + ex->count > sh.chunks) {
+		int rc = got < 0 ? -errno : -EIO;
+
+		snprintf(err, errlen, "%s: %s", rel,
+			 got < 0 ? strerror(errno) : "not a digest file of this prefix's geometry");
+		close(fd);
+		return rc;
+	}
+	d->fd = fd;
+	d->chunks = sh.chunks;
+	return 0;
+}
+
+/* pread all of [off, off + len), or -errno (-EIO at end of file). */
+static int pread_full(int fd, void *buf, uint64_t len, uint64_t off)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		ssize_t got = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
+
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0)
+			return -errno;
+		if (got == 0)
+			return -EIO;
+		done += (uint64_t)got;
+	}
+	return 0;
+}
+
+/*
+ * For each extent of a layer: its digest file, the byte range of the layer
+ * in it and where those bytes go in the prefix's digests (out: chunk
+ * offset). fn returns 0 to go on.
+ */
+static int dig_each(struct esource *es, uint32_t pid, uint32_t layer, char *err, size_t errlen,
+		    int (*fn)(void *arg, int fd, uint64_t off, uint64_t len, size_t first), void *arg)
+{
+	struct eprefix *ep = pfx_get(es, pid);
+	const ckv_manifest *m;
+	size_t per;
+	int rc = 0;
+
+	if (!ep) {
+		snprintf(err, errlen, "no open prefix with id %u", pid);
+		return -EBADF;
+	}
+	m = ckv_pview_manifest(ep->v);
+	per = (size_t)m->geom.kv_heads * m->geom.head_dim;
+	if (layer >= m->geom.layers) {
+		snprintf(err, errlen, "layer %u: the prefix has %u layers", layer, m->geom.layers);
+		return -EINVAL;
+	}
+	for (uint32_t x = 0; x < m->nextents && rc == 0; x++) {
+		const ckv_extent *ex = &m->extents[x];
+		uint64_t off;
+		int fd;
+
+		pthread_mutex_lock(&ep->lock);
+		rc = dig_open(es, ep, x, err, errlen);
+		fd = ep->dig[x].fd;
+		off = CKV_SIDE_HEADER +
+		      ((uint64_t)layer * ep->dig[x].chunks + ex->first) * per * sizeof(float);
+		pthread_mutex_unlock(&ep->lock);
+		if (rc == 0 && ex->count)
+			rc = fn(arg, fd, off, sizeof(float) * per * ex->count,
+				(size_t)ckv_pview_extent_start(ep->v, x) * per);
+	}
+	return rc;
+}
+
+static int dig_read_one(void *arg, int fd, uint64_t off, uint64_t len, size_t first)
+{
+	return pread_full(fd, (float *)arg + first, len, off);
+}
+
+static int dig_hint_one(void *arg, int fd, uint64_t off, uint64_t len, size_t first)
+{
+	(void)arg;
+	(void)first;
+	posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+	return 0;
+}
+
+static int es_digests_r(ckv_source *s, uint32_t pid, uint32_t layer, float *out, char *err,
+			size_t errlen)
+{
 	int rc;
 
-	if (!ep)
-		return -EBADF;
-	rc = ckv_pview_digests(ep->v, layer, out);
-	if (rc < 0)
-		snprintf(s->err, sizeof(s->err), "layer %u: cannot read the key digests (digest.bin): %s",
-			 layer, strerror(-rc));
+	err[0] = 0;
+	rc = dig_each(es_of(s), pid, layer, err, errlen, dig_read_one, out);
+	if (rc < 0 && !err[0])
+		snprintf(err, errlen, "layer %u: cannot read the key digests (digest.bin): %s", layer,
+			 strerror(-rc));
 	return rc;
+}
+
+static void es_digests_hint(ckv_source *s, uint32_t pid, uint32_t layer)
+{
+	char err[256];
+
+	dig_each(es_of(s), pid, layer, err, sizeof(err), dig_hint_one, NULL);
+}
+
+static int es_digests(ckv_source *s, uint32_t pid, uint32_t layer, float *out)
+{
+	return es_digests_r(s, pid, layer, out, s->err, sizeof(s->err));
 }
 
 static int es_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
@@ -425,6 +630,10 @@ static const struct ckv_source_ops es_ops = {
 	.digests = es_digests,
 	.destroy = es_destroy,
 	.resident = es_resident,
+	.get_ex = es_get_ex,
+	.cancel = es_cancel,
+	.digests_r = es_digests_r,
+	.digests_hint = es_digests_hint,
 };
 
 int ckv_source_embedded(const char *store, const ckv_source_opts *o, ckv_source **out,

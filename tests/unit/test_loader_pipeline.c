@@ -5,10 +5,15 @@
  * the exported keys) with the exported bytes, in order; FULL returns every
  * chunk; earlier views stay valid for `depth` layers; the counters add up
  * (a cold FULL load, and any load without speculation, reads exactly the
- * bytes it returns: read amplification 1.00); misuse and a corrupt chunk
+ * bytes it returns: read amplification 1.00; with speculation, every
+ * request is a used chunk or a wasted speculation, and speculative reads
+ * withdrawn before they started count as neither); key digests read ahead
+ * and cached per prefix give the same selections, a second pipeline on the
+ * same prefix reads none; misuse, a corrupt chunk and a corrupt digest file
  * fail with messages. Runs on the CUDA backend too (CKV_TEST_BACKEND=cuda).
  */
 #include "test_loader_util.h"
+#include "loader_int.h"
 
 #define QT 2
 #define QH_PER_KV 2
@@ -192,6 +197,21 @@ static void run_case(struct ctx *x, const struct pcase *c)
 		CHECK(st.misses == used + st.spec_wasted && st.hits_arena == 0);
 		CHECK(st.spec_used > 0 && st.spec_used <= used);
 	}
+	if ((c->mode == CKV_MODE_PERIOD && !c->period_keys) || c->mode == CKV_MODE_LAYER) {
+		/*
+		 * whole chunks: every request counted (read or found) is a used
+		 * chunk or a dropped speculation; withdrawn ones were neither
+		 * read nor counted
+		 */
+		struct ckv_pipeline_xstats xs;
+
+		ckv_pipeline_get_xstats(pl, &xs);
+		CHECK(st.misses + st.hits_arena == used + st.spec_wasted);
+		if (c->no_prefetch)
+			CHECK(xs.spec_withdrawn == 0 && xs.spec_promoted == 0);
+		/* digests: every identification's read ahead or read when needed, none twice */
+		CHECK(xs.dig_ahead + xs.dig_read == st.identifications && xs.dig_cached == 0);
+	}
 	if (c->mode == CKV_MODE_RERANK) {
 		/* K halves of candidates, V halves of winners */
 		CHECK(st.bytes_k >= used * x->sh.half_bytes && st.bytes_v >= used * x->sh.half_bytes);
@@ -252,6 +272,102 @@ static void run_all(const char *dtype, uint32_t layers, uint32_t kv, uint32_t D)
 	free(x.q);
 	ckv_prefix_close(x.ref);
 	ckv_loader_close(x.refl);
+	tstore_free(&t);
+}
+
+/*
+ * Digests are cached per prefix: a second pipeline on the same prefix
+ * handle reads none (bytes_digest 0, every identification from the cache)
+ * and selects the same chunks; a fresh handle reads them again.
+ */
+static void check_digest_cache(void)
+{
+	struct tstore t;
+	uint64_t seed = 17;
+	float *q[8];
+	ckv_loader *l;
+	ckv_prefix *p, *p2;
+	uint32_t *first[8], nfirst[8];
+
+	tstore_make(&t, "bf16", 8, 2, 64, 300, 500);
+	for (uint32_t i = 0; i < 8; i++)
+		q[i] = tl_query(&seed, QT, 4, 64);
+	l = tl_loader(t.dir, 64 << 20, 0);
+	for (int mode = 0; mode < 2; mode++) {
+		ckv_pipeline_opts o = { .mode = mode ? CKV_MODE_LAYER : CKV_MODE_PERIOD, .budget = 0.2,
+					.period = 3, .q_heads = 4, .q_tokens = QT };
+
+		CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+		CHECK_RC(ckv_prefix_open(l, t.child_hex, &p2), l);
+		for (int pass = 0; pass < 3; pass++) {
+			ckv_prefix *px = pass == 2 ? p2 : p;
+			ckv_pipeline *pl;
+			ckv_pipeline_stats st;
+			struct ckv_pipeline_xstats xs;
+			uint64_t dig = 0;
+
+			CHECK_RC(ckv_pipeline_open(px, &o, &pl), l);
+			for (uint32_t layer = 0; layer < 8; layer++) {
+				ckv_layer_view v;
+
+				CHECK_RC(ckv_pipeline_layer(pl, layer, q[layer], &v), l);
+				if (pass == 0 && mode == 0) {
+					first[layer] = malloc(sizeof(uint32_t) * v.nchunks);
+					CHECK(first[layer]);
+					memcpy(first[layer], v.chunks, sizeof(uint32_t) * v.nchunks);
+					nfirst[layer] = v.nchunks;
+				} else if (mode == 0) {
+					CHECK(v.nchunks == nfirst[layer] &&
+					      memcmp(v.chunks, first[layer], sizeof(uint32_t) * v.nchunks) == 0);
+				}
+			}
+			ckv_pipeline_get_stats(pl, &st);
+			ckv_pipeline_get_xstats(pl, &xs);
+			dig = st.identifications * ckv_prefix_digest_bytes(px);
+			printf("digest cache: %s pass %d: ident %llu digest bytes %llu (ahead %llu cached %llu read %llu)\n",
+			       ckv_mode_name(o.mode), pass, (unsigned long long)st.identifications,
+			       (unsigned long long)st.bytes_digest, (unsigned long long)xs.dig_ahead,
+			       (unsigned long long)xs.dig_cached, (unsigned long long)xs.dig_read);
+			if (pass == 1) /* the same handle: all from the cache */
+				CHECK(st.bytes_digest == 0 && xs.dig_cached == st.identifications);
+			else /* a fresh handle: all read */
+				CHECK(st.bytes_digest == dig && xs.dig_cached == 0 &&
+				      xs.dig_ahead + xs.dig_read == st.identifications);
+			ckv_pipeline_close(pl);
+		}
+		ckv_prefix_close(p2);
+		ckv_prefix_close(p);
+	}
+	for (uint32_t i = 0; i < 8; i++) {
+		free(first[i]);
+		free(q[i]);
+	}
+	ckv_loader_close(l);
+
+	/* a digest file that is not one: the identifying layer fails, naming it */
+	{
+		char cmd[512];
+		ckv_pipeline_opts o = { .mode = CKV_MODE_PERIOD, .budget = 0.2, .q_heads = 4,
+					.q_tokens = QT };
+		ckv_pipeline *pl;
+		ckv_layer_view v;
+		float *q0 = tl_query(&seed, QT, 4, 64);
+
+		snprintf(cmd, sizeof(cmd),
+			 "printf 'XXXXXXXX' | dd of=%s/seg/%.2s/%s-0/digest.bin bs=1 conv=notrunc status=none",
+			 t.dir, t.parent_hex, t.parent_hex);
+		CHECK(system(cmd) == 0);
+		l = tl_loader(t.dir, 64 << 20, 0);
+		CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+		CHECK_RC(ckv_pipeline_open(p, &o, &pl), l);
+		CHECK(ckv_pipeline_layer(pl, 0, q0, &v) < 0);
+		printf("digest failure: %s\n", ckv_loader_error(l));
+		CHECK(strstr(ckv_loader_error(l), "digest.bin") && strstr(ckv_loader_error(l), "layer 0"));
+		ckv_pipeline_close(pl);
+		ckv_prefix_close(p);
+		ckv_loader_close(l);
+		free(q0);
+	}
 	tstore_free(&t);
 }
 
@@ -343,6 +459,7 @@ int main(void)
 	run_all("fp8_e4m3", 7, 2, 48); /* chunk_bytes 4096 > 2 x 1536: padding */
 	run_all("fp16", 9, 4, 32);
 	check_errors();
+	check_digest_cache();
 	printf("ok\n");
 	return 0;
 }
