@@ -43,23 +43,7 @@
 #include "ckv_store.h"
 #include "source.h"
 
-#define CHECK(cond)                                                                          \
-	do {                                                                                 \
-		if (!(cond)) {                                                               \
-			fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                             \
-		}                                                                            \
-	} while (0)
-
-#define CHECK_RC(expr)                                                                       \
-	do {                                                                                 \
-		int rc_ = (expr);                                                            \
-		if (rc_ != 0) {                                                              \
-			fprintf(stderr, "%s:%d: %s = %d (%s)\n", __FILE__, __LINE__, #expr, rc_,   \
-				strerror(rc_ < 0 ? -rc_ : rc_));                                  \
-			exit(1);                                                             \
-		}                                                                            \
-	} while (0)
+#include "check.h"
 
 /* ---- data ------------------------------------------------------------------ */
 

@@ -13,13 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define CHECK(c)                                                                        \
-	do {                                                                            \
-		if (!(c)) {                                                             \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c); \
-			exit(1);                                                        \
-		}                                                                       \
-	} while (0)
+#include "check.h"
 
 static ckv_geom geom;
 
