@@ -94,6 +94,10 @@ void ckv_hash_hex(const ckv_hash *h, char out[CKV_HASH_HEX + 1]);
 int ckv_hash_parse(ckv_hash *h, const char *hex); /* 0, or -EINVAL */
 bool ckv_hash_eq(const ckv_hash *a, const ckv_hash *b);
 
+/* Tokens as stored (tokens.bin): u32 little-endian, 4 * n bytes. */
+void ckv_tokens_to_le(uint8_t *dst, const uint32_t *tokens, size_t n);
+void ckv_tokens_from_le(uint32_t *dst, const uint8_t *src, size_t n);
+
 /*
  * Token chain: h_0 = XXH3_128(tokens[0:c] as u32 LE, seed);
  * h_j = XXH3_128(canonical(h_{j-1}) || tokens[jc:(j+1)c], seed).

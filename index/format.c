@@ -256,14 +256,21 @@ bool ckv_hash_eq(const ckv_hash *a, const ckv_hash *b)
 	return memcmp(a->b, b->b, 16) == 0;
 }
 
-static void tokens_le(uint8_t *dst, const uint32_t *t, uint32_t n)
+void ckv_tokens_to_le(uint8_t *dst, const uint32_t *t, size_t n)
 {
-	for (uint32_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < n; i++) {
 		dst[4 * i] = (uint8_t)t[i];
 		dst[4 * i + 1] = (uint8_t)(t[i] >> 8);
 		dst[4 * i + 2] = (uint8_t)(t[i] >> 16);
 		dst[4 * i + 3] = (uint8_t)(t[i] >> 24);
 	}
+}
+
+void ckv_tokens_from_le(uint32_t *dst, const uint8_t *src, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		dst[i] = (uint32_t)src[4 * i] | (uint32_t)src[4 * i + 1] << 8 |
+			 (uint32_t)src[4 * i + 2] << 16 | (uint32_t)src[4 * i + 3] << 24;
 }
 
 void ckv_chain_step(const ckv_hash *prev, const uint32_t *tokens, uint32_t n, uint64_t seed,
@@ -279,7 +286,7 @@ void ckv_chain_step(const ckv_hash *prev, const uint32_t *tokens, uint32_t n, ui
 		memcpy(buf, prev->b, 16);
 		off = 16;
 	}
-	tokens_le(buf + off, tokens, n);
+	ckv_tokens_to_le(buf + off, tokens, n);
 	XXH128_canonicalFromHash(&c, XXH3_128bits_withSeed(buf, off + 4 * (size_t)n, seed));
 	memcpy(out->b, c.digest, 16);
 }

@@ -1018,6 +1018,29 @@ static void progress(const ckv_import_opts *o, const char *what, uint64_t done, 
 		o->progress(o->progress_arg, what, done, total);
 }
 
+/*
+ * Create dir/name (must not exist), write header and body, fsync it. Segment
+ * files are written once and never changed: mode 0444.
+ */
+static int write_new_file(ckv_store *s, int dirfd, const char *dir, const char *name,
+			  const void *hdr, size_t hlen, const void *body, size_t blen, ckv_err *e)
+{
+	char path[600];
+	int fd, rc;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+	if (fd < 0)
+		return ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
+	rc = hlen ? write_all(fd, hdr, hlen, 0) : 0;
+	if (!rc)
+		rc = write_all(fd, body, blen, (off_t)hlen);
+	if (!rc && sync_fd(s, fd) < 0)
+		rc = -errno;
+	close(fd);
+	return rc ? ckv_errf(e, rc, "%s: %s", path, strerror(-rc)) : 0;
+}
+
 /* Shared by the layer workers of write_segment. */
 struct seg_writer {
 	ckv_store *s;
@@ -1142,7 +1165,7 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	struct seg_writer w;
 	pthread_t th[IMPORT_THREADS];
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-	int nth, started = 0, fd = -1, rc;
+	int nth, started = 0, rc;
 
 	if (mkdirat(dirfd, rel, 0755) < 0)
 		return ckv_errf(e, -errno, "%s: cannot create segment directory: %s", rel, strerror(errno));
@@ -1189,30 +1212,15 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	{
 		uint32_t t0 = s0 * c, nt = n - t0;
 		uint8_t *tb = malloc((size_t)nt * 4);
-		char path[600];
 		if (!tb) {
 			rc = -ENOMEM;
 			goto out_free;
 		}
-		for (uint32_t i = 0; i < nt; i++) {
-			uint32_t t = tokens[t0 + i];
-			tb[4 * i] = (uint8_t)t;
-			tb[4 * i + 1] = (uint8_t)(t >> 8);
-			tb[4 * i + 2] = (uint8_t)(t >> 16);
-			tb[4 * i + 3] = (uint8_t)(t >> 24);
-		}
-		snprintf(path, sizeof(path), "%s/tokens.bin", rel);
-		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
-		rc = fd < 0 ? -errno : write_all(fd, tb, (size_t)nt * 4, 0);
+		ckv_tokens_to_le(tb, tokens + t0, nt);
+		rc = write_new_file(s, dirfd, rel, "tokens.bin", NULL, 0, tb, (size_t)nt * 4, e);
 		free(tb);
-		if (!rc && sync_fd(s, fd) < 0)
-			rc = -errno;
-		if (rc) {
-			rc = ckv_errf(e, rc, "%s: %s", path, strerror(-rc));
-			goto out_close;
-		}
-		close(fd);
-		fd = -1;
+		if (rc)
+			goto out_free;
 	}
 	/* sums.xxh3, halves.xxh3 and digest.bin */
 	for (int which = 0; which < 3; which++) {
@@ -1220,7 +1228,6 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		static const char *const fname[] = { "sums.xxh3", "halves.xxh3", "digest.bin" };
 		const void *data[] = { sums, halves, dig };
 		size_t per[] = { 8, 16, sizeof(float) * dper };
-		char path[600];
 		memset(&sh, 0, sizeof(sh));
 		memcpy(sh.magic, magic[which], 8);
 		sh.version = CKV_FORMAT_VERSION;
@@ -1228,24 +1235,12 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		sh.chunks = k;
 		sh.per_chunk = which == 2 ? (uint32_t)dper : (uint32_t)which + 1;
 		ckv_side_header_encode(&sh, hdr);
-		snprintf(path, sizeof(path), "%s/%s", rel, fname[which]);
-		fd = openat(dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
-		rc = fd < 0 ? -errno : write_all(fd, hdr, sizeof(hdr), 0);
-		if (!rc)
-			rc = write_all(fd, data[which], per[which] * k * g->layers, CKV_SIDE_HEADER);
-		if (!rc && sync_fd(s, fd) < 0)
-			rc = -errno;
-		if (rc) {
-			rc = ckv_errf(e, rc, "%s: %s", path, strerror(-rc));
-			goto out_close;
-		}
-		close(fd);
-		fd = -1;
+		rc = write_new_file(s, dirfd, rel, fname[which], hdr, sizeof(hdr), data[which],
+				    per[which] * k * g->layers, e);
+		if (rc)
+			goto out_free;
 	}
 	rc = fsync_dir(s, dirfd, rel);
-out_close:
-	if (fd >= 0)
-		close(fd);
 out_free:
 	free(halves);
 	free(sums);
@@ -1772,10 +1767,7 @@ int ckv_store_import(ckv_store *s, const char *dir, const ckv_hash *expect_hash,
 		rc = ckv_errf(e, rc, "%s/tokens.bin: %s", dir, strerror(-rc));
 		goto out_close;
 	}
-	for (uint32_t i = 0; i < man.tokens; i++) {
-		const uint8_t *p = (const uint8_t *)tokbuf + 4 * (size_t)i;
-		tokens[i] = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-	}
+	ckv_tokens_from_le(tokens, (const uint8_t *)tokbuf, man.tokens);
 	{
 		ckv_hash *chain = malloc(sizeof(*chain) * man.chunks);
 		char a[CKV_HASH_HEX + 1], b[CKV_HASH_HEX + 1];
@@ -2010,9 +2002,7 @@ static int prefix_tokens(ckv_store *s, const ckv_manifest *m, uint32_t **out, ck
 			free(t);
 			return ckv_errf(e, rc, "%s/%s: %s", s->path, rel, strerror(-rc));
 		}
-		for (uint32_t k = 0; k < want; k++)
-			t[pos + k] = (uint32_t)buf[4 * k] | (uint32_t)buf[4 * k + 1] << 8 |
-				     (uint32_t)buf[4 * k + 2] << 16 | (uint32_t)buf[4 * k + 3] << 24;
+		ckv_tokens_from_le(t + pos, buf, want);
 		free(buf);
 		pos += want;
 	}
@@ -2170,12 +2160,7 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 			rc = -ENOMEM;
 			goto out;
 		}
-		for (uint32_t i = 0; i < m->tokens; i++) {
-			tb[4 * i] = (uint8_t)tokens[i];
-			tb[4 * i + 1] = (uint8_t)(tokens[i] >> 8);
-			tb[4 * i + 2] = (uint8_t)(tokens[i] >> 16);
-			tb[4 * i + 3] = (uint8_t)(tokens[i] >> 24);
-		}
+		ckv_tokens_to_le(tb, tokens, m->tokens);
 		fd = openat(dfd, "tokens.bin", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 		rc = fd < 0 ? -errno : write_all(fd, tb, (size_t)m->tokens * 4, 0);
 		free(tb);

@@ -299,7 +299,7 @@ static int read_tokens(const char *cmd, const char *path, bool text, uint32_t **
 				return fail(cmd, "%s: %zu trailing bytes: a token file is u32 little-endian (use --tokens-txt for text)",
 					    path, r);
 			}
-			v = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+			ckv_tokens_from_le(&v, b, 1);
 		}
 		if (cnt == cap) {
 			cap = cap ? 2 * cap : 4096;
