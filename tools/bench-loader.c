@@ -454,6 +454,30 @@ static int open_loader(const struct bench *b, ckv_loader **l, ckv_prefix **p)
 	return 0;
 }
 
+/*
+ * A fresh loader on the store with an empty arena, destination memory
+ * touched once (as an engine's KV buffers would be), and the page cache
+ * dropped: the start of every cold measurement. On failure *l and *p are
+ * set as far as they got, for the caller's cleanup.
+ */
+static int fresh_loader(const struct bench *b, ckv_loader **l, ckv_prefix **p, uint8_t **dev,
+			const uint8_t *host)
+{
+	if (open_loader(b, l, p))
+		return -1;
+	if (ckv_loader_alloc(*l, b->total, (void **)dev) < 0) {
+		fail("cannot allocate %llu bytes of backend memory: %s", (unsigned long long)b->total,
+		     ckv_loader_error(*l));
+		return -1;
+	}
+	if (ckv_loader_from_host(*l, *dev, host, b->total) < 0) {
+		fail("%s", ckv_loader_error(*l));
+		return -1;
+	}
+	drop_cache(b);
+	return 0;
+}
+
 static void usage(FILE *to)
 {
 	fprintf(to,
@@ -613,19 +637,8 @@ int main(int argc, char **argv)
 			goto out;
 
 		/* cold: a fresh loader, an empty arena, no page cache; then warm on it */
-		if (open_loader(&b, &l, &p))
+		if (fresh_loader(&b, &l, &p, &dev, host2))
 			goto out;
-		if (ckv_loader_alloc(l, b.total, (void **)&dev) < 0) {
-			fail("cannot allocate %llu bytes of backend memory: %s", (unsigned long long)b.total,
-			     ckv_loader_error(l));
-			goto out;
-		}
-		/* destinations are touched once, as an engine's KV buffers would be */
-		if (ckv_loader_from_host(l, dev, host2, b.total) < 0) {
-			fail("%s", ckv_loader_error(l));
-			goto out;
-		}
-		drop_cache(&b);
 		if (loader_fetch(&b, l, p, dev, false, &t_cold[r]))
 			goto out;
 		ckv_loader_get_stats(l, &st);
@@ -662,18 +675,8 @@ int main(int argc, char **argv)
 		l = NULL;
 
 		/* cold again, one layer at a time */
-		if (open_loader(&b, &l, &p))
+		if (fresh_loader(&b, &l, &p, &dev, host2))
 			goto out;
-		if (ckv_loader_alloc(l, b.total, (void **)&dev) < 0) {
-			fail("cannot allocate %llu bytes of backend memory: %s", (unsigned long long)b.total,
-			     ckv_loader_error(l));
-			goto out;
-		}
-		if (ckv_loader_from_host(l, dev, host2, b.total) < 0) {
-			fail("%s", ckv_loader_error(l));
-			goto out;
-		}
-		drop_cache(&b);
 		if (loader_fetch(&b, l, p, dev, true, &t_layer[r]))
 			goto out;
 		if (r + 1 < b.o.runs) {
