@@ -10,19 +10,11 @@ setup_file() {
 	H1=$("$CKV" gen -q "$s" --model qwen2.5-0.5b --tokens 2000 --seed 1)
 	H2=$("$CKV" gen -q "$s" --model qwen2.5-0.5b --tokens 1500 --extends "$H1" --seed 2)
 	H3=$("$CKV" gen -q "$s" --model qwen2.5-0.5b --tokens 900 --extends "$H2" --seed 3)
-	echo "$H1 $H2 $H3" >"$BATS_FILE_TMPDIR/hashes"
-	mkdir -p "$BATS_FILE_TMPDIR/ex"
-	for h in $H1 $H2 $H3; do
-		"$CKV" export "$s" "$h" "$BATS_FILE_TMPDIR/ex/$h" >/dev/null
-	done
+	fs_fixture_save "$H1" "$H2" "$H3"
 }
 
 setup() {
-	fs_require
-	STORE=$BATS_FILE_TMPDIR/store
-	EX=$BATS_FILE_TMPDIR/ex
-	read -r H1 H2 H3 <"$BATS_FILE_TMPDIR/hashes"
-	MNT=$BATS_TEST_TMPDIR/mnt
+	fs_fixture_load
 }
 
 teardown() {

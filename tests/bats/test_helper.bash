@@ -218,3 +218,24 @@ wait_until() {
 # plain failure (exit 1) of an ASan/UBSan build cannot pass on one.
 export ASAN_OPTIONS="$ASAN_OPTIONS:exitcode=86"
 export UBSAN_OPTIONS="$UBSAN_OPTIONS:exitcode=87"
+
+# fs_fixture_save H...: for setup_file() of mount tests on one store at
+# $BATS_FILE_TMPDIR/store: export each prefix to $BATS_FILE_TMPDIR/ex/<hash>
+# and remember the hashes for fs_fixture_load.
+fs_fixture_save() {
+	local h
+	echo "$*" >"$BATS_FILE_TMPDIR/hashes"
+	mkdir -p "$BATS_FILE_TMPDIR/ex"
+	for h in "$@"; do
+		"$CKV" export "$BATS_FILE_TMPDIR/store" "$h" "$BATS_FILE_TMPDIR/ex/$h" >/dev/null
+	done
+}
+
+# fs_fixture_load: for setup(): STORE, EX, H1 H2 H3 and a mount point MNT.
+fs_fixture_load() {
+	fs_require
+	STORE=$BATS_FILE_TMPDIR/store
+	EX=$BATS_FILE_TMPDIR/ex
+	read -r H1 H2 H3 <"$BATS_FILE_TMPDIR/hashes"
+	MNT=$BATS_TEST_TMPDIR/mnt
+}
