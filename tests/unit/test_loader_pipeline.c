@@ -195,7 +195,7 @@ static void run_case(struct ctx *x, const struct pcase *c)
 	if (c->mode == CKV_MODE_LAYER && !c->no_prefetch) {
 		/* each used chunk read once, plus each wasted speculation */
 		CHECK(st.misses == used + st.spec_wasted && st.hits_arena == 0);
-		CHECK(st.spec_used > 0 && st.spec_used <= used);
+		CHECK(st.spec_used <= used);
 	}
 	if ((c->mode == CKV_MODE_PERIOD && !c->period_keys) || c->mode == CKV_MODE_LAYER) {
 		/*
@@ -209,6 +209,13 @@ static void run_case(struct ctx *x, const struct pcase *c)
 		CHECK(st.misses + st.hits_arena == used + st.spec_wasted);
 		if (c->no_prefetch)
 			CHECK(xs.spec_withdrawn == 0 && xs.spec_promoted == 0);
+		/*
+		 * speculation guessed right at least once: read in time (used) or,
+		 * when the idle queue had not started it yet (a loaded machine),
+		 * withdrawn and read again as an ordinary read (promoted)
+		 */
+		if (c->mode == CKV_MODE_LAYER && !c->no_prefetch)
+			CHECK(st.spec_used + xs.spec_promoted > 0);
 		/* digests: every identification's read ahead or read when needed, none twice */
 		CHECK(xs.dig_ahead + xs.dig_read == st.identifications && xs.dig_cached == 0);
 	}
