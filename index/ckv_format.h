@@ -178,8 +178,8 @@ typedef struct ckv_side_header {
 	uint32_t version;     /* CKV_FORMAT_VERSION */
 	uint32_t layers;
 	uint32_t chunks;
-	uint32_t per_chunk;   /* sums: 1 (u64); digest: kv_heads * head_dim (f32) */
-	uint64_t reserved;
+	uint32_t per_chunk;   /* sums: 1 (u64); digest: kv_heads * head_dim (f32); keyq: code bytes */
+	uint64_t reserved;    /* keyq: bits per key element; 0 elsewhere */
 } ckv_side_header;
 
 void ckv_side_header_encode(const ckv_side_header *h, uint8_t out[CKV_SIDE_HEADER]);
@@ -192,6 +192,43 @@ uint64_t ckv_sum_load(const uint8_t in[8]);
 
 /* Digest of one chunk: per kv head the fp32 mean of its `valid` keys. */
 void ckv_chunk_digest(const ckv_geom *g, const void *chunk, uint32_t valid, float *out);
+
+/*
+ * keyq.bin: a low-bit copy of every chunk's keys, for identification by
+ * attention mass (docs/FORMAT.md). Side header (per_chunk = code bytes per
+ * chunk, reserved = bits), then per layer: the layer's scales, mu[h][d] and
+ * sd[h][d] as bf16 (4 x kv_heads x head_dim bytes, over the segment's
+ * tokens), then per chunk its codes: the keys [h][slot][d] centred and
+ * scaled, z = (k - mu) / sd, each quantised to `bits` bits (1-3: the
+ * Lloyd-Max quantiser of a unit Gaussian; 4: uniform on +-3), packed
+ * LSB-first. Padding slots of a partial chunk hold code 0.
+ */
+#define CKV_KEYQ_MAGIC "CKVKEYQ1"
+#define CKV_KEYQ_BITS 3 /* what the store writes */
+
+/* Code bytes of one chunk: kv_heads * chunk_tokens * head_dim * bits / 8. */
+uint64_t ckv_keyq_chunk_bytes(const ckv_geom *g, unsigned bits);
+/* Bytes of one layer in keyq.bin: scales then `chunks` chunks' codes. */
+uint64_t ckv_keyq_layer_bytes(const ckv_geom *g, unsigned bits, uint32_t chunks);
+/* Add the `valid` keys of a chunk to per-(head, dim) sums: sum[h*D+d], sumsq[h*D+d]. */
+void ckv_keyq_stats_add(const ckv_geom *g, const void *chunk, uint32_t valid, double *sum,
+			double *sumsq);
+/*
+ * Scales from the sums over n keys: mu = sum / n, sd = sqrt(var) + 1e-6
+ * with var = (sumsq - n mu^2) / (n - 1) (0 when n < 2), both rounded to
+ * bf16: scales[0 .. HD) = mu, scales[HD .. 2HD) = sd.
+ */
+void ckv_keyq_scales(const ckv_geom *g, const double *sum, const double *sumsq, uint64_t n,
+		     uint16_t *scales);
+/* Codes of one chunk (ckv_keyq_chunk_bytes of them) from its keys. bits 1-4. */
+void ckv_keyq_encode(const ckv_geom *g, unsigned bits, const uint16_t *scales, const void *chunk,
+		     uint32_t valid, uint8_t *codes);
+/* The keys a chunk's codes stand for: out [kv_heads][chunk_tokens][head_dim] fp32. */
+void ckv_keyq_decode(const ckv_geom *g, unsigned bits, const uint16_t *scales,
+		     const uint8_t *codes, float *out);
+/* bf16 <-> fp32 (round to nearest even; NaN stays NaN). */
+uint16_t ckv_f32_to_bf16(float f);
+float ckv_bf16_to_f32(uint16_t h);
 
 /* Layer file name "layer_%03u.kv" (4 digits past 999). */
 void ckv_layer_name(uint32_t layer, char out[32]);

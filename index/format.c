@@ -352,6 +352,8 @@ void ckv_side_header_encode(const ckv_side_header *h, uint8_t out[CKV_SIDE_HEADE
 	put32(out + 12, h->layers);
 	put32(out + 16, h->chunks);
 	put32(out + 20, h->per_chunk);
+	put32(out + 24, (uint32_t)h->reserved);
+	put32(out + 28, (uint32_t)(h->reserved >> 32));
 }
 
 int ckv_side_header_decode(ckv_side_header *h, const uint8_t in[CKV_SIDE_HEADER],
@@ -364,7 +366,7 @@ int ckv_side_header_decode(ckv_side_header *h, const uint8_t in[CKV_SIDE_HEADER]
 	h->layers = get32(in + 12);
 	h->chunks = get32(in + 16);
 	h->per_chunk = get32(in + 20);
-	h->reserved = 0;
+	h->reserved = (uint64_t)get32(in + 24) | (uint64_t)get32(in + 28) << 32;
 	if (h->version != CKV_FORMAT_VERSION)
 		return ckv_errf(e, -EPROTONOSUPPORT, "%s: format version %u, this build reads version %u",
 				what, h->version, CKV_FORMAT_VERSION);
@@ -395,6 +397,166 @@ __attribute__((optimize("tree-vectorize"))) void ckv_chunk_digest(const ckv_geom
 			for (uint32_t d = 0; d < D; d++)
 				o[d] /= (float)valid;
 	}
+}
+
+/* ---- keyq: the low-bit key copy ---------------------------------------------- */
+
+uint16_t ckv_f32_to_bf16(float f)
+{
+	uint32_t u;
+
+	memcpy(&u, &f, 4);
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+	u += 0x7fffu + ((u >> 16) & 1);
+	return (uint16_t)(u >> 16);
+}
+
+float ckv_bf16_to_f32(uint16_t h)
+{
+	return f32_from_bits((uint32_t)h << 16);
+}
+
+/*
+ * Lloyd-Max quantisers of a unit Gaussian, thresholds and levels; written
+ * as double literals narrowed to float, the values numpy and torch use for
+ * the same decimals (gpu/python/ckv/prune.py mirrors them).
+ */
+static const double lm_th1[] = { 0.0 };
+static const double lm_lv1[] = { -0.7979, 0.7979 };
+static const double lm_th2[] = { -0.9816, 0.0, 0.9816 };
+static const double lm_lv2[] = { -1.5104, -0.4528, 0.4528, 1.5104 };
+static const double lm_th3[] = { -1.748, -1.050, -0.5006, 0.0, 0.5006, 1.050, 1.748 };
+static const double lm_lv3[] = { -2.152, -1.344, -0.7560, -0.2451, 0.2451, 0.7560, 1.344, 2.152 };
+
+static unsigned keyq_code(unsigned bits, float z)
+{
+	static const double *const th[] = { NULL, lm_th1, lm_th2, lm_th3 };
+	unsigned n = 1u << bits, i = 0;
+
+	if (bits <= 3) {
+		/* bucket = thresholds strictly below z (z on a threshold goes down) */
+		while (i < n - 1 && (float)th[bits][i] < z)
+			i++;
+		return i;
+	}
+	{
+		const float step = 6.0f / (float)n;
+		float b = floorf((z + 3.0f) / step);
+
+		if (!(b > 0.0f)) /* also NaN */
+			return 0;
+		return b > (float)(n - 1) ? n - 1 : (unsigned)b;
+	}
+}
+
+static float keyq_level(unsigned bits, unsigned code)
+{
+	static const double *const lv[] = { NULL, lm_lv1, lm_lv2, lm_lv3 };
+
+	if (bits <= 3)
+		return (float)lv[bits][code];
+	{
+		const float step = 6.0f / (float)(1u << bits);
+
+		return ((float)code + 0.5f) * step - 3.0f;
+	}
+}
+
+uint64_t ckv_keyq_chunk_bytes(const ckv_geom *g, unsigned bits)
+{
+	return ((uint64_t)g->kv_heads * g->chunk_tokens * g->head_dim * bits + 7) / 8;
+}
+
+uint64_t ckv_keyq_layer_bytes(const ckv_geom *g, unsigned bits, uint32_t chunks)
+{
+	return 4ull * g->kv_heads * g->head_dim + (uint64_t)chunks * ckv_keyq_chunk_bytes(g, bits);
+}
+
+void ckv_keyq_stats_add(const ckv_geom *g, const void *chunk, uint32_t valid, double *sum,
+			double *sumsq)
+{
+	unsigned es = ckv_dtype_size(g->dtype);
+	uint32_t D = g->head_dim, c = g->chunk_tokens;
+
+	for (uint32_t h = 0; h < g->kv_heads; h++)
+		for (uint32_t t = 0; t < valid; t++) {
+			const uint8_t *row = (const uint8_t *)chunk + (((size_t)h * c + t) * D) * es;
+
+			for (uint32_t d = 0; d < D; d++) {
+				double x = ckv_dtype_to_f32(g->dtype, row + (size_t)d * es);
+
+				sum[h * D + d] += x;
+				sumsq[h * D + d] += x * x;
+			}
+		}
+}
+
+void ckv_keyq_scales(const ckv_geom *g, const double *sum, const double *sumsq, uint64_t n,
+		     uint16_t *scales)
+{
+	size_t HD = (size_t)g->kv_heads * g->head_dim;
+
+	for (size_t i = 0; i < HD; i++) {
+		double mu = n ? sum[i] / (double)n : 0.0;
+		double var = n > 1 ? (sumsq[i] - (double)n * mu * mu) / (double)(n - 1) : 0.0;
+
+		if (!(var > 0.0))
+			var = 0.0;
+		scales[i] = ckv_f32_to_bf16((float)mu);
+		scales[HD + i] = ckv_f32_to_bf16((float)(sqrt(var) + 1e-6));
+	}
+}
+
+void ckv_keyq_encode(const ckv_geom *g, unsigned bits, const uint16_t *scales, const void *chunk,
+		     uint32_t valid, uint8_t *codes)
+{
+	unsigned es = ckv_dtype_size(g->dtype);
+	uint32_t D = g->head_dim, c = g->chunk_tokens;
+	size_t HD = (size_t)g->kv_heads * D;
+	uint64_t bit = 0;
+
+	memset(codes, 0, ckv_keyq_chunk_bytes(g, bits));
+	for (uint32_t h = 0; h < g->kv_heads; h++)
+		for (uint32_t t = 0; t < c; t++) {
+			const uint8_t *row = (const uint8_t *)chunk + (((size_t)h * c + t) * D) * es;
+
+			for (uint32_t d = 0; d < D; d++, bit += bits) {
+				float mu = ckv_bf16_to_f32(scales[h * D + d]);
+				float sd = ckv_bf16_to_f32(scales[HD + h * D + d]);
+				unsigned q;
+
+				if (t >= valid)
+					continue; /* padding: code 0 */
+				q = keyq_code(bits, (ckv_dtype_to_f32(g->dtype, row + (size_t)d * es) - mu) / sd);
+				for (unsigned b = 0; b < bits; b++)
+					if (q >> b & 1)
+						codes[(bit + b) >> 3] |= (uint8_t)(1u << ((bit + b) & 7));
+			}
+		}
+}
+
+void ckv_keyq_decode(const ckv_geom *g, unsigned bits, const uint16_t *scales,
+		     const uint8_t *codes, float *out)
+{
+	uint32_t D = g->head_dim, c = g->chunk_tokens;
+	size_t HD = (size_t)g->kv_heads * D;
+	float lv[16];
+	uint64_t bit = 0;
+
+	for (unsigned i = 0; i < (1u << bits); i++)
+		lv[i] = keyq_level(bits, i);
+	for (uint32_t h = 0; h < g->kv_heads; h++)
+		for (uint32_t t = 0; t < c; t++)
+			for (uint32_t d = 0; d < D; d++, bit += bits) {
+				unsigned q = 0;
+				float mu = ckv_bf16_to_f32(scales[h * D + d]);
+				float sd = ckv_bf16_to_f32(scales[HD + h * D + d]);
+
+				for (unsigned b = 0; b < bits; b++)
+					q |= (unsigned)(codes[(bit + b) >> 3] >> ((bit + b) & 7) & 1) << b;
+				out[((size_t)h * c + t) * D + d] = mu + sd * lv[q];
+			}
 }
 
 /* ---- manifests --------------------------------------------------------------- */

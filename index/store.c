@@ -1053,6 +1053,7 @@ struct seg_writer {
 	uint8_t *sums;
 	uint8_t *halves; /* [layer][chunk][K, V] */
 	float *dig;
+	uint8_t *keyq;          /* [layer] ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, k) */
 	pthread_mutex_t lock;   /* protects next, done, rc, e and progress calls */
 	uint32_t next;          /* next layer to write */
 	uint64_t done, total;
@@ -1060,21 +1061,71 @@ struct seg_writer {
 	ckv_err *e;
 };
 
-/* Write one layer file of the segment: fill, checksum, digest, write, fsync. */
+/*
+ * The layer's key copy (keyq.bin): scales from the sums of the layer's keys,
+ * then the codes of every chunk, read back from the layer file just written.
+ */
+static int keyq_layer(struct seg_writer *w, uint32_t l, int fd, uint8_t *buf, const double *sum,
+		      const double *sumsq, const char *path, ckv_err *e)
+{
+	const ckv_geom *g = w->g;
+	uint64_t cb = g->chunk_bytes, per = ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS);
+	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1, c = g->chunk_tokens;
+	size_t HD = (size_t)g->kv_heads * g->head_dim;
+	uint8_t *out = w->keyq + (size_t)l * ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, w->k);
+	uint16_t *scales = malloc(sizeof(*scales) * 2 * HD);
+	uint64_t ntok = w->n - (uint64_t)w->s0 * c;
+
+	if (!scales)
+		return ckv_errf(e, -ENOMEM, "%s: out of memory", path);
+	ckv_keyq_scales(g, sum, sumsq, ntok, scales);
+	for (size_t i = 0; i < 2 * HD; i++) {
+		out[2 * i] = (uint8_t)scales[i];
+		out[2 * i + 1] = (uint8_t)(scales[i] >> 8);
+	}
+	out += 4 * HD;
+	for (uint32_t j = w->s0; j < w->m; j += run) {
+		uint32_t cnt = w->m - j < run ? w->m - j : run;
+		ssize_t got = pread(fd, buf, (size_t)cnt * cb, (off_t)(j - w->s0) * (off_t)cb);
+
+		if (got != (ssize_t)((size_t)cnt * cb)) {
+			int rc = got < 0 ? -errno : -EIO;
+
+			free(scales);
+			return ckv_errf(e, rc, "%s: read back for the key copy: %s", path,
+					got < 0 ? strerror(errno) : "short read");
+		}
+		for (uint32_t i = 0; i < cnt; i++) {
+			uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= w->n ? c : w->n - jj * c;
+
+			ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, buf + (size_t)i * cb, valid,
+					out + (size_t)(jj - w->s0) * per);
+		}
+	}
+	free(scales);
+	return 0;
+}
+
+/* Write one layer file of the segment: fill, checksum, digest, write, key copy, fsync. */
 static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *e)
 {
 	const ckv_geom *g = w->g;
 	uint64_t cb = g->chunk_bytes;
 	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1, c = g->chunk_tokens;
 	size_t dper = (size_t)g->kv_heads * g->head_dim;
+	double *sum = calloc(2 * dper, sizeof(double)), *sumsq = sum + dper;
 	char name[32], path[600];
 	int fd, rc = 0;
 
 	ckv_layer_name(l, name);
 	snprintf(path, sizeof(path), "%s/%s", w->rel, name);
-	fd = openat(w->dirfd, path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
-	if (fd < 0)
+	if (!sum)
+		return ckv_errf(e, -ENOMEM, "%s: out of memory", path);
+	fd = openat(w->dirfd, path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+	if (fd < 0) {
+		free(sum);
 		return ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
+	}
 	for (uint32_t j = w->s0; j < w->m; j += run) {
 		uint32_t cnt = w->m - j < run ? w->m - j : run;
 		memset(buf, 0, (size_t)cnt * cb);
@@ -1089,6 +1140,7 @@ static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *
 			ckv_sum_store(w->halves + idx * 16, ckv_chunk_sum(ch, g->half_bytes));
 			ckv_sum_store(w->halves + idx * 16 + 8, ckv_chunk_sum(ch + g->half_bytes, g->half_bytes));
 			ckv_chunk_digest(g, ch, valid, w->dig + idx * dper);
+			ckv_keyq_stats_add(g, ch, valid, sum, sumsq);
 		}
 		rc = write_all(fd, buf, (size_t)cnt * cb, (off_t)(j - w->s0) * (off_t)cb);
 		if (rc) {
@@ -1103,10 +1155,12 @@ static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *
 		if (rc)
 			goto out_close; /* another layer failed: stop early */
 	}
-	if (sync_fd(w->s, fd) < 0)
+	rc = keyq_layer(w, l, fd, buf, sum, sumsq, path, e);
+	if (rc == 0 && sync_fd(w->s, fd) < 0)
 		rc = ckv_errf(e, -errno, "%s: fsync: %s", path, strerror(errno));
 out_close:
 	close(fd);
+	free(sum);
 	return rc;
 }
 
@@ -1159,7 +1213,8 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	uint32_t k = m - s0, c = g->chunk_tokens;
 	uint64_t cb = g->chunk_bytes, total = (uint64_t)k * cb * g->layers;
 	size_t dper = (size_t)g->kv_heads * g->head_dim;
-	uint8_t *sums = NULL, *halves = NULL, hdr[CKV_SIDE_HEADER];
+	uint8_t *sums = NULL, *halves = NULL, *keyq = NULL, hdr[CKV_SIDE_HEADER];
+	uint64_t kql = ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, m - s0);
 	float *dig = NULL;
 	ckv_side_header sh;
 	struct seg_writer w;
@@ -1172,7 +1227,8 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	sums = malloc((size_t)k * g->layers * 8);
 	halves = malloc((size_t)k * g->layers * 16);
 	dig = malloc(sizeof(float) * dper * k * g->layers);
-	if (!sums || !halves || !dig) {
+	keyq = malloc(kql * g->layers);
+	if (!sums || !halves || !dig || !keyq) {
 		rc = -ENOMEM;
 		goto out_free;
 	}
@@ -1190,6 +1246,7 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	w.o = o;
 	w.sums = sums;
 	w.dig = dig;
+	w.keyq = keyq;
 	w.total = total;
 	w.e = e;
 	pthread_mutex_init(&w.lock, NULL);
@@ -1222,21 +1279,26 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		if (rc)
 			goto out_free;
 	}
-	/* sums.xxh3, halves.xxh3 and digest.bin */
-	for (int which = 0; which < 3; which++) {
-		static const char *const magic[] = { CKV_SUMS_MAGIC, CKV_HALVES_MAGIC, CKV_DIGEST_MAGIC };
-		static const char *const fname[] = { "sums.xxh3", "halves.xxh3", "digest.bin" };
-		const void *data[] = { sums, halves, dig };
-		size_t per[] = { 8, 16, sizeof(float) * dper };
+	/* sums.xxh3, halves.xxh3, digest.bin and keyq.bin */
+	for (int which = 0; which < 4; which++) {
+		static const char *const magic[] = { CKV_SUMS_MAGIC, CKV_HALVES_MAGIC, CKV_DIGEST_MAGIC,
+						     CKV_KEYQ_MAGIC };
+		static const char *const fname[] = { "sums.xxh3", "halves.xxh3", "digest.bin", "keyq.bin" };
+		const void *data[] = { sums, halves, dig, keyq };
+		size_t len[] = { 8ull * k * g->layers, 16ull * k * g->layers,
+				 sizeof(float) * dper * k * g->layers, kql * g->layers };
 		memset(&sh, 0, sizeof(sh));
 		memcpy(sh.magic, magic[which], 8);
 		sh.version = CKV_FORMAT_VERSION;
 		sh.layers = g->layers;
 		sh.chunks = k;
-		sh.per_chunk = which == 2 ? (uint32_t)dper : (uint32_t)which + 1;
+		sh.per_chunk = which == 2 ? (uint32_t)dper :
+			       which == 3 ? (uint32_t)ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS) :
+					    (uint32_t)which + 1;
+		sh.reserved = which == 3 ? CKV_KEYQ_BITS : 0;
 		ckv_side_header_encode(&sh, hdr);
 		rc = write_new_file(s, dirfd, rel, fname[which], hdr, sizeof(hdr), data[which],
-				    per[which] * k * g->layers, e);
+				    len[which], e);
 		if (rc)
 			goto out_free;
 	}
@@ -1245,6 +1307,7 @@ out_free:
 	free(halves);
 	free(sums);
 	free(dig);
+	free(keyq);
 	return rc;
 }
 
@@ -2482,6 +2545,21 @@ int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
 		walk_sharded(s, "prefix", gc_record_one, &g);
 	}
 	mdb_txn_abort(txn);
+	/* shard directories left empty (rmdir fails on the others) */
+	for (int t = 0; t < 2; t++) {
+		static const char *const top[] = { "seg", "prefix" };
+		int fd = openat(s->dirfd, top[t], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+		struct dirent *a;
+
+		if (!d && fd >= 0)
+			close(fd);
+		while (d && (a = readdir(d)))
+			if (a->d_name[0] != '.')
+				unlinkat(dirfd(d), a->d_name, AT_REMOVEDIR);
+		if (d)
+			closedir(d);
+	}
 	{
 		int fd = openat(s->dirfd, "staging", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		DIR *d = fd >= 0 ? fdopendir(fd) : NULL;

@@ -427,6 +427,8 @@ $P"
 	assert_stderr_empty
 	assert_output_contains "removed 3 segments, 0 staging areas, 0 stray records"
 	[ "$(seg_count "$T/store")" -eq 0 ]
+	# no empty shard directories left behind
+	[ -z "$(find "$T/store/seg" "$T/store/prefix" -mindepth 1)" ]
 }
 
 @test "gc on a clean store removes nothing" {

@@ -29,9 +29,10 @@ segbytes() {
 	growth=$((after - before))
 	new_layer=$((13 * CB * L))
 	# side files of the new segment: per chunk and layer a checksum (8 B), K/V half
-	# checksums (16 B) and a digest (kv_heads*head_dim*4 = 512 B); tokens.bin (208
-	# tokens), headers, the directories: 32 KiB of slack
-	bound=$((new_layer + 13 * L * (8 + 16 + 512) + 32768))
+	# checksums (16 B), a digest (kv_heads*head_dim*4 = 512 B) and a 3-bit key copy
+	# (kv_heads*16*head_dim*3/8 = 768 B), per layer the copy's scales (512 B);
+	# tokens.bin (208 tokens), headers, the directories: 32 KiB of slack
+	bound=$((new_layer + 13 * L * (8 + 16 + 512 + 768) + 512 * L + 32768))
 	echo "growth $growth, layer bytes $new_layer, bound $bound, parent $before"
 	[ "$growth" -ge "$new_layer" ]
 	[ "$growth" -le "$bound" ]
@@ -60,7 +61,7 @@ segbytes() {
 	assert_equal "$output" "new chunks 13  shared chunks 62  written 2.4 MiB
 $C"
 	growth=$(($(segbytes "$S") - before))
-	[ "$growth" -lt $((13 * CB * L + 13 * L * (8 + 16 + 512) + 32768)) ] || fail "growth $growth"
+	[ "$growth" -lt $((13 * CB * L + 13 * L * (8 + 16 + 512 + 768) + 512 * L + 32768)) ] || fail "growth $growth"
 	"$CKV" export "$S" "$C" "$T/back"
 	assert_same_dir "$T/child" "$T/back"
 }

@@ -399,6 +399,77 @@ static void test_digest(void)
 	free(dg);
 }
 
+/*
+ * keyq.bin: the worked vector of docs/FORMAT.md (one head, head_dim 4, two
+ * token slots, fp32, mu 0, sd 1), scales from sums, the padding rule, and a
+ * round trip at every width that lands on the quantiser's level.
+ */
+static void test_keyq(void)
+{
+	static const float keys[8] = { 0, 1, -1, 2, 0.5f, -0.5f, 3, -3 };
+	static const unsigned want_codes[8] = { 3, 5, 2, 7, 4, 3, 7, 0 };
+	static const float lv3[8] = { -2.152f, -1.344f, -0.7560f, -0.2451f,
+				      0.2451f, 0.7560f, 1.344f, 2.152f };
+	ckv_geom g;
+	uint16_t sc[8];
+	uint8_t codes[8];
+	float out[8];
+	double sum[4] = { 4, 0, 0, 0 }, sumsq[4] = { 10, 0, 0, 0 };
+
+	memset(&g, 0, sizeof(g));
+	g.dtype = CKV_DTYPE_FP32;
+	g.kv_heads = 1;
+	g.head_dim = 4;
+	g.chunk_tokens = 2;
+	for (int i = 0; i < 4; i++) {
+		sc[i] = ckv_f32_to_bf16(0.0f);
+		sc[4 + i] = ckv_f32_to_bf16(1.0f);
+	}
+	CHECK(ckv_keyq_chunk_bytes(&g, 3) == 3, "3-bit chunk bytes %llu",
+	      (unsigned long long)ckv_keyq_chunk_bytes(&g, 3));
+	CHECK(ckv_keyq_layer_bytes(&g, 3, 5) == 16 + 15, "layer bytes");
+	ckv_keyq_encode(&g, 3, sc, keys, 2, codes);
+	CHECK(codes[0] == 0xab && codes[1] == 0xce && codes[2] == 0x1d,
+	      "3-bit codes %02x %02x %02x, want ab ce 1d", codes[0], codes[1], codes[2]);
+	ckv_keyq_decode(&g, 3, sc, codes, out);
+	for (int i = 0; i < 8; i++)
+		CHECK(out[i] == lv3[want_codes[i]], "decode[%d] = %g, want %g", i, out[i],
+		      lv3[want_codes[i]]);
+	/* one valid slot: the second slot's codes are 0 whatever its keys */
+	ckv_keyq_encode(&g, 3, sc, keys, 1, codes);
+	CHECK(codes[0] == 0xab && codes[1] == 0x0e && codes[2] == 0x00,
+	      "partial chunk codes %02x %02x %02x, want ab 0e 00", codes[0], codes[1], codes[2]);
+	/* scales: keys 1 and 3 in dimension 0: mu 2, sd sqrt(2) + 1e-6, as bf16 */
+	ckv_keyq_scales(&g, sum, sumsq, 2, sc);
+	CHECK(sc[0] == 0x4000 && sc[4] == 0x3fb5, "scales %04x %04x, want 4000 3fb5", sc[0], sc[4]);
+	CHECK(sc[1] == 0 && sc[5] == ckv_f32_to_bf16(1e-6f), "a constant dimension: sd 1e-6");
+	CHECK(ckv_f32_to_bf16(1.0f + 1.0f / 256) == 0x3f80 && ckv_f32_to_bf16(1.0f + 3.0f / 256) == 0x3f82,
+	      "bf16 rounds to nearest even");
+	/* keys on the levels come back exactly, 1 to 4 bits */
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		float lv[16], in[8];
+
+		for (int i = 0; i < 4; i++) {
+			sc[i] = ckv_f32_to_bf16(0.0f);
+			sc[4 + i] = ckv_f32_to_bf16(1.0f);
+		}
+		for (unsigned q = 0; q < (1u << bits); q++) {
+			uint8_t one[8] = { 0 };
+
+			for (unsigned b = 0; b < bits; b++)
+				one[b >> 3] |= (uint8_t)((q >> b & 1) << (b & 7));
+			ckv_keyq_decode(&g, bits, sc, one, out);
+			lv[q] = out[0];
+		}
+		for (int i = 0; i < 8; i++)
+			in[i] = lv[(unsigned)(i * 5 + 1) % (1u << bits)];
+		ckv_keyq_encode(&g, bits, sc, in, 2, codes);
+		ckv_keyq_decode(&g, bits, sc, codes, out);
+		for (int i = 0; i < 8; i++)
+			CHECK(out[i] == in[i], "%u bits: level %g came back as %g", bits, in[i], out[i]);
+	}
+}
+
 static void test_manifest(void)
 {
 	ckv_manifest m, p;
@@ -500,6 +571,7 @@ int main(void)
 	test_sums();
 	test_layout();
 	test_digest();
+	test_keyq();
 	test_manifest();
 	if (failures) {
 		fprintf(stderr, "test_format_vectors: %d failure(s)\n", failures);
