@@ -207,6 +207,22 @@ int ckv_key_scores(const ckv_shape *sh, const void *keys, uint64_t stride,
 		   uint32_t q_heads, float *scores);
 
 /*
+ * Chunk scores of one layer by attention mass over the key copy (keyq.bin:
+ * every chunk's keys at 3 bits, written by the store; docs/FORMAT.md): for
+ * each query row (new token t, query head h) the softmax of q . k / sqrt(D)
+ * over every valid key slot of the prefix, as the copy gives the keys back,
+ * and, with keys, over the new tokens' own keys up to t (causal);
+ * score[j] = sum over rows of the row's weight on chunk j's slots. query as
+ * for ckv_digest_scores; keys fp32 [q_tokens][kv_heads][head_dim] in host
+ * memory (the new tokens' post-RoPE keys) or NULL (normalise over the
+ * prefix alone). scores receives m floats. Reads the layer's key copy
+ * (about 9.4% of the layer's bytes for bf16) through the source; -ENOTSUP
+ * where the source has none (a daemon source).
+ */
+int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
+		    uint32_t q_tokens, uint32_t q_heads, float *scores);
+
+/*
  * Top ceil(budget * m) chunks by score, always keeping chunk 0 (attention
  * sink) and chunk m-1 (most recent tokens); ascending chunk ids into out
  * (room for m); returns the count, or -EINVAL.
@@ -224,6 +240,14 @@ typedef enum ckv_mode {
 const char *ckv_mode_name(ckv_mode m);           /* "full", "period", "layer", "rerank" */
 int ckv_mode_parse(const char *name, ckv_mode *out); /* 0 or -EINVAL */
 
+/* How LAYER mode scores chunks at an identification. */
+typedef enum ckv_score {
+	CKV_SCORE_DIGEST = 0, /* digest.bin, ckv_digest_scores: linear in the queries */
+	CKV_SCORE_KEYQ = 1,   /* keyq.bin, ckv_keyq_scores: attention mass over a 3-bit key copy */
+} ckv_score;
+const char *ckv_score_name(ckv_score s);            /* "digest", "keyq" */
+int ckv_score_parse(const char *name, ckv_score *out); /* 0 or -EINVAL */
+
 typedef struct ckv_pipeline_opts {
 	ckv_mode mode;
 	double budget;       /* fraction of chunks per layer, (0, 1] */
@@ -237,6 +261,18 @@ typedef struct ckv_pipeline_opts {
 	uint32_t depth;      /* layer buffers (views alive at once), default 2 */
 	bool period_keys;    /* PERIOD: identify from the period's first layer's keys (all of
 				its K halves read, scored with ckv_key_scores) instead of digests */
+	/*
+	 * LAYER mode only (docs/LOADER.md, "A calibrated schedule"): budgets
+	 * per layer, [layers] fractions in (0, 1] (NULL: budget at every
+	 * layer; the caller keeps the array until ckv_pipeline_open returns);
+	 * floor > 0: layers whose budget is <= floor take chunk 0 and the
+	 * most recent chunks without identification (no side data read,
+	 * their reads issued ahead as final); score: what identifications
+	 * rank chunks by.
+	 */
+	const double *budgets;
+	double floor;
+	ckv_score score;
 } ckv_pipeline_opts;
 
 /* What a layer gets: its selected chunks, in device (or host) memory. */
@@ -285,6 +321,14 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
  */
 int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
 		       ckv_layer_view *out);
+/*
+ * The same with the new tokens' keys at this layer, fp32
+ * [q_tokens][kv_heads][head_dim] in host memory (post-RoPE), or NULL: a
+ * CKV_SCORE_KEYQ identification normalises each query's attention over the
+ * prefix and these keys (ckv_keyq_scores); other scores ignore them.
+ */
+int ckv_pipeline_layer_qk(ckv_pipeline *pl, uint32_t layer, const float *query,
+			  const float *keys, ckv_layer_view *out);
 
 /*
  * Counters of one pipeline. A chunk request is one chunk of one part (KV,
@@ -305,7 +349,7 @@ typedef struct ckv_pipeline_stats {
 	uint64_t spec_used, spec_wasted; /* speculative chunk requests whose chunk the layer used / dropped */
 	uint64_t hits_gpu, hits_arena, misses;
 	uint64_t identifications;   /* layers whose set was (re)computed */
-	uint64_t bytes_digest;      /* digest bytes loaded for identification */
+	uint64_t bytes_digest;      /* side data loaded for identification: digests or key copies */
 } ckv_pipeline_stats;
 void ckv_pipeline_get_stats(const ckv_pipeline *pl, ckv_pipeline_stats *st);
 void ckv_pipeline_close(ckv_pipeline *pl);

@@ -687,6 +687,31 @@ int ckv_prefix_digests(ckv_prefix *p, uint32_t layer, float *out)
 	return rc;
 }
 
+int ckv_prefix_keyq(ckv_prefix *p, uint32_t layer, struct ckv_keyq *out)
+{
+	char err[320];
+	int rc;
+
+	memset(out, 0, sizeof(*out));
+	if (!p->l->src->ops->keyq_r)
+		return ckv_lerr(p->l, -ENOTSUP,
+				"prefix %s: this source has no key copies (a daemon serves digests only; open the store embedded for key-copy scores)",
+				p->shape.hash);
+	err[0] = 0;
+	rc = p->l->src->ops->keyq_r(p->l->src, p->pid, layer, out, err, sizeof(err));
+	if (rc < 0)
+		ckv_lerr(p->l, rc, "prefix %s layer %u: %s", p->shape.hash, layer,
+			 err[0] ? err : "cannot read the key copy");
+	return rc;
+}
+
+uint64_t ckv_prefix_keyq_bytes(const ckv_prefix *p, const struct ckv_keyq *k)
+{
+	uint64_t chunks = k->nparts ? k->first[k->nparts] - k->first[0] : 0;
+
+	return k->nparts * 4ull * p->shape.kv_heads * p->shape.head_dim + chunks * k->per;
+}
+
 uint64_t ckv_prefix_digest_bytes(const ckv_prefix *p)
 {
 	return (uint64_t)p->shape.chunks * p->shape.kv_heads * p->shape.head_dim * sizeof(float);
@@ -1588,4 +1613,26 @@ int ckv_mode_parse(const char *name, ckv_mode *out)
 			return 0;
 		}
 	return -EINVAL;
+}
+
+const char *ckv_score_name(ckv_score s)
+{
+	switch (s) {
+	case CKV_SCORE_DIGEST:
+		return "digest";
+	case CKV_SCORE_KEYQ:
+		return "keyq";
+	}
+	return "?";
+}
+
+int ckv_score_parse(const char *name, ckv_score *out)
+{
+	if (name && strcmp(name, "digest") == 0)
+		*out = CKV_SCORE_DIGEST;
+	else if (name && strcmp(name, "keyq") == 0)
+		*out = CKV_SCORE_KEYQ;
+	else
+		return -EINVAL;
+	return 0;
 }

@@ -149,6 +149,10 @@ static inline uint64_t ckv_part_bytes(const ckv_shape *sh, enum ckv_source_part 
 ckv_tkey ckv_prefix_chunk_key(const ckv_prefix *p, uint32_t layer, uint32_t chunk);
 /* The layer's digests ([chunks][kv_heads][head_dim] fp32) from the source; message on failure. */
 int ckv_prefix_digests(ckv_prefix *p, uint32_t layer, float *out);
+/* The layer's key copy from the source (ckv_keyq_free it); message on failure. */
+int ckv_prefix_keyq(ckv_prefix *p, uint32_t layer, struct ckv_keyq *out);
+/* Bytes a key copy of one layer takes on disk: scales and codes. */
+uint64_t ckv_prefix_keyq_bytes(const ckv_prefix *p, const struct ckv_keyq *k);
 /* Bytes of one layer's digests. */
 uint64_t ckv_prefix_digest_bytes(const ckv_prefix *p);
 /*
@@ -283,6 +287,12 @@ void ckv_pipeline_get_xstats(const ckv_pipeline *pl, struct ckv_pipeline_xstats 
 
 /* ---- selection helpers (select.c) ---------------------------------------- */
 
+/*
+ * Attention-mass scores of a layer's chunks from its key copy (ckvgpu.h,
+ * ckv_keyq_scores): 0, or -ENOMEM.
+ */
+int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const float *query,
+		      const float *keys, uint32_t q_tokens, uint32_t q_heads, float *scores);
 /* Digest scores of one layer from host digests: the CPU reference. */
 void ckv_digest_scores_cpu(const float *dig, uint32_t m, uint32_t kv_heads, uint32_t head_dim,
 			   const float *query, uint32_t q_tokens, uint32_t q_heads, float *scores);

@@ -84,6 +84,12 @@ struct ckv_pipeline {
 	struct rbatch *batches; /* every live get */
 	uint32_t *all;       /* [m]: 0 .. m-1 */
 	uint32_t *cur, ncur; /* the set: PERIOD (of period cur_period), LAYER, RERANK winners */
+	uint32_t *fset, nfset; /* LAYER: a floor layer's set (chunk 0 and the most recent) */
+	uint32_t *spec;      /* [m] LAYER: the next layer's speculated set */
+	double *budgets;     /* [L] LAYER: each layer's budget */
+	bool scored;         /* LAYER: scores hold an identification's (the last one's) */
+	double cur_budget;   /* LAYER: the budget cur was selected with */
+	const float *keys;   /* the current call's new-token keys (ckv_pipeline_layer_qk) */
 	uint32_t cur_period;
 	uint32_t *cand, ncand; /* RERANK candidates */
 	uint32_t *miss;      /* [m] scratch of req_issue */
@@ -394,9 +400,14 @@ static int wait_layer(ckv_pipeline *pl, uint32_t layer, int part)
 /* ---- identification -------------------------------------------------------- */
 
 /* Ask the prefix's digest thread for a layer's digests (counted once as read). */
+static bool is_floor(const ckv_pipeline *pl, uint32_t layer)
+{
+	return pl->o.floor > 0 && pl->budgets[layer] <= pl->o.floor;
+}
+
 static void digests_ahead(ckv_pipeline *pl, uint32_t layer)
 {
-	if (!pl->dig_ahead || layer >= pl->L)
+	if (!pl->dig_ahead || layer >= pl->L || is_floor(pl, layer))
 		return;
 	if (ckv_prefix_digests_ahead(pl->p, layer) == 1 && !pl->dig_counted[layer]) {
 		pl->dig_counted[layer] = 1;
@@ -501,10 +512,31 @@ static int identify_from_keys(ckv_pipeline *pl, uint32_t layer, const float *que
 	return 0;
 }
 
+/* Key-copy scores (CKV_SCORE_KEYQ) of a layer into pl->scores. */
+static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
+{
+	struct ckv_keyq kq;
+	double t0 = ckv_now();
+	int rc = ckv_prefix_keyq(pl->p, layer, &kq);
+
+	if (rc < 0)
+		return rc;
+	pl->xst.dig_read++;
+	pl->xst.dig_wait_s += ckv_now() - t0;
+	pl->st.bytes_digest += ckv_prefix_keyq_bytes(pl->p, &kq);
+	rc = ckv_keyq_mass_cpu(&pl->sh, &kq, query, pl->keys, pl->o.q_tokens, pl->o.q_heads,
+			       pl->scores);
+	ckv_keyq_free(&kq);
+	if (rc < 0)
+		return ckv_lerr(pl->l, rc, "pipeline: key-copy scores of layer %u: out of memory", layer);
+	return 0;
+}
+
 static int select_digests(ckv_pipeline *pl, uint32_t layer, const float *query, double budget,
 			  uint32_t *out, uint32_t *nout)
 {
-	int rc = digest_scores(pl, layer, query);
+	int rc = pl->o.score == CKV_SCORE_KEYQ ? keyq_scores(pl, layer, query) :
+						 digest_scores(pl, layer, query);
 
 	if (rc < 0)
 		return rc;
@@ -670,6 +702,9 @@ void ckv_pipeline_close(ckv_pipeline *pl)
 	free(pl->lay);
 	free(pl->all);
 	free(pl->cur);
+	free(pl->fset);
+	free(pl->spec);
+	free(pl->budgets);
 	free(pl->cand);
 	free(pl->miss);
 	free(pl->rmiss);
@@ -705,6 +740,18 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 				(int)o->mode);
 	if (o->mode != CKV_MODE_FULL && !(o->budget > 0 && o->budget <= 1))
 		return ckv_lerr(l, -EINVAL, "pipeline: budget %g: expected a fraction in (0, 1]", o->budget);
+	if (o->mode != CKV_MODE_LAYER && (o->budgets || o->floor != 0 || o->score != CKV_SCORE_DIGEST))
+		return ckv_lerr(l, -EINVAL,
+				"pipeline: per-layer budgets, floor and score are options of layer mode, not %s",
+				ckv_mode_name(o->mode));
+	if (o->score != CKV_SCORE_DIGEST && o->score != CKV_SCORE_KEYQ)
+		return ckv_lerr(l, -EINVAL, "pipeline: score %d: expected digest or keyq", (int)o->score);
+	if (!(o->floor >= 0 && o->floor < 1))
+		return ckv_lerr(l, -EINVAL, "pipeline: floor %g: expected a fraction in [0, 1)", o->floor);
+	for (uint32_t j = 0; o->budgets && j < p->shape.layers; j++)
+		if (!(o->budgets[j] > 0 && o->budgets[j] <= 1))
+			return ckv_lerr(l, -EINVAL, "pipeline: budget of layer %u, %g: expected a fraction in (0, 1]",
+					j, o->budgets[j]);
 	if (o->mode != CKV_MODE_FULL &&
 	    (o->q_tokens == 0 || o->q_heads == 0 || o->q_heads % p->shape.kv_heads))
 		return ckv_lerr(l, -EINVAL,
@@ -743,7 +790,20 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 		pl->ahead = pl->o.subperiod;
 	else
 		pl->ahead = 1;
+	pl->budgets = malloc(sizeof(*pl->budgets) * pl->L);
+	if (!pl->budgets) {
+		rc = ckv_lerr(l, -ENOMEM, "pipeline: out of memory");
+		goto out_close;
+	}
+	for (uint32_t j = 0; j < pl->L; j++)
+		pl->budgets[j] = o->budgets ? o->budgets[j] : o->budget;
+	pl->o.budgets = NULL; /* the caller's array is not kept */
 	pl->rows = pl->o.mode == CKV_MODE_FULL ? pl->m : ckv_select_count(pl->m, pl->o.budget);
+	for (uint32_t j = 0; pl->o.mode == CKV_MODE_LAYER && j < pl->L; j++) {
+		uint32_t r = ckv_select_count(pl->m, pl->budgets[j]);
+
+		pl->rows = j == 0 || r > pl->rows ? r : pl->rows;
+	}
 	pl->kc = pl->o.mode == CKV_MODE_RERANK ?
 			 ckv_select_count(pl->m, fmin(1.0, pl->o.budget * pl->o.rerank)) : 0;
 
@@ -763,6 +823,8 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 	pl->lay = calloc(pl->L, sizeof(*pl->lay));
 	pl->all = malloc(sizeof(*pl->all) * pl->m);
 	pl->cur = malloc(sizeof(*pl->cur) * pl->m);
+	pl->fset = malloc(sizeof(*pl->fset) * pl->m);
+	pl->spec = malloc(sizeof(*pl->spec) * pl->m);
 	pl->cand = malloc(sizeof(*pl->cand) * pl->m);
 	pl->miss = malloc(sizeof(*pl->miss) * pl->m);
 	pl->rmiss = malloc(sizeof(*pl->rmiss) * pl->m);
@@ -778,7 +840,7 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 	pl->khost = halves ? malloc(pl->sh.half_bytes) : NULL;
 	pl->buf = calloc(pl->depth, sizeof(*pl->buf));
 	pl->vchunks = calloc(pl->depth, sizeof(*pl->vchunks));
-	if (!pl->lay || !pl->all || !pl->cur || !pl->cand || !pl->miss || !pl->rmiss ||
+	if (!pl->lay || !pl->all || !pl->cur || !pl->fset || !pl->spec || !pl->cand || !pl->miss || !pl->rmiss ||
 	    !pl->radd || !pl->scores || !pl->rdisp || !pl->rgone || !pl->wcand || !pl->widx ||
 	    !pl->wpos || !pl->wdone || !pl->dig_counted || (halves && !pl->khost) || !pl->buf ||
 	    !pl->vchunks) {
@@ -830,7 +892,8 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 	if (rc < 0)
 		goto out_close;
 	/* the first identifications' digests do not wait for a query */
-	pl->dig_ahead = pl->o.mode != CKV_MODE_FULL && !pl->o.period_keys;
+	pl->dig_ahead = pl->o.mode != CKV_MODE_FULL && !pl->o.period_keys &&
+			pl->o.score == CKV_SCORE_DIGEST;
 	digests_ahead(pl, 0);
 	for (uint32_t j = 1; j < DIG_AHEAD && pl->o.mode != CKV_MODE_PERIOD; j++)
 		digests_ahead(pl, j);
@@ -840,6 +903,18 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 out_close:
 	ckv_pipeline_close(pl);
 	return rc;
+}
+
+/* LAYER: a floor layer's set into pl->fset: chunk 0 and the most recent chunks. */
+static void floor_set(ckv_pipeline *pl, uint32_t layer)
+{
+	uint32_t k = ckv_select_count(pl->m, pl->budgets[layer]), n = 0;
+
+	pl->fset[n++] = 0;
+	for (uint32_t j = pl->m - k + 1; j < pl->m; j++)
+		if (j > 0)
+			pl->fset[n++] = j;
+	pl->nfset = n;
 }
 
 /* 3. Reads of the layers ahead of layer, as the mode says (see ckvgpu.h). */
@@ -862,8 +937,21 @@ static int issue_ahead(ckv_pipeline *pl, uint32_t layer, bool ident)
 		}
 		break;
 	case CKV_MODE_LAYER:
-		if (last > layer)
+		if (last <= layer)
+			break;
+		if (is_floor(pl, layer + 1)) {
+			/* known without identification: final reads */
+			floor_set(pl, layer + 1);
+			rc = req_issue(pl, layer + 1, CKV_SRC_KV, pl->fset, pl->nfset, false);
+		} else if (pl->scored && pl->budgets[layer + 1] == pl->cur_budget) {
 			rc = req_issue(pl, layer + 1, CKV_SRC_KV, pl->cur, pl->ncur, true);
+		} else if (pl->scored) {
+			/* the last identification's ranking at the next layer's budget */
+			int k = ckv_select_topk(pl->scores, pl->m, pl->budgets[layer + 1], pl->spec);
+
+			rc = k < 0 ? ckv_lerr(pl->l, k, "pipeline: speculation for layer %u failed", layer + 1) :
+				     req_issue(pl, layer + 1, CKV_SRC_KV, pl->spec, (uint32_t)k, true);
+		}
 		break;
 	case CKV_MODE_RERANK:
 		if (last > layer) {
@@ -878,6 +966,12 @@ static int issue_ahead(ckv_pipeline *pl, uint32_t layer, bool ident)
 
 int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
 		       ckv_layer_view *out)
+{
+	return ckv_pipeline_layer_qk(pl, layer, query, NULL, out);
+}
+
+int ckv_pipeline_layer_qk(ckv_pipeline *pl, uint32_t layer, const float *query,
+			  const float *keys, ckv_layer_view *out)
 {
 	ckv_loader *l;
 	struct play *ly;
@@ -898,11 +992,13 @@ int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
 	if (layer != pl->next)
 		return ckv_lerr(l, -EINVAL, "pipeline: layer %u: expected layer %u (layers go in order, once)",
 				layer, pl->next);
-	if (!query && (pl->o.mode == CKV_MODE_LAYER || pl->o.mode == CKV_MODE_RERANK ||
+	if (!query && ((pl->o.mode == CKV_MODE_LAYER && !is_floor(pl, layer)) ||
+		       pl->o.mode == CKV_MODE_RERANK ||
 		       (pl->o.mode == CKV_MODE_PERIOD && layer % p == 0)))
 		return ckv_lerr(l, -EINVAL, "pipeline: layer %u: a %s pipeline needs this layer's query",
 				layer, ckv_mode_name(pl->o.mode));
 	ly = &pl->lay[layer];
+	pl->keys = keys;
 	pl->batches = ckv_rbatch_sweep(pl->batches);
 
 	/* 1. identify and bring the layer's own requests in line */
@@ -934,13 +1030,21 @@ int ckv_pipeline_layer(ckv_pipeline *pl, uint32_t layer, const float *query,
 		nS = pl->ncur;
 		break;
 	case CKV_MODE_LAYER:
-		pl->st.identifications++;
-		rc = select_digests(pl, layer, query, pl->o.budget, pl->cur, &pl->ncur);
+		if (is_floor(pl, layer)) {
+			floor_set(pl, layer);
+			S = pl->fset;
+			nS = pl->nfset;
+		} else {
+			pl->st.identifications++;
+			rc = select_digests(pl, layer, query, pl->budgets[layer], pl->cur, &pl->ncur);
+			pl->scored = rc == 0;
+			pl->cur_budget = pl->budgets[layer];
+			S = pl->cur;
+			nS = pl->ncur;
+		}
 		if (rc == 0)
-			rc = ly->issued ? reconcile(pl, layer, CKV_SRC_KV, pl->cur, pl->ncur, true) :
-					  req_issue(pl, layer, CKV_SRC_KV, pl->cur, pl->ncur, false);
-		S = pl->cur;
-		nS = pl->ncur;
+			rc = ly->issued ? reconcile(pl, layer, CKV_SRC_KV, S, nS, true) :
+					  req_issue(pl, layer, CKV_SRC_KV, S, nS, false);
 		break;
 	case CKV_MODE_RERANK:
 	default:

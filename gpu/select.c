@@ -362,3 +362,170 @@ int ckv_key_scores(const ckv_shape *sh, const void *keys, uint64_t stride,
 	free(row);
 	return 0;
 }
+
+/* ---- attention mass over the key copy ------------------------------------------ */
+
+#define KQ_RB 8   /* query rows per block (rows of one kv head) */
+#define KQ_SB 256 /* key slots per block (rounded to whole chunks) */
+
+/* Keys of every chunk as the copy gives them back, per head transposed: kt[h][d][slot]. */
+static void keyq_unpack(const ckv_shape *sh, const struct ckv_keyq *kq, float *kt, float *tmp)
+{
+	ckv_geom g;
+	uint32_t H = sh->kv_heads, D = sh->head_dim, c = sh->chunk_tokens;
+	size_t slots = (size_t)sh->chunks * c, HD = (size_t)H * D;
+
+	memset(&g, 0, sizeof(g));
+	g.kv_heads = H;
+	g.head_dim = D;
+	g.chunk_tokens = c;
+	for (uint32_t x = 0; x < kq->nparts; x++)
+		for (uint32_t j = kq->first[x]; j < kq->first[x + 1]; j++) {
+			ckv_keyq_decode(&g, kq->bits, kq->scales + 2 * HD * x, kq->codes + (size_t)j * kq->per,
+					tmp);
+			for (uint32_t h = 0; h < H; h++)
+				for (uint32_t t = 0; t < c; t++)
+					for (uint32_t d = 0; d < D; d++)
+						kt[((size_t)h * D + d) * slots + (size_t)j * c + t] =
+							tmp[((size_t)h * c + t) * D + d];
+		}
+}
+
+/* lg[r][s] = q_r . k_s for RB rows and the slots [s0, s0 + ns) of one head. */
+__attribute__((optimize("tree-vectorize"))) static void
+keyq_dots(const float *const *q, uint32_t nr, const float *kt, size_t slots, uint32_t D, size_t s0,
+	  uint32_t ns, float *lg)
+{
+	for (uint32_t r = 0; r < nr; r++) {
+		float *o = lg + (size_t)r * KQ_SB;
+
+		memset(o, 0, sizeof(*o) * ns);
+		for (uint32_t d = 0; d < D; d++) {
+			const float qd = q[r][d], *k = kt + (size_t)d * slots + s0;
+
+			for (uint32_t s = 0; s < ns; s++)
+				o[s] += qd * k[s];
+		}
+	}
+}
+
+int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const float *query,
+		      const float *keys, uint32_t q_tokens, uint32_t q_heads, float *scores)
+{
+	uint32_t H = sh->kv_heads, D = sh->head_dim, c = sh->chunk_tokens, m = sh->chunks;
+	uint32_t g = q_heads / H, rows = q_tokens * g;
+	uint32_t cpb = KQ_SB / c ? KQ_SB / c : 1; /* chunks per slot block */
+	size_t slots = (size_t)m * c;
+	const float inv = (float)(1.0 / sqrt((double)D));
+	float *kt = malloc(sizeof(float) * slots * H * D);
+	float *tmp = malloc(sizeof(float) * H * c * D);
+	float *lg = malloc(sizeof(float) * KQ_RB * KQ_SB * (cpb * c > KQ_SB ? cpb * c / KQ_SB + 1 : 1));
+	float *clse = malloc(sizeof(float) * KQ_RB * (m ? m : 1));
+	double *acc = calloc(m ? m : 1, sizeof(double));
+
+	if (!kt || !tmp || !lg || !clse || !acc) {
+		free(kt);
+		free(tmp);
+		free(lg);
+		free(clse);
+		free(acc);
+		return -ENOMEM;
+	}
+	keyq_unpack(sh, kq, kt, tmp);
+	for (uint32_t h = 0; h < H; h++) {
+		const float *kth = kt + (size_t)h * D * slots;
+
+		for (uint32_t r0 = 0; r0 < rows; r0 += KQ_RB) {
+			uint32_t nr = rows - r0 < KQ_RB ? rows - r0 : KQ_RB;
+			const float *q[KQ_RB];
+			uint32_t tok[KQ_RB];
+
+			/* row r: token r / g, query head h * g + r % g */
+			for (uint32_t r = 0; r < nr; r++) {
+				tok[r] = (r0 + r) / g;
+				q[r] = query + ((size_t)tok[r] * q_heads + (size_t)h * g + (r0 + r) % g) * D;
+			}
+			/* log-sum-exp of each chunk's valid slots, per row */
+			for (uint32_t j0 = 0; j0 < m; j0 += cpb) {
+				uint32_t nj = m - j0 < cpb ? m - j0 : cpb;
+
+				keyq_dots(q, nr, kth, slots, D, (size_t)j0 * c, nj * c, lg);
+				for (uint32_t r = 0; r < nr; r++)
+					for (uint32_t jj = 0; jj < nj; jj++) {
+						uint32_t j = j0 + jj;
+						uint64_t lo = (uint64_t)j * c;
+						uint32_t valid = lo + c <= sh->tokens ? c :
+								 sh->tokens > lo ? (uint32_t)(sh->tokens - lo) : 0;
+						const float *x = lg + (size_t)r * KQ_SB + (size_t)jj * c;
+						float mx = -INFINITY, sum = 0;
+
+						for (uint32_t s = 0; s < valid; s++)
+							mx = fmaxf(mx, x[s] * inv);
+						for (uint32_t s = 0; s < valid; s++)
+							sum += expf(x[s] * inv - mx);
+						clse[(size_t)r * m + j] = valid ? mx + logf(sum) : -INFINITY;
+					}
+			}
+			/* each row's softmax over the chunks and the new tokens up to its own */
+			for (uint32_t r = 0; r < nr; r++) {
+				const float *cl = clse + (size_t)r * m;
+				uint32_t nsuf = keys ? tok[r] + 1 : 0;
+				double mx = -INFINITY, tot = 0, lse;
+
+				for (uint32_t j = 0; j < m; j++)
+					mx = fmax(mx, cl[j]);
+				for (uint32_t t = 0; t < nsuf; t++) {
+					const float *k = keys + ((size_t)t * H + h) * D;
+					float dot = 0;
+
+					for (uint32_t d = 0; d < D; d++)
+						dot += q[r][d] * k[d];
+					mx = fmax(mx, dot * inv);
+				}
+				if (mx == -INFINITY)
+					continue;
+				for (uint32_t j = 0; j < m; j++)
+					tot += exp(cl[j] - mx);
+				for (uint32_t t = 0; t < nsuf; t++) {
+					const float *k = keys + ((size_t)t * H + h) * D;
+					float dot = 0;
+
+					for (uint32_t d = 0; d < D; d++)
+						dot += q[r][d] * k[d];
+					tot += exp(dot * inv - mx);
+				}
+				lse = mx + log(tot);
+				for (uint32_t j = 0; j < m; j++)
+					acc[j] += exp(cl[j] - lse);
+			}
+		}
+	}
+	for (uint32_t j = 0; j < m; j++)
+		scores[j] = (float)acc[j];
+	free(kt);
+	free(tmp);
+	free(lg);
+	free(clse);
+	free(acc);
+	return 0;
+}
+
+int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
+		    uint32_t q_tokens, uint32_t q_heads, float *scores)
+{
+	struct ckv_keyq kq;
+	int rc;
+
+	if (!p)
+		return -EINVAL;
+	rc = check_query(p, layer, query, q_tokens, q_heads, scores);
+	if (rc == 0)
+		rc = ckv_prefix_keyq(p, layer, &kq);
+	if (rc < 0)
+		return rc;
+	rc = ckv_keyq_mass_cpu(&p->shape, &kq, query, keys, q_tokens, q_heads, scores);
+	ckv_keyq_free(&kq);
+	if (rc < 0)
+		return ckv_lerr(p->l, rc, "key-copy scores of layer %u: out of memory", layer);
+	return 0;
+}

@@ -303,6 +303,55 @@ class ReprefillHost(unittest.TestCase):
                 self.assertTrue(torch.allclose(ck, P.max_key_scores(pt.ks[l], q, ids, 16, self.n),
                                                rtol=1e-4, atol=1e-4))
 
+    def test_keyq_scores_equal_python(self):
+        # the store's 3-bit key copy (keyq.bin) scored by the C loader = ckv.prune's lowbit3
+        g = H.geometry(self.model)
+        pt = P.PrefixTensors([k for k, _ in self.kv], [v for _, v in self.kv], self.n, 16,
+                             g.chunk_bytes, g.half_bytes)
+        gen = torch.Generator().manual_seed(11)
+        S = 7
+        for l in range(3):
+            q = torch.randn(S, 4, 16, generator=gen) * 2
+            ks = torch.randn(2, S, 16, generator=gen)              # [kvh][S][D]
+            want = P.mass_from_logits(pt.lowbit_chunk_logits(l, q, 3),
+                                      P.suffix_logits(q, ks, 2))
+            alone = P.mass_from_logits(pt.lowbit_chunk_logits(l, q, 3))
+            with self.loader() as ld, ld.open(self.hash) as p:
+                got = torch.as_tensor(p.keyq_scores(l, q, ks.permute(1, 0, 2)))
+                got0 = torch.as_tensor(p.keyq_scores(l, q))
+            self.assertTrue(torch.allclose(got, want, rtol=1e-4, atol=1e-6), (l, got, want))
+            self.assertTrue(torch.allclose(got0, alone, rtol=1e-4, atol=1e-6), (l, got0, alone))
+            # every query row's weights sum to 1 over the prefix alone; less with the suffix
+            self.assertAlmostEqual(float(got0.sum()), S * 4, places=3)
+            self.assertLess(float(got.sum()), S * 4)
+            # the copy is a copy: ranks agree with the exact keys' mass on most chunks
+            exact = P.mass_from_logits(pt.exact_chunk_logits(l, q), P.suffix_logits(q, ks, 2))
+            top = set(P.select_topk(exact, 0.3).tolist())
+            self.assertGreaterEqual(len(top & set(P.select_topk(got, 0.3).tolist())), 2)
+
+    def test_schedule_and_keyq_mirror_loader(self):
+        # per-layer budgets, floor layers (chunk 0 + most recent, unidentified) and keyq
+        # scores in the C layer mode choose what ckv.prune's FloorRecent(TopK lowbit3) does
+        g = H.geometry(self.model)
+        budgets, floor = [0.05, 0.5, 0.2], 0.05
+        for score, pol in (("keyq", P.TopK(budgets, "lowbit3")),
+                           ("digest", P.TopK(budgets, "linear"))):
+            with self.loader() as ld:
+                r = H.reprefill(self.model, self.toks, ld, mode="layer", budget=0.1,
+                                budgets=budgets, floor=floor, score=score)
+            self.assertEqual(r.stats["chunks_per_layer"], [2, 5, 2], score)
+            self.assertEqual(r.stats["identifications"], 2, score)
+            prov = H.TensorProvider(self.kv, self.n, g, P.FloorRecent(pol, budgets, floor))
+            lg = H.run_suffix(self.model, self.toks[self.n:], self.n, prov)
+            self.assertLessEqual((lg - r.logits).abs().max().item(), 1e-5, score)
+        with self.loader() as ld, ld.open(self.hash) as p:
+            with self.assertRaises(ValueError):
+                p.pipeline(mode="layer", budgets=[0.1, 0.1], q_heads=4)
+            with self.assertRaises(ValueError):
+                p.pipeline(mode="layer", score="mass", q_heads=4)
+            with self.assertRaisesRegex(Exception, "layer mode, not period"):
+                p.pipeline(mode="period", budgets=budgets, q_heads=4)
+
     def test_prompt_equal_to_prefix_and_diverging_prompt(self):
         with self.loader() as ld:
             r = H.reprefill(self.model, self.toks[:self.n], ld, mode="layer", budget=1.0)

@@ -24,7 +24,23 @@ struct pcase {
 	double budget;
 	uint32_t period, subperiod, rerank, depth;
 	bool no_prefetch, period_keys;
+	bool sched;        /* LAYER: per-layer budgets SCHED_HI / SCHED_LO, floor SCHED_FLOOR */
+	ckv_score score;
 };
+
+/* A calibrated-looking schedule: every third layer (1, 4, 7, ...) reads much, the others are at the floor. */
+#define SCHED_HI 0.35
+#define SCHED_LO 0.03
+#define SCHED_FLOOR 0.05
+static double sched_budget(const struct pcase *c, uint32_t layer)
+{
+	return !c->sched ? c->budget : layer % 3 == 1 ? SCHED_HI : SCHED_LO;
+}
+
+static bool sched_floor(const struct pcase *c, uint32_t layer)
+{
+	return c->sched && sched_budget(c, layer) <= SCHED_FLOOR;
+}
 
 struct ctx {
 	const struct tstore *t;
@@ -32,6 +48,7 @@ struct ctx {
 	ckv_prefix *ref;   /* a second handle, for reference digest scores */
 	ckv_loader *refl;
 	float **q;         /* [layers] queries */
+	float **k;         /* [layers] the new tokens' keys */
 	uint32_t qh;
 };
 
@@ -71,8 +88,19 @@ static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, ui
 		n = (uint32_t)k;
 		break;
 	case CKV_MODE_LAYER:
-		CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
-		k = ckv_select_topk(sc, m, c->budget, out);
+		if (sched_floor(c, layer)) { /* chunk 0 and the most recent */
+			k = (int)ckv_select_count(m, sched_budget(c, layer));
+			out[n++] = 0;
+			for (uint32_t j = m - (uint32_t)k + 1; j < m; j++)
+				out[n++] = j;
+			break;
+		}
+		if (c->score == CKV_SCORE_KEYQ)
+			CHECK_RC(ckv_keyq_scores(x->ref, layer, x->q[layer], x->k[layer], QT, x->qh, sc),
+				 x->refl);
+		else
+			CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
+		k = ckv_select_topk(sc, m, sched_budget(c, layer), out);
 		CHECK(k > 0);
 		n = (uint32_t)k;
 		break;
@@ -129,8 +157,10 @@ static void run_case(struct ctx *x, const struct pcase *c)
 	ckv_pipeline_opts o = { .mode = c->mode, .budget = c->budget, .period = c->period,
 				.subperiod = c->subperiod, .rerank = c->rerank, .depth = c->depth,
 				.no_prefetch = c->no_prefetch, .period_keys = c->period_keys,
-				.q_heads = x->qh, .q_tokens = QT };
+				.q_heads = x->qh, .q_tokens = QT, .score = c->score };
 	uint32_t L = x->sh.layers, m = x->sh.chunks, depth = c->depth ? c->depth : 2;
+	uint32_t nfloor = 0;
+	double *budgets = malloc(sizeof(*budgets) * L);
 	uint32_t p = c->period ? c->period : 8;
 	ckv_layer_view *views = calloc(L, sizeof(*views));
 	uint32_t **want = calloc(L, sizeof(*want)), *nwant = calloc(L, sizeof(*nwant));
@@ -141,15 +171,24 @@ static void run_case(struct ctx *x, const struct pcase *c)
 	ckv_pipeline_stats st;
 	double amp;
 
-	CHECK(views && want && nwant);
+	CHECK(views && want && nwant && budgets);
+	for (uint32_t layer = 0; layer < L; layer++) {
+		budgets[layer] = sched_budget(c, layer);
+		nfloor += sched_floor(c, layer);
+	}
+	if (c->sched) {
+		o.budgets = budgets;
+		o.floor = SCHED_FLOOR;
+	}
 	CHECK_RC(ckv_prefix_open(l, t->child_hex, &pf), l);
 	CHECK_RC(ckv_pipeline_open(pf, &o, &pl), l);
 	for (uint32_t layer = 0; layer < L; layer++) {
 		want[layer] = malloc(sizeof(**want) * m);
 		CHECK(want[layer]);
 		nwant[layer] = ref_set(x, c, layer, want[layer]);
-		CHECK_RC(ckv_pipeline_layer(pl, layer, c->mode == CKV_MODE_FULL ? NULL : x->q[layer],
-					    &views[layer]), l);
+		CHECK_RC(ckv_pipeline_layer_qk(pl, layer,
+					       c->mode == CKV_MODE_FULL || sched_floor(c, layer) ? NULL : x->q[layer],
+					       x->k[layer], &views[layer]), l);
 		CHECK(views[layer].layer == layer);
 		check_view(l, t, &views[layer], want[layer], nwant[layer], c->name);
 		/* views of the previous depth-1 layers are intact */
@@ -176,9 +215,19 @@ static void run_case(struct ctx *x, const struct pcase *c)
 	CHECK(st.hits_gpu == 0);
 	CHECK(st.total_s > 0 && st.wait_s >= 0 && st.wait_s <= st.total_s);
 	CHECK(st.identifications == (c->mode == CKV_MODE_FULL ? 0 :
-				     c->mode == CKV_MODE_PERIOD ? (L + p - 1) / p : L));
-	CHECK(st.bytes_digest == (c->mode == CKV_MODE_FULL || (c->mode == CKV_MODE_PERIOD && c->period_keys) ?
-				  0 : st.identifications * m * x->sh.kv_heads * x->sh.head_dim * 4));
+				     c->mode == CKV_MODE_PERIOD ? (L + p - 1) / p : L - nfloor));
+	if (c->score == CKV_SCORE_KEYQ) {
+		/* per identification: every chunk's codes, and the scales of each of the prefix's segments */
+		ckv_geom g = { .kv_heads = x->sh.kv_heads, .head_dim = x->sh.head_dim,
+			       .chunk_tokens = x->sh.chunk_tokens };
+		uint64_t codes = m * ckv_keyq_chunk_bytes(&g, CKV_KEYQ_BITS), sc = 4ull * x->sh.kv_heads * x->sh.head_dim;
+
+		CHECK(st.bytes_digest == st.identifications * (codes + sc) ||
+		      st.bytes_digest == st.identifications * (codes + 2 * sc));
+	} else {
+		CHECK(st.bytes_digest == (c->mode == CKV_MODE_FULL || (c->mode == CKV_MODE_PERIOD && c->period_keys) ?
+					  0 : st.identifications * m * x->sh.kv_heads * x->sh.head_dim * 4));
+	}
 	if (c->mode != CKV_MODE_RERANK && !c->period_keys) {
 		/* whole chunks only: a miss reads chunk_bytes, half of it K */
 		CHECK(st.bytes_k + st.bytes_v == st.misses * x->sh.chunk_bytes);
@@ -216,7 +265,7 @@ static void run_case(struct ctx *x, const struct pcase *c)
 		 */
 		if (c->mode == CKV_MODE_LAYER && !c->no_prefetch)
 			CHECK(st.spec_used + xs.spec_promoted > 0);
-		/* digests: every identification's read ahead or read when needed, none twice */
+		/* side data: every identification's read ahead or read when needed, none twice */
 		CHECK(xs.dig_ahead + xs.dig_read == st.identifications && xs.dig_cached == 0);
 	}
 	if (c->mode == CKV_MODE_RERANK) {
@@ -236,26 +285,32 @@ static void run_case(struct ctx *x, const struct pcase *c)
 	free(want);
 	free(nwant);
 	free(views);
+	free(budgets);
 }
 
 static void run_all(const char *dtype, uint32_t layers, uint32_t kv, uint32_t D)
 {
 	static const struct pcase cases[] = {
-		{ "full", CKV_MODE_FULL, 1, 0, 0, 0, 0, false, false },
-		{ "full-noprefetch", CKV_MODE_FULL, 1, 0, 0, 0, 0, true, false },
-		{ "full-depth1-sp1", CKV_MODE_FULL, 1, 0, 1, 0, 1, false, false },
-		{ "period-p4-sp2", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, false, false },
-		{ "period-default", CKV_MODE_PERIOD, 0.1, 0, 0, 0, 3, false, false },
-		{ "period-p3-sp5", CKV_MODE_PERIOD, 0.25, 3, 5, 0, 0, false, false },
-		{ "period-noprefetch", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, true, false },
-		{ "period-keys-p4-sp3", CKV_MODE_PERIOD, 0.2, 4, 3, 0, 0, false, true },
-		{ "period-keys-noprefetch", CKV_MODE_PERIOD, 0.15, 4, 0, 0, 0, true, true },
-		{ "layer", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false },
-		{ "layer-b05", CKV_MODE_LAYER, 0.05, 0, 0, 0, 4, false, false },
-		{ "layer-noprefetch", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, true, false },
-		{ "rerank", CKV_MODE_RERANK, 0.2, 0, 0, 0, 0, false, false },
-		{ "rerank-r3-noprefetch", CKV_MODE_RERANK, 0.1, 0, 0, 3, 0, true, false },
-		{ "rerank-b06", CKV_MODE_RERANK, 0.6, 0, 0, 2, 0, false, false },
+		{ "full", CKV_MODE_FULL, 1, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST },
+		{ "full-noprefetch", CKV_MODE_FULL, 1, 0, 0, 0, 0, true, false, false, CKV_SCORE_DIGEST },
+		{ "full-depth1-sp1", CKV_MODE_FULL, 1, 0, 1, 0, 1, false, false, false, CKV_SCORE_DIGEST },
+		{ "period-p4-sp2", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, false, false, false, CKV_SCORE_DIGEST },
+		{ "period-default", CKV_MODE_PERIOD, 0.1, 0, 0, 0, 3, false, false, false, CKV_SCORE_DIGEST },
+		{ "period-p3-sp5", CKV_MODE_PERIOD, 0.25, 3, 5, 0, 0, false, false, false, CKV_SCORE_DIGEST },
+		{ "period-noprefetch", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, true, false, false, CKV_SCORE_DIGEST },
+		{ "period-keys-p4-sp3", CKV_MODE_PERIOD, 0.2, 4, 3, 0, 0, false, true, false, CKV_SCORE_DIGEST },
+		{ "period-keys-noprefetch", CKV_MODE_PERIOD, 0.15, 4, 0, 0, 0, true, true, false, CKV_SCORE_DIGEST },
+		{ "layer", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST },
+		{ "layer-b05", CKV_MODE_LAYER, 0.05, 0, 0, 0, 4, false, false, false, CKV_SCORE_DIGEST },
+		{ "layer-noprefetch", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, true, false, false, CKV_SCORE_DIGEST },
+		{ "rerank", CKV_MODE_RERANK, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST },
+		{ "rerank-r3-noprefetch", CKV_MODE_RERANK, 0.1, 0, 0, 3, 0, true, false, false, CKV_SCORE_DIGEST },
+		{ "rerank-b06", CKV_MODE_RERANK, 0.6, 0, 0, 2, 0, false, false, false, CKV_SCORE_DIGEST },
+		{ "layer-keyq", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_KEYQ },
+		{ "layer-keyq-noprefetch", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, true, false, false, CKV_SCORE_KEYQ },
+		{ "layer-sched", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, false, false, true, CKV_SCORE_DIGEST },
+		{ "layer-sched-keyq", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, false, false, true, CKV_SCORE_KEYQ },
+		{ "layer-sched-keyq-np", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, true, false, true, CKV_SCORE_KEYQ },
 	};
 	struct tstore t;
 	struct ctx x = { 0 };
@@ -269,14 +324,20 @@ static void run_all(const char *dtype, uint32_t layers, uint32_t kv, uint32_t D)
 	CHECK_RC(ckv_prefix_open(x.refl, t.child_hex, &x.ref), x.refl);
 	ckv_prefix_shape(x.ref, &x.sh);
 	x.q = calloc(layers, sizeof(*x.q));
-	CHECK(x.q);
-	for (uint32_t l = 0; l < layers; l++)
+	x.k = calloc(layers, sizeof(*x.k));
+	CHECK(x.q && x.k);
+	for (uint32_t l = 0; l < layers; l++) {
 		x.q[l] = tl_query(&seed, QT, x.qh, D);
+		x.k[l] = tl_query(&seed, QT, kv, D);
+	}
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
 		run_case(&x, &cases[i]);
-	for (uint32_t l = 0; l < layers; l++)
+	for (uint32_t l = 0; l < layers; l++) {
 		free(x.q[l]);
+		free(x.k[l]);
+	}
 	free(x.q);
+	free(x.k);
 	ckv_prefix_close(x.ref);
 	ckv_loader_close(x.refl);
 	tstore_free(&t);
@@ -403,6 +464,33 @@ static void check_errors(void)
 	o.mode = (ckv_mode)9;
 	CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL);
 	o.mode = CKV_MODE_LAYER;
+	{
+		/* schedules: layer mode only, every budget a fraction, the floor below 1 */
+		double b[12];
+
+		for (int i = 0; i < 12; i++)
+			b[i] = 0.1;
+		b[7] = 1.5;
+		o.budgets = b;
+		CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL &&
+		      strstr(ckv_loader_error(l), "budget of layer 7, 1.5"));
+		b[7] = 0.1;
+		o.floor = 1;
+		CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL && strstr(ckv_loader_error(l), "floor 1"));
+		o.floor = 0.05;
+		o.mode = CKV_MODE_PERIOD;
+		CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL && strstr(ckv_loader_error(l), "layer mode, not period"));
+		o.mode = CKV_MODE_LAYER;
+		o.budgets = NULL;
+		o.floor = 0;
+		o.score = (ckv_score)7;
+		CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL && strstr(ckv_loader_error(l), "score 7"));
+		o.score = CKV_SCORE_DIGEST;
+		CHECK(strcmp(ckv_score_name(CKV_SCORE_KEYQ), "keyq") == 0);
+		CHECK(ckv_score_parse("keyq", &o.score) == 0 && o.score == CKV_SCORE_KEYQ);
+		CHECK(ckv_score_parse("mass", &o.score) == -EINVAL);
+		o.score = CKV_SCORE_DIGEST;
+	}
 	CHECK_RC(ckv_pipeline_open(p, &o, &pl), l);
 	CHECK(ckv_pipeline_layer(pl, 1, q, &v) == -EINVAL && strstr(ckv_loader_error(l), "expected layer 0"));
 	CHECK(ckv_pipeline_layer(pl, 0, NULL, &v) == -EINVAL && strstr(ckv_loader_error(l), "query"));
@@ -451,6 +539,26 @@ static void check_errors(void)
 		CHECK(strstr(ckv_loader_error(l), "layer 2 chunk 5"));
 		CHECK(ckv_pipeline_layer(pl, 2, NULL, &v) == -EIO);
 		CHECK(strstr(ckv_loader_error(l), "failed at layer 2"));
+		ckv_pipeline_close(pl);
+		ckv_prefix_close(p);
+		ckv_loader_close(l);
+	}
+	/* a segment without a key copy (written before keyq.bin existed): the file named, how to fix it */
+	{
+		char path[600];
+		float sc[64];
+		ckv_pipeline_opts k = { .mode = CKV_MODE_LAYER, .budget = 0.2, .q_heads = 4, .q_tokens = 1,
+					.score = CKV_SCORE_KEYQ };
+
+		snprintf(path, sizeof(path), "%s/seg/%.2s/%s-0/keyq.bin", t.dir, t.parent_hex, t.parent_hex);
+		CHECK(unlink(path) == 0);
+		l = tl_loader(t.dir, 8 << 20, 0);
+		CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+		CHECK(ckv_keyq_scores(p, 0, q, NULL, 1, 4, sc) == -ENOENT);
+		CHECK(strstr(ckv_loader_error(l), "keyq.bin") && strstr(ckv_loader_error(l), "import the prefix again"));
+		CHECK_RC(ckv_pipeline_open(p, &k, &pl), l);
+		CHECK(ckv_pipeline_layer(pl, 0, q, &v) == -ENOENT);
+		CHECK(strstr(ckv_loader_error(l), "keyq.bin"));
 		ckv_pipeline_close(pl);
 		ckv_prefix_close(p);
 		ckv_loader_close(l);

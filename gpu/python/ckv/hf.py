@@ -329,6 +329,8 @@ class LoaderProvider(object):
         self.prefix, self.n_used, self.mode = prefix, n_used, mode
         self.sh = prefix.shape
         self.period = int(opts.get("period", 8))
+        self.budgets, self.floor = opts.get("budgets"), float(opts.get("floor", 0.0))
+        self.keyq = opts.get("score", "digest") == "keyq"
         self.pl = prefix.pipeline(mode=mode, budget=budget, q_heads=q_heads,
                                   q_tokens=q_tokens, **opts)
         self.chunks = []
@@ -339,10 +341,14 @@ class LoaderProvider(object):
             return False
         if self.mode == "period":
             return l % self.period == 0
+        if self.budgets is not None and self.budgets[l] <= self.floor:
+            return False                                   # a floor layer: no identification
         return True
 
     def layer(self, l, q, k_suf):
-        view = self.pl.layer(l, q if self._needs_query(l) else None)
+        need = self._needs_query(l)
+        keys = k_suf.permute(1, 0, 2) if need and self.keyq else None   # [S][kvh][D]
+        view = self.pl.layer(l, q if need else None, keys)
         K, V = view.kv_tensors()                           # [n][kvh][c][D]
         n, H, c, D = K.shape
         T = _valid_slots(view.chunks, self.n_used, c)
@@ -430,7 +436,9 @@ def reprefill(model, tokens, loader, mode="layer", budget=0.1, model_id=None, sa
     stored prefix, the suffix runs with each layer attending over the chunks the
     loader's pipeline brings in (mode "full", "period", "layer", "rerank"; budget: the
     fraction of chunks per layer; pipeline_opts: period, subperiod, rerank, depth,
-    no_prefetch, period_keys). With nothing stored the whole prompt is computed.
+    no_prefetch, period_keys, and for layer mode budgets (one fraction per layer, e.g.
+    from `tools/quality calibrate`), floor and score ("digest" or "keyq")). With nothing
+    stored the whole prompt is computed.
     Returns ReprefillResult(logits [1][S][vocab] (the last logits_to_keep if > 0),
     token (argmax of the last logits), matched (prefix tokens used), hash, stats (the
     pipeline's counters, bytes_read = K + V + digest bytes))."""

@@ -80,7 +80,11 @@ class _PipelineOpts(ctypes.Structure):
                 ("rerank", ctypes.c_uint32), ("no_prefetch", ctypes.c_bool),
                 ("q_heads", ctypes.c_uint32), ("q_tokens", ctypes.c_uint32),
                 ("stream", ctypes.c_void_p), ("depth", ctypes.c_uint32),
-                ("period_keys", ctypes.c_bool)]
+                ("period_keys", ctypes.c_bool),
+                ("budgets", ctypes.POINTER(ctypes.c_double)), ("floor", ctypes.c_double),
+                ("score", ctypes.c_int)]
+
+SCORES = {"digest": 0, "keyq": 1}
 
 
 class _LayerView(ctypes.Structure):
@@ -128,9 +132,13 @@ _SIGNATURES = {
     "ckv_key_scores": (ctypes.c_int, [ctypes.POINTER(_Shape), _P, ctypes.c_uint64, _U32P,
                                       ctypes.c_uint32, _F32P, ctypes.c_uint32, ctypes.c_uint32,
                                       _F32P]),
+    "ckv_keyq_scores": (ctypes.c_int, [_P, ctypes.c_uint32, _F32P, _F32P, ctypes.c_uint32,
+                                       ctypes.c_uint32, _F32P]),
     "ckv_select_topk": (ctypes.c_int, [_F32P, ctypes.c_uint32, ctypes.c_double, _U32P]),
     "ckv_pipeline_open": (ctypes.c_int, [_P, ctypes.POINTER(_PipelineOpts), ctypes.POINTER(_P)]),
     "ckv_pipeline_layer": (ctypes.c_int, [_P, ctypes.c_uint32, _F32P, ctypes.POINTER(_LayerView)]),
+    "ckv_pipeline_layer_qk": (ctypes.c_int, [_P, ctypes.c_uint32, _F32P, _F32P,
+                                             ctypes.POINTER(_LayerView)]),
     "ckv_pipeline_get_stats": (None, [_P, ctypes.POINTER(_PipelineStats)]),
     "ckv_pipeline_close": (None, [_P]),
 }
@@ -523,15 +531,38 @@ class Prefix:
                                              out.ctypes.data_as(_F32P)))
         return torch.from_numpy(out) if _is_torch(query) else out
 
+    def keyq_scores(self, layer, query, keys=None):
+        """Attention mass of every chunk of a layer over the store's low-bit key copy
+        (ckv_keyq_scores): query [q_tokens][q_heads][head_dim], keys (the new tokens'
+        post-RoPE keys) [q_tokens][kv_heads][head_dim] or None. Scored on the CPU."""
+        lib = self._l._lib
+        sh = self.shape
+        q, qp, qs = _f32_host(query, "query")
+        if len(qs) != 3 or qs[2] != sh.head_dim:
+            raise ValueError(f"query: expected [q_tokens][q_heads][{sh.head_dim}], got {qs}")
+        k, kp = None, None
+        if keys is not None:
+            k, kp, ks = _f32_host(keys, "keys")
+            if tuple(ks) != (qs[0], sh.kv_heads, sh.head_dim):
+                raise ValueError(f"keys: expected {(qs[0], sh.kv_heads, sh.head_dim)}, got {tuple(ks)}")
+        out = np.empty(sh.chunks, dtype=np.float32)
+        self._l._check(lib.ckv_keyq_scores(self.handle, layer, qp, kp, qs[0], qs[1],
+                                           out.ctypes.data_as(_F32P)))
+        del q, k
+        return torch.from_numpy(out) if _is_torch(query) else out
+
     @staticmethod
     def select(scores, budget):
         return select(scores, budget)
 
     def pipeline(self, mode="layer", budget=0.1, q_heads=None, q_tokens=1, period=8,
                  subperiod=4, rerank=2, no_prefetch=False, stream=None, depth=2,
-                 period_keys=False):
+                 period_keys=False, budgets=None, floor=0.0, score="digest"):
+        """A layer pipeline (ckv_pipeline_open). Layer mode also takes budgets (one
+        fraction per layer), floor (layers whose budget is <= floor take chunk 0 and the
+        most recent chunks, unidentified) and score ("digest" or "keyq")."""
         return Pipeline(self, mode, budget, q_heads, q_tokens, period, subperiod, rerank,
-                        no_prefetch, stream, depth, period_keys)
+                        no_prefetch, stream, depth, period_keys, budgets, floor, score)
 
     def kv_tensors(self, rows):
         return kv_tensors(rows, self.shape)
@@ -575,9 +606,18 @@ class Pipeline:
     """ckv_pipeline: layer by layer, identification and reads overlapped with compute."""
 
     def __init__(self, prefix, mode, budget, q_heads, q_tokens, period, subperiod, rerank,
-                 no_prefetch, stream, depth, period_keys):
+                 no_prefetch, stream, depth, period_keys, budgets=None, floor=0.0,
+                 score="digest"):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {list(MODES)}")
+        if score not in SCORES:
+            raise ValueError(f"score {score!r}: expected one of {list(SCORES)}")
+        bud = None
+        if budgets is not None:
+            budgets = [float(b) for b in budgets]
+            if len(budgets) != prefix.shape.layers:
+                raise ValueError(f"budgets: {len(budgets)} values for {prefix.shape.layers} layers")
+            bud = (ctypes.c_double * len(budgets))(*budgets)
         self._p = prefix
         self._lib = prefix._l._lib
         sh = prefix.shape
@@ -587,26 +627,35 @@ class Pipeline:
         self._stream = stream
         o = _PipelineOpts(MODES[mode], float(budget), int(period), int(subperiod), int(rerank),
                           bool(no_prefetch), int(q_heads if q_heads is not None else sh.kv_heads),
-                          int(q_tokens), _stream_ptr(stream), int(depth), bool(period_keys))
+                          int(q_tokens), _stream_ptr(stream), int(depth), bool(period_keys),
+                          ctypes.cast(bud, ctypes.POINTER(ctypes.c_double)) if bud else None,
+                          float(floor), SCORES[score])
         self._q = (o.q_tokens, o.q_heads, sh.head_dim)
+        self._k = (o.q_tokens, sh.kv_heads, sh.head_dim)
         h = _P()
         prefix._l._check(self._lib.ckv_pipeline_open(prefix.handle, ctypes.byref(o), ctypes.byref(h)))
         self._h = h
         prefix._pipelines.append(self)
 
-    def layer(self, layer, query=None):
-        """Layer `layer` (in order) is about to compute: returns its LayerView."""
+    def layer(self, layer, query=None, keys=None):
+        """Layer `layer` (in order) is about to compute: returns its LayerView. query
+        [q_tokens][q_heads][head_dim]; keys, the new tokens' keys [q_tokens][kv_heads]
+        [head_dim], are used by score "keyq"."""
         if not self._h:
             raise CkvError(_errno.EBADF, "the pipeline is closed")
-        qp = None
-        keep = None
+        qp = kp = None
+        keep = kkeep = None
         if query is not None:
             keep, qp, qs = _f32_host(query, "query")
             if tuple(qs) != self._q:
                 raise ValueError(f"query: expected shape {self._q}, got {tuple(qs)}")
+        if keys is not None:
+            kkeep, kp, ks = _f32_host(keys, "keys")
+            if tuple(ks) != self._k:
+                raise ValueError(f"keys: expected shape {self._k}, got {tuple(ks)}")
         v = _LayerView()
-        self._p._l._check(self._lib.ckv_pipeline_layer(self._h, layer, qp, ctypes.byref(v)))
-        del keep
+        self._p._l._check(self._lib.ckv_pipeline_layer_qk(self._h, layer, qp, kp, ctypes.byref(v)))
+        del keep, kkeep
         n = v.nchunks
         ids = np.ctypeslib.as_array(v.chunks, shape=(n,)).copy() if n else np.zeros(0, np.uint32)
         kv = _wrap(v.kv, n * self._p.shape.chunk_bytes, n, self._cuda, self)

@@ -226,12 +226,22 @@ class PrefixTensors(object):
         layer's keys are centred and scaled by their mean and standard deviation over the
         prefix (2 x H x D bf16 values per layer), and each element is quantised with the
         Lloyd-Max quantiser of a unit Gaussian (1-3 bits; 4+ bits: uniform on +-3 sd).
-        [H][n][D] fp32."""
+        [H][n][D] fp32. The store's keyq.bin (docs/FORMAT.md) holds exactly this for a
+        prefix stored as one segment: the same float64 sums, unbiased variance, +1e-6 and
+        bf16 rounding, the same thresholds (ckv_keyq_scales / ckv_keyq_encode)."""
         key = (l, bits)
         if key not in self._var:
             k = self.ks[l].float()
-            mu = k.mean(1, keepdim=True).bfloat16().float()
-            sd = (k.std(1, keepdim=True) + 1e-6).bfloat16().float()
+            kd = k.double()
+            n = k.shape[1]
+            mu_d = kd.sum(1, keepdim=True) / n
+            if n > 1:
+                var = ((kd * kd).sum(1, keepdim=True) - n * mu_d * mu_d) / (n - 1)
+                var = torch.where(var > 0, var, torch.zeros_like(var))
+            else:
+                var = torch.zeros_like(mu_d)
+            mu = mu_d.float().bfloat16().float()
+            sd = (var.sqrt() + 1e-6).float().bfloat16().float()
             z = (k - mu) / sd
             if bits in _LLOYD:
                 th, lv = (torch.tensor(x, device=k.device) for x in _LLOYD[bits])
