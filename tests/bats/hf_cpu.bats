@@ -45,8 +45,8 @@ except ImportError as e:
 
 @test "hf: tools/quality eval runs end to end (stand-in model, host backend)" {
 	run lpy "$CKV_SRC/tools/quality" eval --stand-in --device cpu --backend host --windows 1 \
-		--prefix 96 --suffix 16 --budgets 0.25 --modes layer --loader-extra full \
-		--policies "linear,lowbit2,massvar*calr" --calibrate 1 \
+		--prefix 96 --suffix 16 --budgets 0.25 --modes layer --loader-extra full,layer:keyq:cal \
+		--policies "linear,lowbit2,massvar*calr,lowbit3*calr" --calibrate 1 \
 		--store "$BATS_TEST_TMPDIR/q" --out "$BATS_TEST_TMPDIR/q.json"
 	echo "$output"
 	assert_success
@@ -56,8 +56,11 @@ except ImportError as e:
 	run "$PY" -c 'import json, sys
 r = {x["name"]: x for x in json.load(open(sys.argv[1]))["rows"]}
 print("same", abs(r["loader:layer@0.25"]["loss"] - r["py:linear@0.25"]["loss"]) < 1e-6)
+# the calibrated schedule with key-copy scores in the C loader = ckv.prune lowbit3*calr
+print("keyq", abs(r["loader:layer@0.25:cal=1:score=keyq"]["loss"] - r["py:lowbit3*calr@0.25"]["loss"]) < 1e-6)
 print("full", r["loader:full@1"]["delta_pct"] == 0.0)' "$BATS_TEST_TMPDIR/q.json"
 	assert_output_contains "same True"
+	assert_output_contains "keyq True"
 	assert_output_contains "full True"
 }
 
