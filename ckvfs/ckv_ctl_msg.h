@@ -28,7 +28,8 @@
 
 #define CKV_CTL_MAGIC 0x43564b43u /* "CKVC" */
 #define CKV_CTL_VERSION_MIN 1
-#define CKV_CTL_VERSION 1         /* highest version this code speaks */
+#define CKV_CTL_VERSION 2         /* highest version this code speaks */
+#define CKV_CTL_VERSION_KEYQ 2    /* KEYQ needs at least this version */
 #define CKV_CTL_HDR 16u
 #define CKV_CTL_MAX_PAYLOAD (16u << 20)
 #define CKV_CTL_MIN_MSG (64u << 10) /* smallest max_msg a server may announce */
@@ -52,6 +53,7 @@ enum ckv_ctl_type {
 	CKV_CTL_SCORE = 0x0008,
 	CKV_CTL_DIGESTS = 0x0009,
 	CKV_CTL_STATS = 0x000a,
+	CKV_CTL_KEYQ = 0x000b,
 	CKV_CTL_REPLY = 0x8000, /* bit set on every server -> client type */
 	CKV_CTL_HELLO_OK = 0x8001,
 	CKV_CTL_MATCH_OK = 0x8002,
@@ -59,6 +61,7 @@ enum ckv_ctl_type {
 	CKV_CTL_COMPLETE = 0x8005,
 	CKV_CTL_DIGESTS_OK = 0x8009,
 	CKV_CTL_STATS_OK = 0x800a,
+	CKV_CTL_KEYQ_OK = 0x800b,
 	CKV_CTL_ERROR = 0x80ff,
 };
 
@@ -186,6 +189,18 @@ typedef struct ckv_ctl_msg {
 			uint32_t nfields;
 			const void *fields; /* u64[nfields] */
 		} stats_ok;
+		struct {
+			uint32_t handle, layer, first, count;
+		} keyq;
+		struct {
+			uint32_t first, count;
+			uint16_t bits, nparts;
+			uint32_t per;          /* code bytes per chunk */
+			uint32_t hd;           /* kv_heads * head_dim */
+			const void *starts;    /* u32[nparts]: first chunk of each part */
+			const void *scales;    /* u16[nparts][2][hd] bf16 */
+			const void *codes;     /* u8[count][per] */
+		} keyq_ok;
 		struct {
 			int32_t err; /* positive errno */
 			uint16_t flags, text_len;

@@ -57,6 +57,14 @@ uint32_t ckv_pview_extent_start(const ckv_pview *v, uint32_t x);
  */
 int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out);
 
+/*
+ * Key copy (keyq.bin, docs/FORMAT.md) of chunks [first, first + count) of
+ * one layer: one part per extent they touch; *out's arrays are malloc'ed
+ * (ckv_keyq_free). 0 or -errno with a message in err.
+ */
+int ckv_pview_keyq(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
+		   struct ckv_keyq *out, char *err, size_t errlen);
+
 /* Per-chunk sums of one layer of the prefix ([chunks], host order). */
 int ckv_pview_sums(ckv_pview *v, uint32_t layer, uint64_t *out);
 

@@ -1215,6 +1215,56 @@ static int h_digests(struct conn *c, const ckv_ctl_msg *req)
 	return rc;
 }
 
+static int h_keyq(struct conn *c, const ckv_ctl_msg *req)
+{
+	ckv_ctl_msg m = { .hdr = { .version = c->version, .type = CKV_CTL_KEYQ_OK,
+				   .id = req->hdr.id } };
+	uint32_t first = req->u.keyq.first, count = req->u.keyq.count;
+	struct ckv_keyq kq;
+	const ckv_manifest *mf;
+	ckv_pview *v;
+	uint64_t hd, need;
+	char err[400];
+	int rc;
+
+	if (c->version < CKV_CTL_VERSION_KEYQ)
+		return hostile(c, req->hdr.id, EPROTO, "KEYQ: needs protocol version %u, the connection speaks %u",
+			       CKV_CTL_VERSION_KEYQ, c->version);
+	v = check_target(c, "KEYQ", req->hdr.id, req->u.keyq.handle, req->u.keyq.layer, NULL, 0);
+	if (!v)
+		return -1;
+	mf = ckv_pview_manifest(v);
+	if ((uint64_t)first + count > mf->chunks)
+		return hostile(c, req->hdr.id, ERANGE,
+			       "KEYQ: chunks %u..%" PRIu64 ", the prefix has %u chunks", first,
+			       (uint64_t)first + count, mf->chunks);
+	hd = (uint64_t)mf->geom.kv_heads * mf->geom.head_dim;
+	rc = ckv_pview_keyq(v, req->u.keyq.layer, first, count, &kq, err, sizeof(err));
+	if (rc < 0)
+		return reply_err(c, req->hdr.id, -rc, "KEYQ: layer %u: %s", req->u.keyq.layer, err);
+	need = 16 + 20 + 4ull * kq.nparts + 4 * hd * kq.nparts + (uint64_t)count * kq.per;
+	if (need > c->ctl->lim.max_msg || kq.nparts > UINT16_MAX) {
+		ckv_keyq_free(&kq);
+		return reply_err(c, req->hdr.id, E2BIG,
+				 "KEYQ: %u chunks need a %" PRIu64 "-byte reply, max_msg is %u", count, need,
+				 c->ctl->lim.max_msg);
+	}
+	for (uint32_t i = 0; i < kq.nparts; i++) /* the wire is little-endian, like the host */
+		kq.first[i] = htole32(kq.first[i]);
+	m.u.keyq_ok.first = first;
+	m.u.keyq_ok.count = count;
+	m.u.keyq_ok.bits = (uint16_t)kq.bits;
+	m.u.keyq_ok.nparts = (uint16_t)kq.nparts;
+	m.u.keyq_ok.per = (uint32_t)kq.per;
+	m.u.keyq_ok.hd = (uint32_t)hd;
+	m.u.keyq_ok.starts = kq.first;
+	m.u.keyq_ok.scales = kq.scales;
+	m.u.keyq_ok.codes = kq.codes;
+	rc = reply(c, &m);
+	ckv_keyq_free(&kq);
+	return rc;
+}
+
 static int h_stats(struct conn *c, const ckv_ctl_msg *req)
 {
 	ckv_ctl *ctl = c->ctl;
@@ -1284,6 +1334,7 @@ static int conn_handle(struct conn *c, const ckv_ctl_msg *m)
 	case CKV_CTL_SCORE: return h_score(c, m);
 	case CKV_CTL_DIGESTS: return h_digests(c, m);
 	case CKV_CTL_STATS: return h_stats(c, m);
+	case CKV_CTL_KEYQ: return h_keyq(c, m);
 	default: return hostile(c, m->hdr.id, EBADMSG, "%s: not a request", what);
 	}
 }

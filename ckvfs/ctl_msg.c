@@ -70,6 +70,8 @@ const char *ckv_ctl_type_name(uint16_t type, char buf[16])
 	case CKV_CTL_SCORE: return "SCORE";
 	case CKV_CTL_DIGESTS: return "DIGESTS";
 	case CKV_CTL_STATS: return "STATS";
+	case CKV_CTL_KEYQ: return "KEYQ";
+	case CKV_CTL_KEYQ_OK: return "KEYQ_OK";
 	case CKV_CTL_HELLO_OK: return "HELLO_OK";
 	case CKV_CTL_MATCH_OK: return "MATCH_OK";
 	case CKV_CTL_OPEN_OK: return "OPEN_OK";
@@ -450,6 +452,72 @@ static int p_digests_ok(const struct pl *x, ckv_ctl_msg *m)
 	return want(x, 16 + 4ull * m->u.digests_ok.count * m->u.digests_ok.per, "count x per");
 }
 
+static int p_keyq(const struct pl *x, ckv_ctl_msg *m)
+{
+	int rc;
+
+	if ((rc = want(x, 16, "KEYQ")))
+		return rc;
+	m->u.keyq.handle = g32(x, 0);
+	m->u.keyq.layer = g32(x, 4);
+	m->u.keyq.first = g32(x, 8);
+	m->u.keyq.count = g32(x, 12);
+	if (m->u.keyq.count == 0)
+		return PFAIL(x, -EINVAL, "count is %u, expected at least 1 chunk", 0u);
+	if ((uint64_t)m->u.keyq.first + m->u.keyq.count > UINT32_MAX)
+		return PFAIL(x, -EINVAL, "first %u + count %u overflows", m->u.keyq.first, m->u.keyq.count);
+	return 0;
+}
+
+static int p_keyq_ok(const struct pl *x, ckv_ctl_msg *m)
+{
+	uint64_t end;
+	int rc;
+
+	if ((rc = atleast(x, 20)))
+		return rc;
+	m->u.keyq_ok.first = g32(x, 0);
+	m->u.keyq_ok.count = g32(x, 4);
+	m->u.keyq_ok.bits = g16(x, 8);
+	m->u.keyq_ok.nparts = g16(x, 10);
+	m->u.keyq_ok.per = g32(x, 12);
+	m->u.keyq_ok.hd = g32(x, 16);
+	if (m->u.keyq_ok.count == 0)
+		return PFAIL(x, -EINVAL, "count is %u, expected at least 1 chunk", 0u);
+	end = (uint64_t)m->u.keyq_ok.first + m->u.keyq_ok.count;
+	if (end > UINT32_MAX)
+		return PFAIL(x, -EINVAL, "first %u + count %u overflows", m->u.keyq_ok.first,
+			     m->u.keyq_ok.count);
+	if (m->u.keyq_ok.bits < 1 || m->u.keyq_ok.bits > 4)
+		return PFAIL(x, -EINVAL, "bits %u, expected 1..4", m->u.keyq_ok.bits);
+	if (m->u.keyq_ok.nparts < 1 || m->u.keyq_ok.nparts > m->u.keyq_ok.count)
+		return PFAIL(x, -EINVAL, "nparts %u, expected 1..count (%u)", m->u.keyq_ok.nparts,
+			     m->u.keyq_ok.count);
+	if (m->u.keyq_ok.hd < 1 || m->u.keyq_ok.hd > CKV_CTL_MAX_PER)
+		return PFAIL(x, -EINVAL, "hd %u, expected 1..%u", m->u.keyq_ok.hd, CKV_CTL_MAX_PER);
+	/* a chunk's codes: hd x chunk_tokens x bits / 8 bytes, chunk_tokens unknown here */
+	if (m->u.keyq_ok.per < 1 || m->u.keyq_ok.per > CKV_CTL_MAX_PAYLOAD)
+		return PFAIL(x, -EINVAL, "per %u, expected 1..%u", m->u.keyq_ok.per, CKV_CTL_MAX_PAYLOAD);
+	if ((rc = want(x, 20 + 4ull * m->u.keyq_ok.nparts +
+				  4ull * m->u.keyq_ok.hd * m->u.keyq_ok.nparts +
+				  (uint64_t)m->u.keyq_ok.count * m->u.keyq_ok.per,
+		       "nparts, hd, count x per")))
+		return rc;
+	m->u.keyq_ok.starts = x->p + 20;
+	m->u.keyq_ok.scales = x->p + 20 + 4ull * m->u.keyq_ok.nparts;
+	m->u.keyq_ok.codes = x->p + 20 + 4ull * m->u.keyq_ok.nparts +
+			     4ull * m->u.keyq_ok.hd * m->u.keyq_ok.nparts;
+	for (uint32_t i = 0; i < m->u.keyq_ok.nparts; i++) {
+		uint32_t st = ckv_ctl_u32(m->u.keyq_ok.starts, i);
+
+		if (i == 0 ? st != m->u.keyq_ok.first :
+			     st <= ckv_ctl_u32(m->u.keyq_ok.starts, i - 1) || st >= end)
+			return PFAIL(x, -EINVAL, "starts[%u] = %u: parts must begin at first (%u) and rise within the range",
+				     i, st, m->u.keyq_ok.first);
+	}
+	return 0;
+}
+
 static int p_stats(const struct pl *x, ckv_ctl_msg *m)
 {
 	(void)m;
@@ -542,6 +610,8 @@ int ckv_ctl_parse(const void *buf, size_t len, ckv_ctl_msg *out, char *err, size
 	case CKV_CTL_SCORE: rc = p_score(&x, out); break;
 	case CKV_CTL_DIGESTS: rc = p_digests(&x, out); break;
 	case CKV_CTL_STATS: rc = p_stats(&x, out); break;
+	case CKV_CTL_KEYQ: rc = p_keyq(&x, out); break;
+	case CKV_CTL_KEYQ_OK: rc = p_keyq_ok(&x, out); break;
 	case CKV_CTL_HELLO_OK: rc = p_hello_ok(&x, out); break;
 	case CKV_CTL_MATCH_OK: rc = p_match_ok(&x, out); break;
 	case CKV_CTL_OPEN_OK: rc = p_open_ok(&x, out); break;
@@ -606,6 +676,10 @@ size_t ckv_ctl_payload_size(const ckv_ctl_msg *m)
 	case CKV_CTL_DIGESTS_OK:
 		return 16 + 4 * (size_t)m->u.digests_ok.count * m->u.digests_ok.per;
 	case CKV_CTL_STATS_OK: return 8 + 8 * (size_t)m->u.stats_ok.nfields;
+	case CKV_CTL_KEYQ: return 16;
+	case CKV_CTL_KEYQ_OK:
+		return 20 + 4 * (size_t)m->u.keyq_ok.nparts + 4 * (size_t)m->u.keyq_ok.hd * m->u.keyq_ok.nparts +
+		       (size_t)m->u.keyq_ok.count * m->u.keyq_ok.per;
 	case CKV_CTL_ERROR: return 8 + (size_t)m->u.error.text_len;
 	default: return 0;
 	}
@@ -741,6 +815,27 @@ int ckv_ctl_encode(ckv_ctl_buf *b, const ckv_ctl_msg *m)
 		break;
 	case CKV_CTL_STATS:
 		break;
+	case CKV_CTL_KEYQ:
+		st32(p, m->u.keyq.handle);
+		st32(p + 4, m->u.keyq.layer);
+		st32(p + 8, m->u.keyq.first);
+		st32(p + 12, m->u.keyq.count);
+		break;
+	case CKV_CTL_KEYQ_OK: {
+		size_t sp = 4 * (size_t)m->u.keyq_ok.nparts;
+
+		st32(p, m->u.keyq_ok.first);
+		st32(p + 4, m->u.keyq_ok.count);
+		st16(p + 8, m->u.keyq_ok.bits);
+		st16(p + 10, m->u.keyq_ok.nparts);
+		st32(p + 12, m->u.keyq_ok.per);
+		st32(p + 16, m->u.keyq_ok.hd);
+		copy(p + 20, m->u.keyq_ok.starts, sp);
+		copy(p + 20 + sp, m->u.keyq_ok.scales, 4 * (size_t)m->u.keyq_ok.hd * m->u.keyq_ok.nparts);
+		copy(p + 20 + sp + 4 * (size_t)m->u.keyq_ok.hd * m->u.keyq_ok.nparts, m->u.keyq_ok.codes,
+		     (size_t)m->u.keyq_ok.count * m->u.keyq_ok.per);
+		break;
+	}
 	case CKV_CTL_STATS_OK:
 		st32(p, m->u.stats_ok.nfields);
 		copy(p + 8, m->u.stats_ok.fields, 8 * (size_t)m->u.stats_ok.nfields);

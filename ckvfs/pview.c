@@ -249,6 +249,112 @@ int ckv_pview_sums(ckv_pview *v, uint32_t layer, uint64_t *out)
 	return rc;
 }
 
+/* pread all of [off, off + len): 0, -errno, or -EIO at end of file. */
+static int pread_all(int fd, void *buf, uint64_t len, uint64_t off)
+{
+	for (uint64_t done = 0; done < len;) {
+		ssize_t got = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
+
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0)
+			return got < 0 ? -errno : -EIO;
+		done += (uint64_t)got;
+	}
+	return 0;
+}
+
+int ckv_pview_keyq(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
+		   struct ckv_keyq *out, char *err, size_t errlen)
+{
+	const ckv_manifest *m = v->m;
+	uint64_t HD = (uint64_t)m->geom.kv_heads * m->geom.head_dim;
+	uint32_t np = 0, end = first + count;
+	int rc = 0;
+
+	memset(out, 0, sizeof(*out));
+	err[0] = 0;
+	if (layer >= m->geom.layers || count == 0 || (uint64_t)first + count > m->chunks) {
+		snprintf(err, errlen, "layer %u chunks %u..%llu: the prefix has %u layers of %u chunks",
+			 layer, first, (unsigned long long)first + count, m->geom.layers, m->chunks);
+		return -EINVAL;
+	}
+	out->first = calloc(m->nextents + 1, sizeof(*out->first));
+	out->scales = malloc(sizeof(*out->scales) * 2 * HD * (m->nextents ? m->nextents : 1));
+	if (!out->first || !out->scales) {
+		ckv_keyq_free(out);
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	for (uint32_t x = 0; x < m->nextents && rc == 0; x++) {
+		const ckv_extent *ex = &m->extents[x];
+		uint32_t s0 = v->ext_start[x], s1 = s0 + ex->count;
+		uint32_t lo = first > s0 ? first : s0, hi = end < s1 ? end : s1;
+		char rel[PATH_MAX];
+		uint8_t hdr[CKV_SIDE_HEADER], *raw;
+		ckv_side_header sh;
+		uint64_t base;
+		int fd, n;
+
+		if (lo >= hi)
+			continue;
+		ckv_segment_path(ex->segment, rel, sizeof(rel));
+		n = (int)strlen(rel);
+		snprintf(rel + n, sizeof(rel) - (size_t)n, "/keyq.bin");
+		fd = openat(ckv_store_dirfd(v->store), rel, O_RDONLY | O_CLOEXEC);
+		if (fd < 0) {
+			rc = -errno;
+			snprintf(err, errlen, "%s: %s%s", rel, strerror(errno),
+				 errno == ENOENT ? " (a segment written before key copies: export and import the prefix again)" : "");
+			break;
+		}
+		if (pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) ||
+		    ckv_side_header_decode(&sh, hdr, CKV_KEYQ_MAGIC, rel, NULL) < 0 || sh.reserved < 1 ||
+		    sh.reserved > 4 || (np && sh.reserved != out->bits) || sh.layers != m->geom.layers ||
+		    sh.per_chunk != ckv_keyq_chunk_bytes(&m->geom, (unsigned)sh.reserved) ||
+		    (uint64_t)ex->first + ex->count > sh.chunks) {
+			close(fd);
+			snprintf(err, errlen, "%s: not a key copy of this prefix's geometry%s", rel,
+				 np ? " (or of another width than its other segments')" : "");
+			rc = -EIO;
+			break;
+		}
+		if (!np) {
+			out->bits = (unsigned)sh.reserved;
+			out->per = sh.per_chunk;
+			out->codes = malloc(out->per * count);
+			if (!out->codes) {
+				close(fd);
+				snprintf(err, errlen, "out of memory");
+				rc = -ENOMEM;
+				break;
+			}
+		}
+		base = CKV_SIDE_HEADER + (uint64_t)layer * ckv_keyq_layer_bytes(&m->geom, out->bits, sh.chunks);
+		raw = (uint8_t *)(out->scales + 2 * HD * np);
+		rc = pread_all(fd, raw, 4 * HD, base);
+		if (rc == 0)
+			rc = pread_all(fd, out->codes + (uint64_t)(lo - first) * out->per, (uint64_t)(hi - lo) * out->per,
+				       base + 4 * HD + (uint64_t)(ex->first + lo - s0) * out->per);
+		close(fd);
+		if (rc < 0) {
+			snprintf(err, errlen, "%s: %s", rel, strerror(-rc));
+			break;
+		}
+		for (uint64_t i = 0; i < 2 * HD; i++) { /* little-endian on disk; in place */
+			uint16_t h = (uint16_t)(raw[2 * i] | raw[2 * i + 1] << 8);
+
+			out->scales[2 * HD * np + i] = h;
+		}
+		out->first[np++] = lo;
+		out->first[np] = hi;
+	}
+	out->nparts = np;
+	if (rc < 0)
+		ckv_keyq_free(out);
+	return rc;
+}
+
 int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out)
 {
 	const ckv_manifest *m = v->m;

@@ -216,8 +216,9 @@ int ckv_key_scores(const ckv_shape *sh, const void *keys, uint64_t stride,
  * for ckv_digest_scores; keys fp32 [q_tokens][kv_heads][head_dim] in host
  * memory (the new tokens' post-RoPE keys) or NULL (normalise over the
  * prefix alone). scores receives m floats. Reads the layer's key copy
- * (about 9.4% of the layer's bytes for bf16) through the source; -ENOTSUP
- * where the source has none (a daemon source).
+ * (about 9.4% of the layer's bytes for bf16) through the source (a daemon
+ * sends it over the control socket, protocol version 2; -ENOTSUP from an
+ * older daemon).
  */
 int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
 		    uint32_t q_tokens, uint32_t q_heads, float *scores);

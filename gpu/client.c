@@ -69,6 +69,7 @@ struct rprefix {
 	uint32_t handle;
 	uint32_t layers, chunks;
 	uint32_t per;        /* kv_heads * head_dim */
+	uint64_t kq_chunk;   /* the most a chunk's key copy can take: kv_heads * c * head_dim * 4 / 8 */
 	uint8_t *parts;      /* [layers]: parts fetched (1 << part), for SCORE */
 };
 
@@ -420,7 +421,7 @@ static int on_error(struct remote *r, const ckv_ctl_msg *m)
 	return 0;
 }
 
-/* MATCH_OK, OPEN_OK, DIGESTS_OK, STATS_OK: wake the caller. */
+/* MATCH_OK, OPEN_OK, DIGESTS_OK, KEYQ_OK, STATS_OK: wake the caller. */
 static int on_reply(struct remote *r, const ckv_ctl_msg *m, const uint8_t *raw, size_t len)
 {
 	char tn[16];
@@ -472,6 +473,7 @@ static int dispatch(struct remote *r, const ckv_ctl_msg *m, const uint8_t *raw, 
 	case CKV_CTL_MATCH_OK:
 	case CKV_CTL_OPEN_OK:
 	case CKV_CTL_DIGESTS_OK:
+	case CKV_CTL_KEYQ_OK:
 	case CKV_CTL_STATS_OK: return on_reply(r, m, raw, len);
 	default:
 		set_err(r, "control socket: unexpected %s from the daemon",
@@ -703,6 +705,7 @@ static int r_open(ckv_source *s, const ckv_hash *h, ckv_manifest **mout, uint32_
 	p->layers = mf->geom.layers;
 	p->chunks = mf->chunks;
 	p->per = mf->geom.kv_heads * mf->geom.head_dim;
+	p->kq_chunk = ckv_keyq_chunk_bytes(&mf->geom, 4);
 	r->npfx++;
 	pthread_mutex_unlock(&r->lock);
 	*mout = mf;
@@ -1017,6 +1020,107 @@ static int r_digests(ckv_source *s, uint32_t pid, uint32_t layer, float *out)
 	return rc;
 }
 
+/*
+ * KEYQ (protocol version 2): the layer's key copy in runs of chunks that fit
+ * a message, the parts of every reply appended (a segment cut by two runs
+ * gives two parts with the same scales).
+ */
+static int r_keyq_r(ckv_source *s, uint32_t pid, uint32_t layer, struct ckv_keyq *out, char *err,
+		    size_t errlen)
+{
+	struct remote *r = R(s);
+	uint32_t hd, m, step, cap = 0;
+	uint64_t kqc = 0;
+	int rc;
+
+	memset(out, 0, sizeof(*out));
+	err[0] = 0;
+	if (r->version < CKV_CTL_VERSION_KEYQ) {
+		snprintf(err, errlen,
+			 "the daemon speaks control protocol %u; key copies need version %u (a newer ckvfs)",
+			 r->version, CKV_CTL_VERSION_KEYQ);
+		return -ENOTSUP;
+	}
+	rc = check_target(r, "keyq", pid, layer, NULL, 0, &hd, &m);
+	if (rc == 0) {
+		pthread_mutex_lock(&r->lock);
+		kqc = pfx_find(r, pid) ? pfx_find(r, pid)->kq_chunk : 0;
+		pthread_mutex_unlock(&r->lock);
+	}
+	/* worst case per chunk: its codes at 4 bits, one part with its scales */
+	step = rc == 0 ? (uint32_t)((r->max_msg - CKV_CTL_HDR - 20) / (kqc + 4 + 4ull * hd)) : 0;
+	if (rc == 0 && step == 0) {
+		snprintf(err, errlen, "keyq: one chunk's key copy does not fit a %u-byte message", r->max_msg);
+		rc = -E2BIG;
+	}
+	for (uint32_t first = 0; rc == 0 && first < m; first += step) {
+		ckv_ctl_msg msg = { .hdr = { .type = CKV_CTL_KEYQ } }, rep;
+		struct rreq q = { 0 };
+		uint32_t cnt = m - first < step ? m - first : step;
+		char perr_[256];
+
+		msg.u.keyq.handle = pid;
+		msg.u.keyq.layer = layer;
+		msg.u.keyq.first = first;
+		msg.u.keyq.count = cnt;
+		rc = call(r, &msg, &q, CKV_CTL_KEYQ_OK);
+		if (rc < 0)
+			break;
+		if (ckv_ctl_parse(q.reply, CKV_CTL_HDR + ckv_ctl_u32(q.reply + 8, 0), &rep, perr_,
+				  sizeof(perr_)) <= 0 ||
+		    rep.u.keyq_ok.first != first || rep.u.keyq_ok.count != cnt || rep.u.keyq_ok.hd != hd ||
+		    (out->codes && (rep.u.keyq_ok.bits != out->bits || rep.u.keyq_ok.per != out->per))) {
+			snprintf(err, errlen, "keyq: the daemon answered another range, shape or width");
+			free(q.reply);
+			rc = -EPROTO;
+			break;
+		}
+		if (!out->codes) {
+			out->bits = rep.u.keyq_ok.bits;
+			out->per = rep.u.keyq_ok.per;
+			out->codes = malloc(out->per * m);
+			if (!out->codes) {
+				free(q.reply);
+				rc = -ENOMEM;
+				break;
+			}
+		}
+		if (out->nparts + rep.u.keyq_ok.nparts + 1u > cap) {
+			uint32_t nc = (out->nparts + rep.u.keyq_ok.nparts + 1) * 2;
+			uint32_t *nf = realloc(out->first, sizeof(*nf) * nc);
+			uint16_t *ns = nf ? realloc(out->scales, sizeof(*ns) * 2ull * hd * nc) : NULL;
+
+			if (nf)
+				out->first = nf;
+			if (ns)
+				out->scales = ns;
+			if (!nf || !ns) {
+				free(q.reply);
+				rc = -ENOMEM;
+				break;
+			}
+			cap = nc;
+		}
+		for (uint32_t i = 0; i < rep.u.keyq_ok.nparts; i++)
+			out->first[out->nparts + i] = ckv_ctl_u32(rep.u.keyq_ok.starts, i);
+		memcpy(out->scales + 2ull * hd * out->nparts, rep.u.keyq_ok.scales,
+		       4ull * hd * rep.u.keyq_ok.nparts); /* bf16 little-endian, like the host */
+		memcpy(out->codes + (uint64_t)first * out->per, rep.u.keyq_ok.codes, (uint64_t)cnt * out->per);
+		out->nparts += rep.u.keyq_ok.nparts;
+		out->first[out->nparts] = first + cnt;
+		free(q.reply);
+	}
+	if (rc < 0) {
+		if (!err[0]) {
+			pthread_mutex_lock(&r->lock);
+			snprintf(err, errlen, "%s", r->src.err[0] ? r->src.err : strerror(-rc));
+			pthread_mutex_unlock(&r->lock);
+		}
+		ckv_keyq_free(out);
+	}
+	return rc;
+}
+
 static void r_destroy(ckv_source *s)
 {
 	struct remote *r = R(s);
@@ -1049,6 +1153,7 @@ static const struct ckv_source_ops remote_ops = {
 	.score = r_score,
 	.digests = r_digests,
 	.destroy = r_destroy,
+	.keyq_r = r_keyq_r,
 };
 
 /* ---- connect -------------------------------------------------------------------- */
@@ -1090,7 +1195,7 @@ static int recv_exact(int fd, uint8_t *p, size_t len, int *fd_out)
 
 static int hello(struct remote *r, const char *sock, ckv_err *e)
 {
-	uint16_t versions[] = { htole16(CKV_CTL_VERSION) };
+	uint16_t versions[] = { htole16(CKV_CTL_VERSION), htole16(CKV_CTL_VERSION_MIN) };
 	ckv_ctl_msg m = { .hdr = { .version = CKV_CTL_VERSION_MIN, .type = CKV_CTL_HELLO, .id = 1 } };
 	struct timeval tv = { .tv_sec = HELLO_TIMEOUT_S };
 	uint8_t buf[CKV_CTL_HDR + 2048];
@@ -1099,7 +1204,7 @@ static int hello(struct remote *r, const char *sock, ckv_err *e)
 	void *map;
 	int afd = -1, rc;
 
-	m.u.hello.nversions = 1;
+	m.u.hello.nversions = 2;
 	m.u.hello.versions = versions;
 	setsockopt(r->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	r->version = CKV_CTL_VERSION_MIN;
@@ -1126,7 +1231,8 @@ static int hello(struct remote *r, const char *sock, ckv_err *e)
 			      (int)m.u.error.text_len, m.u.error.text);
 		goto out_close;
 	}
-	if (m.hdr.type != CKV_CTL_HELLO_OK || m.u.hello_ok.version != CKV_CTL_VERSION ||
+	if (m.hdr.type != CKV_CTL_HELLO_OK || m.u.hello_ok.version < CKV_CTL_VERSION_MIN ||
+	    m.u.hello_ok.version > CKV_CTL_VERSION ||
 	    !(m.u.hello_ok.flags & CKV_CTL_HELLO_ARENA_FD) || afd < 0 || !m.u.hello_ok.arena_size ||
 	    !m.u.hello_ok.max_pins || !m.u.hello_ok.max_prefixes || !m.u.hello_ok.max_inflight) {
 		rc = ckv_errf(e, -EPROTO, "%s: not a ckvfs HELLO_OK (or no arena descriptor)", sock);

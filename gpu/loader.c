@@ -695,10 +695,13 @@ int ckv_prefix_keyq(ckv_prefix *p, uint32_t layer, struct ckv_keyq *out)
 	memset(out, 0, sizeof(*out));
 	if (!p->l->src->ops->keyq_r)
 		return ckv_lerr(p->l, -ENOTSUP,
-				"prefix %s: this source has no key copies (a daemon serves digests only; open the store embedded for key-copy scores)",
+				"prefix %s: this source has no key copies",
 				p->shape.hash);
 	err[0] = 0;
+	/* under the source's lock: a remote source's messages go through s->err too */
+	pthread_mutex_lock(&p->l->src_lock);
 	rc = p->l->src->ops->keyq_r(p->l->src, p->pid, layer, out, err, sizeof(err));
+	pthread_mutex_unlock(&p->l->src_lock);
 	if (rc < 0)
 		ckv_lerr(p->l, rc, "prefix %s layer %u: %s", p->shape.hash, layer,
 			 err[0] ? err : "cannot read the key copy");

@@ -22,7 +22,6 @@ extern "C" {
 #endif
 
 typedef struct ckv_source ckv_source;
-struct ckv_keyq;
 
 /* Completion of one chunk of a get: on a source thread; must not block. */
 typedef void (*ckv_source_cb)(void *arg, uint32_t i, uint64_t off, uint64_t len, uint64_t token,
@@ -115,19 +114,6 @@ struct ckv_source_ops {
 		      size_t errlen);
 };
 
-/*
- * One layer's key copy over a prefix's chunks. The chunks of part i,
- * [first[i], first[i + 1]), come from one segment and share its scales.
- */
-struct ckv_keyq {
-	unsigned bits;       /* per key element, 1-4 */
-	uint64_t per;        /* code bytes per chunk */
-	uint32_t nparts;
-	uint32_t *first;     /* [nparts + 1] */
-	uint16_t *scales;    /* [nparts][2][kv_heads][head_dim] bf16: mu then sd */
-	uint8_t *codes;      /* [chunks][per] */
-};
-void ckv_keyq_free(struct ckv_keyq *k);
 
 struct ckv_source {
 	const struct ckv_source_ops *ops;

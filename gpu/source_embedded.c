@@ -38,11 +38,10 @@
 #include "ckv_store.h"
 #include "source.h"
 
-/* An extent's digest.bin (or keyq.bin), opened on first use. */
+/* An extent's digest.bin, opened on first use. */
 struct dfile {
 	int fd;                    /* -1: not open yet */
 	uint32_t chunks;           /* the segment's chunks (from the header) */
-	uint32_t bits;             /* keyq.bin: bits per key element */
 };
 
 struct eprefix {
@@ -51,7 +50,6 @@ struct eprefix {
 	ckv_efile **files;         /* [3 parts][layers][nextents], lazily filled */
 	uint8_t *have;             /* [3][layers]: files of that layer and part held */
 	struct dfile *dig;         /* [nextents] */
-	struct dfile *kq;          /* [nextents]: keyq.bin */
 	uint32_t layers, nextents;
 };
 
@@ -168,10 +166,7 @@ static void eprefix_free(struct esource *es, struct eprefix *ep)
 		if (ep->dig[x].fd >= 0)
 			close(ep->dig[x].fd);
 	free(ep->dig);
-	for (uint32_t x = 0; ep->kq && x < ep->nextents; x++)
-		if (ep->kq[x].fd >= 0)
-			close(ep->kq[x].fd);
-	free(ep->kq);
+
 	free(ep->files);
 	free(ep->have);
 	pthread_mutex_destroy(&ep->lock);
@@ -243,12 +238,9 @@ static int es_open(ckv_source *s, const ckv_hash *h, ckv_manifest **mout, uint32
 	ep->files = calloc((size_t)3 * ep->layers * ep->nextents, sizeof(*ep->files));
 	ep->have = calloc((size_t)3 * ep->layers, 1);
 	ep->dig = calloc(ep->nextents ? ep->nextents : 1, sizeof(*ep->dig));
-	ep->kq = calloc(ep->nextents ? ep->nextents : 1, sizeof(*ep->kq));
 	for (uint32_t x = 0; ep->dig && x < ep->nextents; x++)
 		ep->dig[x].fd = -1;
-	for (uint32_t x = 0; ep->kq && x < ep->nextents; x++)
-		ep->kq[x].fd = -1;
-	if (!ep->files || !ep->have || !ep->dig || !ep->kq) {
+	if (!ep->files || !ep->have || !ep->dig) {
 		rc = -ENOMEM;
 		goto out_free;
 	}
@@ -588,134 +580,17 @@ static void es_digests_hint(ckv_source *s, uint32_t pid, uint32_t layer)
 	dig_each(es_of(s), pid, layer, err, sizeof(err), dig_hint_one, NULL);
 }
 
-/* Open extent x's keyq.bin and check its header. ep->lock held. */
-static int kq_open(struct esource *es, struct eprefix *ep, uint32_t x, char *err, size_t errlen)
-{
-	const ckv_manifest *m = ckv_pview_manifest(ep->v);
-	const ckv_extent *ex = &m->extents[x];
-	struct dfile *d = &ep->kq[x];
-	uint8_t hdr[CKV_SIDE_HEADER];
-	char rel[PATH_MAX];
-	ckv_side_header sh;
-	ssize_t got;
-	int n, fd, rc;
-
-	if (d->fd >= 0)
-		return 0;
-	ckv_segment_path(ex->segment, rel, sizeof(rel));
-	n = (int)strlen(rel);
-	snprintf(rel + n, sizeof(rel) - (size_t)n, "/keyq.bin");
-	fd = openat(ckv_store_dirfd(es->store), rel, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		rc = -errno;
-		snprintf(err, errlen, "%s: %s%s", rel, strerror(errno),
-			 errno == ENOENT ? " (a segment written before key copies: export and import the prefix again)" : "");
-		return rc;
-	}
-	posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
-	got = pread(fd, hdr, sizeof(hdr), 0);
-	if (got != (ssize_t)sizeof(hdr) ||
-	    ckv_side_header_decode(&sh, hdr, CKV_KEYQ_MAGIC, rel, NULL) < 0 || sh.reserved < 1 ||
-	    sh.reserved > 4 || sh.layers != m->geom.layers ||
-	    sh.per_chunk != ckv_keyq_chunk_bytes(&m->geom, (unsigned)sh.reserved) ||
-	    (uint64_t)ex->first + ex->count > sh.chunks) {
-		rc = got < 0 ? -errno : -EIO;
-		snprintf(err, errlen, "%s: %s", rel,
-			 got < 0 ? strerror(errno) : "not a key copy of this prefix's geometry");
-		close(fd);
-		return rc;
-	}
-	d->fd = fd;
-	d->chunks = sh.chunks;
-	d->bits = (uint32_t)sh.reserved;
-	return 0;
-}
-
-void ckv_keyq_free(struct ckv_keyq *k)
-{
-	if (!k)
-		return;
-	free(k->first);
-	free(k->scales);
-	free(k->codes);
-	memset(k, 0, sizeof(*k));
-}
-
 static int es_keyq_r(ckv_source *s, uint32_t pid, uint32_t layer, struct ckv_keyq *out, char *err,
 		     size_t errlen)
 {
-	struct esource *es = es_of(s);
-	struct eprefix *ep = pfx_get(es, pid);
-	const ckv_manifest *m;
-	uint64_t HD, total = 0;
-	uint32_t np = 0;
-	int rc = 0;
+	struct eprefix *ep = pfx_get(es_of(s), pid);
 
 	memset(out, 0, sizeof(*out));
-	err[0] = 0;
 	if (!ep) {
 		snprintf(err, errlen, "no open prefix with id %u", pid);
 		return -EBADF;
 	}
-	m = ckv_pview_manifest(ep->v);
-	HD = (uint64_t)m->geom.kv_heads * m->geom.head_dim;
-	if (layer >= m->geom.layers) {
-		snprintf(err, errlen, "layer %u: the prefix has %u layers", layer, m->geom.layers);
-		return -EINVAL;
-	}
-	pthread_mutex_lock(&ep->lock);
-	for (uint32_t x = 0; x < m->nextents && rc == 0; x++) {
-		rc = kq_open(es, ep, x, err, errlen);
-		if (rc == 0 && x && ep->kq[x].bits != ep->kq[0].bits) {
-			snprintf(err, errlen, "layer %u: the prefix's segments keep %u- and %u-bit key copies",
-				 layer, ep->kq[0].bits, ep->kq[x].bits);
-			rc = -EIO;
-		}
-		total += m->extents[x].count;
-	}
-	pthread_mutex_unlock(&ep->lock);
-	if (rc < 0)
-		return rc;
-	out->bits = m->nextents ? ep->kq[0].bits : CKV_KEYQ_BITS;
-	out->per = ckv_keyq_chunk_bytes(&m->geom, out->bits);
-	out->first = calloc(m->nextents + 1, sizeof(*out->first));
-	out->scales = malloc(sizeof(*out->scales) * 2 * HD * (m->nextents ? m->nextents : 1));
-	out->codes = malloc(out->per * (total ? total : 1));
-	if (!out->first || !out->scales || !out->codes) {
-		ckv_keyq_free(out);
-		snprintf(err, errlen, "layer %u: out of memory for the key copy", layer);
-		return -ENOMEM;
-	}
-	for (uint32_t x = 0; x < m->nextents && rc == 0; x++) {
-		const ckv_extent *ex = &m->extents[x];
-		uint64_t base = CKV_SIDE_HEADER + (uint64_t)layer * ckv_keyq_layer_bytes(&m->geom, out->bits,
-											 ep->kq[x].chunks);
-		uint8_t *raw = (uint8_t *)(out->scales + 2 * HD * np);
-		uint32_t at = ckv_pview_extent_start(ep->v, x);
-
-		if (!ex->count)
-			continue;
-		rc = pread_full(ep->kq[x].fd, raw, 4 * HD, base);
-		if (rc == 0)
-			rc = pread_full(ep->kq[x].fd, out->codes + (uint64_t)at * out->per,
-					(uint64_t)ex->count * out->per, base + 4 * HD + ex->first * out->per);
-		if (rc == 0) {
-			uint16_t *sc = out->scales + 2 * HD * np;
-
-			for (uint64_t i = 0; i < 2 * HD; i++) /* little-endian on disk */
-				sc[i] = (uint16_t)(raw[2 * i] | raw[2 * i + 1] << 8);
-			out->first[np] = at;
-			np++;
-			out->first[np] = at + ex->count;
-		}
-	}
-	out->nparts = np;
-	if (rc < 0) {
-		ckv_keyq_free(out);
-		snprintf(err, errlen, "layer %u: cannot read the key copy (keyq.bin): %s", layer,
-			 strerror(-rc));
-	}
-	return rc;
+	return ckv_pview_keyq(ep->v, layer, 0, ckv_pview_manifest(ep->v)->chunks, out, err, errlen);
 }
 
 static int es_digests(ckv_source *s, uint32_t pid, uint32_t layer, float *out)

@@ -226,6 +226,21 @@ void ckv_keyq_encode(const ckv_geom *g, unsigned bits, const uint16_t *scales, c
 /* The keys a chunk's codes stand for: out [kv_heads][chunk_tokens][head_dim] fp32. */
 void ckv_keyq_decode(const ckv_geom *g, unsigned bits, const uint16_t *scales,
 		     const uint8_t *codes, float *out);
+/*
+ * One layer's key copy over a run of a prefix's chunks, [first[0],
+ * first[nparts]): the chunks of part i, [first[i], first[i + 1]), come from
+ * one segment and share its scales; codes of chunk j at (j - first[0]) * per.
+ */
+struct ckv_keyq {
+	unsigned bits;       /* per key element, 1-4 */
+	uint64_t per;        /* code bytes per chunk */
+	uint32_t nparts;
+	uint32_t *first;     /* [nparts + 1] */
+	uint16_t *scales;    /* [nparts][2][kv_heads][head_dim] bf16: mu then sd */
+	uint8_t *codes;      /* [chunks][per] */
+};
+void ckv_keyq_free(struct ckv_keyq *k); /* frees the arrays, zeroes *k */
+
 /* bf16 <-> fp32 (round to nearest even; NaN stays NaN). */
 uint16_t ckv_f32_to_bf16(float f);
 float ckv_bf16_to_f32(uint16_t h);

@@ -463,6 +463,16 @@ static float keyq_level(unsigned bits, unsigned code)
 	}
 }
 
+void ckv_keyq_free(struct ckv_keyq *k)
+{
+	if (!k)
+		return;
+	free(k->first);
+	free(k->scales);
+	free(k->codes);
+	memset(k, 0, sizeof(*k));
+}
+
 uint64_t ckv_keyq_chunk_bytes(const ckv_geom *g, unsigned bits)
 {
 	return ((uint64_t)g->kv_heads * g->chunk_tokens * g->head_dim * bits + 7) / 8;

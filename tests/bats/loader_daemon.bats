@@ -37,6 +37,44 @@ teardown() {
 	[ "$(fs_stat "$T/m" pinned)" -eq 0 ]
 }
 
+@test "key-copy scores and a keyq pipeline through the daemon equal the embedded loader's" {
+	run lpy - "$T/m" "$T/s" "$H" <<'PY'
+import sys
+import numpy as np
+from ckv.loader import Loader
+mnt, store, h = sys.argv[1:4]
+rng = np.random.default_rng(3)
+with Loader(mnt, backend="host") as d, Loader(store, backend="host") as e:
+    assert d.remote and not e.remote
+    with d.open(h) as pd, e.open(h) as pe:
+        s = pd.shape
+        for l in range(s.layers):
+            q = rng.standard_normal((4, 14, s.head_dim)).astype(np.float32)
+            k = rng.standard_normal((4, s.kv_heads, s.head_dim)).astype(np.float32)
+            a, b = pd.keyq_scores(l, q, k), pe.keyq_scores(l, q, k)
+            assert np.array_equal(a, b), (l, a[:4], b[:4])
+        sets = []
+        for p in (pd, pe):
+            with p.pipeline(mode="layer", budget=0.2, q_heads=14, q_tokens=4, score="keyq",
+                            budgets=[0.05 if l % 2 else 0.3 for l in range(s.layers)],
+                            floor=0.05) as pl:
+                r = np.random.default_rng(4)
+                got = []
+                for l in range(s.layers):
+                    q = r.standard_normal((4, 14, s.head_dim)).astype(np.float32)
+                    k = r.standard_normal((4, s.kv_heads, s.head_dim)).astype(np.float32)
+                    got.append(pl.layer(l, q, k).chunks.tolist())
+                st = pl.stats()
+            sets.append(got)
+        assert sets[0] == sets[1]
+print("keyq ok", s.layers, "layers; identifications", st["identifications"])
+PY
+	echo "$output"
+	assert_success
+	assert_output_contains "keyq ok 24 layers; identifications 12"
+	[ "$(fs_stat "$T/m" pinned)" -eq 0 ]
+}
+
 @test "several loader processes share one daemon arena" {
 	local pids="" p
 	for p in 1 2 3 4; do

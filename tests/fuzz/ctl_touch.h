@@ -58,6 +58,14 @@ static inline uint64_t ctl_touch(const ckv_ctl_msg *m)
 		for (uint64_t i = 0; i < (uint64_t)m->u.digests_ok.count * m->u.digests_ok.per; i++)
 			acc += ckv_ctl_u32(m->u.digests_ok.data, (size_t)i);
 		break;
+	case CKV_CTL_KEYQ_OK:
+		for (uint32_t i = 0; i < m->u.keyq_ok.nparts; i++)
+			acc += ckv_ctl_u32(m->u.keyq_ok.starts, i);
+		for (uint64_t i = 0; i < 2ull * m->u.keyq_ok.hd * m->u.keyq_ok.nparts; i++)
+			acc += ckv_ctl_u16(m->u.keyq_ok.scales, (size_t)i);
+		for (uint64_t i = 0; i < (uint64_t)m->u.keyq_ok.count * m->u.keyq_ok.per; i++)
+			acc += ((const uint8_t *)m->u.keyq_ok.codes)[i];
+		break;
 	case CKV_CTL_STATS_OK:
 		for (uint32_t i = 0; i < m->u.stats_ok.nfields; i++)
 			acc += ckv_ctl_u64(m->u.stats_ok.fields, i);

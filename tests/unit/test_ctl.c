@@ -305,7 +305,7 @@ static void raw_send(int fd, ckv_ctl_msg *m)
 	ckv_ctl_buf b = { 0 };
 
 	if (!m->hdr.version)
-		m->hdr.version = CKV_CTL_VERSION;
+		m->hdr.version = 1; /* what raw_hello negotiates */
 	CHECK_RC(ckv_ctl_encode(&b, m));
 	raw_bytes(fd, b.p, b.len);
 	ckv_ctl_buf_free(&b);
@@ -815,6 +815,53 @@ int main(void)
 		       "equal digest.bin and the recomputed means\n", per);
 	}
 
+	/* ---- KEYQ: the client's key copy, in several requests, vs the store's through a pview */
+	{
+		size_t HD = (size_t)geom.kv_heads * geom.head_dim, slots = (size_t)16 * geom.kv_heads * geom.head_dim;
+		float *a = malloc(sizeof(float) * slots), *b = malloc(sizeof(float) * slots);
+		char err[256];
+		uint32_t parts = 0;
+		ckv_pview *v;
+
+		CHECK(a && b && s->ops->keyq_r);
+		for (uint32_t l = 0; l < geom.layers; l++) {
+			struct ckv_keyq got, ref;
+
+			CHECK_RC(s->ops->keyq_r(s, child.pid, l, &got, err, sizeof(err)));
+			CHECK_RC(ckv_pview_open(st, eng, &child.h, &v, &e));
+			CHECK(ckv_pview_keyq(v, l, 0, 82, &ref, err, sizeof(err)) == 0);
+			ckv_pview_put(v);
+			CHECK(got.bits == CKV_KEYQ_BITS && got.bits == ref.bits && got.per == ref.per);
+			CHECK(got.first[0] == 0 && got.first[got.nparts] == 82 && got.nparts > ref.nparts);
+			CHECK(memcmp(got.codes, ref.codes, got.per * 82) == 0);
+			parts = got.nparts;
+			for (uint32_t j = 0; j < 82; j++) {
+				uint32_t x = 0, y = 0;
+
+				while (got.first[x + 1] <= j)
+					x++;
+				while (ref.first[y + 1] <= j)
+					y++;
+				ckv_keyq_decode(&geom, got.bits, got.scales + 2 * HD * x, got.codes + j * got.per, a);
+				ckv_keyq_decode(&geom, ref.bits, ref.scales + 2 * HD * y, ref.codes + j * ref.per, b);
+				CHECK(memcmp(a, b, sizeof(float) * slots) == 0);
+			}
+			ckv_keyq_free(&got);
+			ckv_keyq_free(&ref);
+		}
+		{
+			struct ckv_keyq k;
+
+			CHECK(s->ops->keyq_r(s, child.pid, 9, &k, err, sizeof(err)) == -EINVAL);
+			CHECK(strstr(err, "layer 9"));
+			CHECK(s->ops->keyq_r(s, 0xdead, 0, &k, err, sizeof(err)) == -EBADF);
+		}
+		free(a);
+		free(b);
+		printf("keyq: 4 layers x 82 chunks, %u parts in several requests at max_msg 64 KiB, "
+		       "equal the store's key copy\n", parts);
+	}
+
 	/* ---- limits */
 	{
 		uint32_t ch[150], pid3, pid4;
@@ -1063,11 +1110,11 @@ int main(void)
 			raw_hello(fd);
 			CHECK_RC(ckv_ctl_encode(&cb, &(ckv_ctl_msg){ .hdr = { .version = 1, .type = CKV_CTL_STATS } }));
 			memcpy(b, cb.p, cb.len);
-			b[4] = 2; /* version 2: unknown to the parser */
+			b[4] = 3; /* version 3: unknown to the parser */
 			raw_bytes(fd, b, cb.len);
 			ckv_ctl_buf_free(&cb);
 			(void)m;
-			expect_fatal(fd, EPROTONOSUPPORT, "header version 2 after HELLO");
+			expect_fatal(fd, EPROTONOSUPPORT, "header version 3 after HELLO");
 			nhostile++;
 		}
 		/* bad handle, layer and chunk out of range */
@@ -1110,6 +1157,16 @@ int main(void)
 			m.u.digests.count = 3;
 			raw_send(fd, &m);
 			expect_fatal(fd, ERANGE, "DIGESTS chunks 80..83");
+			nhostile++;
+
+			/* KEYQ on a connection that negotiated version 1 */
+			fd = raw_connect(sock);
+			raw_hello(fd);
+			m = (ckv_ctl_msg){ .hdr = { .type = CKV_CTL_KEYQ, .id = 16 } };
+			m.u.keyq.handle = raw_open(fd, &child.h);
+			m.u.keyq.count = 1;
+			raw_send(fd, &m);
+			expect_fatal(fd, EPROTO, "KEYQ on protocol version 1");
 			nhostile++;
 
 			fd = raw_connect(sock);

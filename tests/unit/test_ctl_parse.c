@@ -258,6 +258,32 @@ static void build_samples(void)
 	m.u.digests_ok.data = dig;
 	add_msg("digests_ok", &m);
 
+	m = (ckv_ctl_msg){ .hdr = { .type = CKV_CTL_KEYQ, .id = 9, .version = 2 } };
+	m.u.keyq.handle = 0x10000;
+	m.u.keyq.layer = 1;
+	m.u.keyq.first = 4;
+	m.u.keyq.count = 3;
+	add_msg("keyq", &m);
+
+	{
+		/* 3 chunks in 2 parts (chunks 4 | 5, 6), hd 2, 3 bytes of codes a chunk */
+		static const uint32_t starts[2] = { 4, 5 };
+		static const uint16_t scales[8] = { 0x3f80, 0x4000, 0x3f80, 0x3f80, 0, 0, 0x3f80, 0x3f80 };
+		static const uint8_t codes[9] = { 0xab, 0xce, 0x1d, 1, 2, 3, 4, 5, 6 };
+
+		m = (ckv_ctl_msg){ .hdr = { .type = CKV_CTL_KEYQ_OK, .id = 9, .version = 2 } };
+		m.u.keyq_ok.first = 4;
+		m.u.keyq_ok.count = 3;
+		m.u.keyq_ok.bits = 3;
+		m.u.keyq_ok.nparts = 2;
+		m.u.keyq_ok.per = 3;
+		m.u.keyq_ok.hd = 2;
+		m.u.keyq_ok.starts = starts;
+		m.u.keyq_ok.scales = scales;
+		m.u.keyq_ok.codes = codes;
+		add_msg("keyq_ok", &m);
+	}
+
 	m = (ckv_ctl_msg){ .hdr = { .type = CKV_CTL_STATS, .id = 9 } };
 	add_msg("stats", &m);
 
@@ -280,7 +306,7 @@ static void build_hostile(void)
 	base("stats"); put32(0, 0x43564b44u); bad("magic off by one", EPROTO);
 	base("stats"); memcpy(mbuf, "GET ", 4); bad("text protocol", EPROTO);
 	base("stats"); put16(4, 0); bad("version 0", EPROTONOSUPPORT);
-	base("stats"); put16(4, 2); bad("version 2", EPROTONOSUPPORT);
+	base("stats"); put16(4, 3); bad("version 3", EPROTONOSUPPORT);
 	base("stats"); put16(4, 0xffff); bad("version 65535", EPROTONOSUPPORT);
 	base("stats"); put16(6, 0); bad("type 0", EBADMSG);
 	base("stats"); put16(6, 0x0077); bad("type 0x0077", EBADMSG);
@@ -290,6 +316,20 @@ static void build_hostile(void)
 	base("stats"); put32(8, 0xffffffffu); bad("length 4 GiB - 1", EMSGSIZE);
 
 	/* HELLO */
+	base("keyq"); put32(P + 12, 0); bad("KEYQ count 0", EINVAL);
+	base("keyq"); put32(P + 8, 0xffffffffu); bad("KEYQ first + count overflows", EINVAL);
+	base("keyq"); mlen = P + 12; fix_len(); bad("KEYQ short", EBADMSG);
+	base("keyq_ok"); put16(P + 8, 0); bad("KEYQ_OK bits 0", EINVAL);
+	base("keyq_ok"); put16(P + 8, 5); bad("KEYQ_OK bits 5", EINVAL);
+	base("keyq_ok"); put16(P + 10, 0); bad("KEYQ_OK nparts 0", EINVAL);
+	base("keyq_ok"); put16(P + 10, 4); bad("KEYQ_OK nparts past count", EINVAL);
+	base("keyq_ok"); put32(P + 16, 0); bad("KEYQ_OK hd 0", EINVAL);
+	base("keyq_ok"); put32(P + 12, 0); bad("KEYQ_OK per 0", EINVAL);
+	base("keyq_ok"); put32(P + 20, 5); bad("KEYQ_OK first part not at first", EINVAL);
+	base("keyq_ok"); put32(P + 24, 4); bad("KEYQ_OK parts not rising", EINVAL);
+	base("keyq_ok"); put32(P + 24, 7); bad("KEYQ_OK part past the range", EINVAL);
+	base("keyq_ok"); put32(P + 12, 4); bad("KEYQ_OK codes past the payload", EBADMSG);
+	base("keyq_ok"); mlen -= 1; fix_len(); bad("KEYQ_OK codes short", EBADMSG);
 	base("hello"); put16(P, 0); mlen = P + 8; fix_len(); bad("HELLO nversions 0", EINVAL);
 	base("hello"); put16(P, 17); bad("HELLO nversions 17", EINVAL);
 	base("hello"); put16(P, 4); bad("HELLO nversions past the payload", EBADMSG);
