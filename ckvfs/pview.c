@@ -305,7 +305,7 @@ int ckv_pview_keyq(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
 		if (fd < 0) {
 			rc = -errno;
 			snprintf(err, errlen, "%s: %s%s", rel, strerror(errno),
-				 errno == ENOENT ? " (a segment written before key copies: export and import the prefix again)" : "");
+				 errno == ENOENT ? " (a segment written before key copies: `ckv reindex STORE` writes them)" : "");
 			break;
 		}
 		if (pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) ||

@@ -138,8 +138,11 @@ typedef void (*ckv_verify_fn)(void *arg, const char *problem);
 int ckv_store_verify(ckv_store *s, const ckv_hash *h, ckv_verify_fn fn, void *arg,
 		     ckv_progress_fn progress, void *parg);
 
-/* Rebuild the index from the files. */
-int ckv_store_reindex(ckv_store *s, ckv_err *e);
+/*
+ * Rebuild the index from the files. Segments written before key copies
+ * existed get their keyq.bin; *keyq_written (may be NULL) counts them.
+ */
+int ckv_store_reindex(ckv_store *s, uint64_t *keyq_written, ckv_err *e);
 
 /* --- chunk access, for the engine and export --- */
 

@@ -2787,8 +2787,119 @@ int ckv_store_verify(ckv_store *s, const ckv_hash *h, ckv_verify_fn fn, void *ar
 
 /* ---- reindex ------------------------------------------------------------------------- */
 
+/*
+ * Write keyq.bin for a segment written before key copies existed (its
+ * tokens.bin says how many tokens it holds): the layer files are read
+ * twice, for the scales and for the codes, and the file appears by rename.
+ * 1 when written, 0 when it was there, or -errno.
+ */
+static int segment_keyq_fill(ckv_store *s, const char *segid, const ckv_geom *g)
+{
+	char dir[320], path[400], tmp[400], name[32];
+	uint64_t cb = g->chunk_bytes, per = ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS);
+	uint32_t c = g->chunk_tokens, run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
+	size_t HD = (size_t)g->kv_heads * g->head_dim;
+	uint64_t kql, ntok;
+	uint32_t chunks;
+	uint8_t *out = NULL, *buf = NULL, hdr[CKV_SIDE_HEADER];
+	double *sum = NULL;
+	uint16_t *scales = NULL;
+	ckv_side_header sh;
+	struct stat st;
+	int fd = -1, rc = 0;
+
+	ckv_segment_path(segid, dir, sizeof(dir));
+	snprintf(path, sizeof(path), "%s/keyq.bin", dir);
+	if (faccessat(s->dirfd, path, F_OK, 0) == 0)
+		return 0;
+	snprintf(tmp, sizeof(tmp), "%s/tokens.bin", dir);
+	if (fstatat(s->dirfd, tmp, &st, 0) < 0)
+		return -errno;
+	ntok = (uint64_t)st.st_size / 4;
+	chunks = (uint32_t)((ntok + c - 1) / c);
+	if (!chunks)
+		return -EUCLEAN;
+	kql = ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, chunks);
+	out = malloc(kql * g->layers);
+	buf = aligned_alloc(CKV_ALIGN, (size_t)run * cb);
+	sum = calloc(2 * HD, sizeof(*sum));
+	scales = malloc(sizeof(*scales) * 2 * HD);
+	if (!out || !buf || !sum || !scales) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	for (uint32_t l = 0; l < g->layers && rc == 0; l++) {
+		uint8_t *o = out + (size_t)l * kql;
+
+		ckv_layer_name(l, name);
+		snprintf(tmp, sizeof(tmp), "%s/%s", dir, name);
+		fd = openat(s->dirfd, tmp, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || fstat(fd, &st) < 0 || (uint64_t)st.st_size != chunks * cb) {
+			rc = fd < 0 ? -errno : -EUCLEAN;
+			break;
+		}
+		memset(sum, 0, sizeof(*sum) * 2 * HD);
+		for (int pass = 0; pass < 2 && rc == 0; pass++) {
+			for (uint32_t j = 0; j < chunks && rc == 0; j += run) {
+				uint32_t cnt = chunks - j < run ? chunks - j : run;
+
+				if (pread(fd, buf, (size_t)cnt * cb, (off_t)j * (off_t)cb) != (ssize_t)((size_t)cnt * cb)) {
+					rc = -EIO;
+					break;
+				}
+				for (uint32_t i = 0; i < cnt; i++) {
+					uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= ntok ? c : (uint32_t)(ntok - (uint64_t)jj * c);
+
+					if (pass == 0)
+						ckv_keyq_stats_add(g, buf + (size_t)i * cb, valid, sum, sum + HD);
+					else
+						ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, buf + (size_t)i * cb, valid,
+								o + 4 * HD + (size_t)jj * per);
+				}
+			}
+			if (pass == 0) {
+				ckv_keyq_scales(g, sum, sum + HD, ntok, scales);
+				for (size_t i = 0; i < 2 * HD; i++) {
+					o[2 * i] = (uint8_t)scales[i];
+					o[2 * i + 1] = (uint8_t)(scales[i] >> 8);
+				}
+			}
+		}
+		close(fd);
+		fd = -1;
+	}
+	if (rc)
+		goto out;
+	memset(&sh, 0, sizeof(sh));
+	memcpy(sh.magic, CKV_KEYQ_MAGIC, 8);
+	sh.version = CKV_FORMAT_VERSION;
+	sh.layers = g->layers;
+	sh.chunks = chunks;
+	sh.per_chunk = (uint32_t)per;
+	sh.reserved = CKV_KEYQ_BITS;
+	ckv_side_header_encode(&sh, hdr);
+	snprintf(tmp, sizeof(tmp), "%s/keyq.bin.tmp", dir);
+	unlinkat(s->dirfd, tmp, 0); /* a crashed attempt's */
+	rc = write_new_file(s, s->dirfd, dir, "keyq.bin.tmp", hdr, sizeof(hdr), out, kql * g->layers, NULL);
+	if (rc == 0 && renameat(s->dirfd, tmp, s->dirfd, path) < 0)
+		rc = -errno;
+	if (rc == 0)
+		rc = fsync_dir(s, s->dirfd, dir) < 0 ? -EIO : 1;
+	else
+		unlinkat(s->dirfd, tmp, 0);
+out:
+	if (fd >= 0)
+		close(fd);
+	free(out);
+	free(buf);
+	free(sum);
+	free(scales);
+	return rc;
+}
+
 /* Index one store record read from prefix/xx/<hash>.json (reindex). */
-static int reindex_one(ckv_store *s, MDB_txn *txn, const char *json, size_t len, const char *rel)
+static int reindex_one(ckv_store *s, MDB_txn *txn, const char *json, size_t len, const char *rel,
+		       uint64_t *keyq_written)
 {
 	ckv_manifest m;
 	uint32_t *tokens = NULL;
@@ -2835,6 +2946,12 @@ static int reindex_one(ckv_store *s, MDB_txn *txn, const char *json, size_t len,
 		}
 		if (x->first + (uint64_t)x->count > row.chunks)
 			goto out;
+		/* segments written before key copies existed get one */
+		rc = segment_keyq_fill(s, x->segment, &m.geom);
+		if (rc < 0)
+			goto out;
+		*keyq_written += (uint64_t)rc;
+		rc = 0;
 		buf = calloc(row.chunks, 16);
 		if (!buf) {
 			rc = -ENOMEM;
@@ -2908,6 +3025,7 @@ static int reindex_links(ckv_store *s, MDB_txn *txn)
 }
 
 struct reindex_walk {
+	uint64_t keyq_written;
 	ckv_store *s;
 	MDB_txn *txn;
 };
@@ -2923,14 +3041,15 @@ static int reindex_record(void *arg, const char *rel, const char *name)
 		return 0;
 	if (slurp_at(w->s->dirfd, rel, MANIFEST_MAX, &json, &len))
 		return 0;
-	rc = reindex_one(w->s, w->txn, json, len, rel);
+	rc = reindex_one(w->s, w->txn, json, len, rel, &w->keyq_written);
 	free(json);
 	return rc;
 }
 
-int ckv_store_reindex(ckv_store *s, ckv_err *e)
+int ckv_store_reindex(ckv_store *s, uint64_t *keyq_written, ckv_err *e)
 {
 	MDB_txn *txn;
+	uint64_t written = 0;
 	int rc;
 
 	if (flock(s->lockfd, LOCK_EX) < 0)
@@ -2947,8 +3066,9 @@ int ckv_store_reindex(ckv_store *s, ckv_err *e)
 		goto out_unlock;
 	}
 	{
-		struct reindex_walk w = { s, txn };
+		struct reindex_walk w = { .s = s, .txn = txn };
 		rc = walk_sharded(s, "prefix", reindex_record, &w);
+		written = w.keyq_written;
 	}
 	if (!rc)
 		rc = reindex_links(s, txn);
@@ -2961,6 +3081,8 @@ int ckv_store_reindex(ckv_store *s, ckv_err *e)
 	}
 	if ((rc = mdb_txn_commit(txn)))
 		rc = ckv_errf(e, mdb_errno(rc), "%s: index: cannot commit: %s", s->path, mdb_strerror(rc));
+	if (keyq_written)
+		*keyq_written = written;
 out_unlock:
 	flock(s->lockfd, LOCK_UN);
 	return rc;

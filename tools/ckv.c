@@ -1234,11 +1234,12 @@ static int cmd_reindex(int argc, char **argv)
 {
 	ckv_store *s;
 	ckv_err e;
-	uint64_t gen, n;
+	uint64_t gen, n, kq = 0;
 	int c, rc;
 	while ((c = getopt(argc, argv, "h")) != -1) {
 		if (c == 'h') {
-			printf("usage: ckv reindex STORE\n\nRebuild the LMDB index from the manifest and segment files.\n");
+			printf("usage: ckv reindex STORE\n\nRebuild the LMDB index from the manifest and segment files.\n"
+			       "Segments written before key copies (keyq.bin) existed get one.\n");
 			return 0;
 		}
 		return usage_err("reindex", "unknown option");
@@ -1247,13 +1248,15 @@ static int cmd_reindex(int argc, char **argv)
 		return usage_err("reindex", "expected one argument: STORE");
 	if ((rc = ckv_store_open_rebuild(argv[optind], &s, &e)))
 		return fail("reindex", "%s", e.msg);
-	rc = ckv_store_reindex(s, &e);
+	rc = ckv_store_reindex(s, &kq, &e);
 	if (rc == 0)
 		ckv_store_generation(s, &gen, &n);
 	ckv_store_close(s);
 	if (rc < 0)
 		return fail("reindex", "%s", e.msg);
 	printf("indexed %" PRIu64 " prefixes\n", n);
+	if (kq)
+		printf("wrote key copies (keyq.bin) for %" PRIu64 " segments\n", kq);
 	return 0;
 }
 

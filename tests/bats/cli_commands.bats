@@ -447,3 +447,28 @@ $P"
 	assert_equal "$output" "indexed 2 prefixes"
 	assert_equal "$("$CKV" ls "$T/store")" "$before"
 }
+
+@test "reindex writes the key copies of segments that have none, as an import writes them" {
+	copy_store
+	mkdir "$T/orig"
+	n=0
+	for f in "$T"/store/seg/*/*/keyq.bin; do
+		n=$((n + 1))
+		cp "$f" "$T/orig/$n"
+		rm -f "$f"
+	done
+	[ "$n" -ge 2 ]
+	run -0 --separate-stderr "$CKV" reindex "$T/store"
+	assert_equal "$output" "indexed 2 prefixes
+wrote key copies (keyq.bin) for $n segments"
+	n=0
+	for f in "$T"/store/seg/*/*/keyq.bin; do
+		n=$((n + 1))
+		cmp "$f" "$T/orig/$n"
+	done
+	[ -z "$(find "$T/store/seg" -name '*.tmp')" ]
+	# nothing left to write: the plain answer again
+	run -0 "$CKV" reindex "$T/store"
+	assert_equal "$output" "indexed 2 prefixes"
+	run -0 "$CKV" verify "$T/store"
+}

@@ -555,7 +555,7 @@ static void check_errors(void)
 		l = tl_loader(t.dir, 8 << 20, 0);
 		CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
 		CHECK(ckv_keyq_scores(p, 0, q, NULL, 1, 4, sc) == -ENOENT);
-		CHECK(strstr(ckv_loader_error(l), "keyq.bin") && strstr(ckv_loader_error(l), "import the prefix again"));
+		CHECK(strstr(ckv_loader_error(l), "keyq.bin") && strstr(ckv_loader_error(l), "ckv reindex"));
 		CHECK_RC(ckv_pipeline_open(p, &k, &pl), l);
 		CHECK(ckv_pipeline_layer(pl, 0, q, &v) == -ENOENT);
 		CHECK(strstr(ckv_loader_error(l), "keyq.bin"));

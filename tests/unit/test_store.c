@@ -185,7 +185,7 @@ int main(void)
 	n = 0;
 	ckv_store_list(s, count_cb, &n);
 	CHECK(n == 0);
-	if (ckv_store_reindex(s, &e) != 0) {
+	if (ckv_store_reindex(s, NULL, &e) != 0) {
 		fprintf(stderr, "reindex: %s\n", e.msg);
 		failures++;
 	}
