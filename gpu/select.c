@@ -13,8 +13,10 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "loader_int.h"
 
@@ -391,13 +393,13 @@ static void keyq_unpack(const ckv_shape *sh, const struct ckv_keyq *kq, float *k
 		}
 }
 
-/* lg[r][s] = q_r . k_s for RB rows and the slots [s0, s0 + ns) of one head. */
+/* lg[r][s] (rows lgs apart) = q_r . k_s for RB rows and the slots [s0, s0 + ns) of one head. */
 __attribute__((optimize("tree-vectorize"))) static void
 keyq_dots(const float *const *q, uint32_t nr, const float *kt, size_t slots, uint32_t D, size_t s0,
-	  uint32_t ns, float *lg)
+	  uint32_t ns, float *lg, size_t lgs)
 {
 	for (uint32_t r = 0; r < nr; r++) {
-		float *o = lg + (size_t)r * KQ_SB;
+		float *o = lg + (size_t)r * lgs;
 
 		memset(o, 0, sizeof(*o) * ns);
 		for (uint32_t d = 0; d < D; d++) {
@@ -409,105 +411,170 @@ keyq_dots(const float *const *q, uint32_t nr, const float *kt, size_t slots, uin
 	}
 }
 
+/* One scorer thread's share: row blocks k = first, first + step, ... of (kv head, rows). */
+struct kq_work {
+	const ckv_shape *sh;
+	const float *kt, *query, *keys;
+	uint32_t q_tokens, q_heads, first, step;
+	size_t lgs;  /* row stride of lg: a slot block, at least one chunk */
+	float *lg, *clse;
+	double *acc; /* [m], this thread's sums */
+};
+
+static void *kq_worker(void *arg)
+{
+	struct kq_work *w = arg;
+	const ckv_shape *sh = w->sh;
+	uint32_t H = sh->kv_heads, D = sh->head_dim, c = sh->chunk_tokens, m = sh->chunks;
+	uint32_t g = w->q_heads / H, rows = w->q_tokens * g, rblocks = (rows + KQ_RB - 1) / KQ_RB;
+	uint32_t cpb = KQ_SB / c ? KQ_SB / c : 1; /* chunks per slot block */
+	size_t slots = (size_t)m * c;
+	const float inv = (float)(1.0 / sqrt((double)D));
+
+	for (uint32_t k = w->first; k < H * rblocks; k += w->step) {
+		uint32_t h = k / rblocks, r0 = (k % rblocks) * KQ_RB;
+		uint32_t nr = rows - r0 < KQ_RB ? rows - r0 : KQ_RB;
+		const float *kth = w->kt + (size_t)h * D * slots;
+		const float *q[KQ_RB];
+		uint32_t tok[KQ_RB];
+
+		/* row r: token r / g, query head h * g + r % g */
+		for (uint32_t r = 0; r < nr; r++) {
+			tok[r] = (r0 + r) / g;
+			q[r] = w->query + ((size_t)tok[r] * w->q_heads + (size_t)h * g + (r0 + r) % g) * D;
+		}
+		/* log-sum-exp of each chunk's valid slots, per row */
+		for (uint32_t j0 = 0; j0 < m; j0 += cpb) {
+			uint32_t nj = m - j0 < cpb ? m - j0 : cpb;
+
+			keyq_dots(q, nr, kth, slots, D, (size_t)j0 * c, nj * c, w->lg, w->lgs);
+			for (uint32_t r = 0; r < nr; r++)
+				for (uint32_t jj = 0; jj < nj; jj++) {
+					uint32_t j = j0 + jj;
+					uint64_t lo = (uint64_t)j * c;
+					uint32_t valid = lo + c <= sh->tokens ? c :
+							 sh->tokens > lo ? (uint32_t)(sh->tokens - lo) : 0;
+					const float *x = w->lg + (size_t)r * w->lgs + (size_t)jj * c;
+					float mx = -INFINITY, sum = 0;
+
+					for (uint32_t s = 0; s < valid; s++)
+						mx = fmaxf(mx, x[s] * inv);
+					for (uint32_t s = 0; s < valid; s++)
+						sum += expf(x[s] * inv - mx);
+					w->clse[(size_t)r * m + j] = valid ? mx + logf(sum) : -INFINITY;
+				}
+		}
+		/* each row's softmax over the chunks and the new tokens up to its own */
+		for (uint32_t r = 0; r < nr; r++) {
+			const float *cl = w->clse + (size_t)r * m;
+			uint32_t nsuf = w->keys ? tok[r] + 1 : 0;
+			double mx = -INFINITY, tot = 0, lse;
+
+			for (uint32_t j = 0; j < m; j++)
+				mx = fmax(mx, cl[j]);
+			for (uint32_t t = 0; t < nsuf; t++) {
+				const float *kk = w->keys + ((size_t)t * H + h) * D;
+				float dot = 0;
+
+				for (uint32_t d = 0; d < D; d++)
+					dot += q[r][d] * kk[d];
+				mx = fmax(mx, dot * inv);
+			}
+			if (mx == -INFINITY)
+				continue;
+			for (uint32_t j = 0; j < m; j++)
+				tot += exp(cl[j] - mx);
+			for (uint32_t t = 0; t < nsuf; t++) {
+				const float *kk = w->keys + ((size_t)t * H + h) * D;
+				float dot = 0;
+
+				for (uint32_t d = 0; d < D; d++)
+					dot += q[r][d] * kk[d];
+				tot += exp(dot * inv - mx);
+			}
+			lse = mx + log(tot);
+			for (uint32_t j = 0; j < m; j++)
+				w->acc[j] += exp(cl[j] - lse);
+		}
+	}
+	return NULL;
+}
+
+#define KQ_MAX_THREADS 16
+#define KQ_MACS_PER_THREAD (16u << 20) /* below this much work a thread is not worth starting */
+
+/*
+ * Threads: one per 16 M multiply-adds, at most the CPUs online (16); row
+ * blocks go to threads round-robin and each thread sums into its own
+ * array, added in thread order, so a given thread count gives the same
+ * floats every run.
+ */
 int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const float *query,
 		      const float *keys, uint32_t q_tokens, uint32_t q_heads, float *scores)
 {
 	uint32_t H = sh->kv_heads, D = sh->head_dim, c = sh->chunk_tokens, m = sh->chunks;
-	uint32_t g = q_heads / H, rows = q_tokens * g;
-	uint32_t cpb = KQ_SB / c ? KQ_SB / c : 1; /* chunks per slot block */
-	size_t slots = (size_t)m * c;
-	const float inv = (float)(1.0 / sqrt((double)D));
-	float *kt = malloc(sizeof(float) * slots * H * D);
+	uint32_t rows = q_tokens * (q_heads / H), nblocks = H * ((rows + KQ_RB - 1) / KQ_RB);
+	uint32_t cpb = KQ_SB / c ? KQ_SB / c : 1;
+	size_t slots = (size_t)m * c, lgs = cpb * c > KQ_SB ? cpb * c : KQ_SB;
+	double macs = (double)rows * H * slots * D;
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	uint32_t nt = (uint32_t)(macs / KQ_MACS_PER_THREAD) + 1;
+	struct kq_work w[KQ_MAX_THREADS];
+	pthread_t th[KQ_MAX_THREADS];
+	float *kt = malloc(sizeof(float) * (slots ? slots : 1) * H * D);
 	float *tmp = malloc(sizeof(float) * H * c * D);
-	float *lg = malloc(sizeof(float) * KQ_RB * KQ_SB * (cpb * c > KQ_SB ? cpb * c / KQ_SB + 1 : 1));
-	float *clse = malloc(sizeof(float) * KQ_RB * (m ? m : 1));
-	double *acc = calloc(m ? m : 1, sizeof(double));
+	int rc = 0;
 
-	if (!kt || !tmp || !lg || !clse || !acc) {
-		free(kt);
-		free(tmp);
-		free(lg);
-		free(clse);
-		free(acc);
-		return -ENOMEM;
+	if (nt > (uint32_t)(ncpu > 0 ? ncpu : 1))
+		nt = (uint32_t)(ncpu > 0 ? ncpu : 1);
+	if (nt > KQ_MAX_THREADS)
+		nt = KQ_MAX_THREADS;
+	if (nt > nblocks)
+		nt = nblocks ? nblocks : 1;
+	memset(w, 0, sizeof(w));
+	for (uint32_t t = 0; t < nt; t++) {
+		w[t] = (struct kq_work){ .sh = sh, .kt = kt, .query = query, .keys = keys,
+					 .q_tokens = q_tokens, .q_heads = q_heads, .first = t, .step = nt,
+					 .lgs = lgs };
+		w[t].lg = malloc(sizeof(float) * KQ_RB * lgs);
+		w[t].clse = malloc(sizeof(float) * KQ_RB * (m ? m : 1));
+		w[t].acc = calloc(m ? m : 1, sizeof(double));
+		if (!w[t].lg || !w[t].clse || !w[t].acc)
+			rc = -ENOMEM;
 	}
-	keyq_unpack(sh, kq, kt, tmp);
-	for (uint32_t h = 0; h < H; h++) {
-		const float *kth = kt + (size_t)h * D * slots;
+	if (!kt || !tmp || rc)
+		rc = -ENOMEM;
+	if (rc == 0) {
+		uint32_t started = 0;
 
-		for (uint32_t r0 = 0; r0 < rows; r0 += KQ_RB) {
-			uint32_t nr = rows - r0 < KQ_RB ? rows - r0 : KQ_RB;
-			const float *q[KQ_RB];
-			uint32_t tok[KQ_RB];
+		keyq_unpack(sh, kq, kt, tmp);
+		for (uint32_t t = 1; t < nt; t++) {
+			if (pthread_create(&th[t], NULL, kq_worker, &w[t]) != 0)
+				break;
+			started = t;
+		}
+		/* threads that did not start: their blocks run here, in order */
+		for (uint32_t t = started + 1; t < nt; t++)
+			kq_worker(&w[t]);
+		kq_worker(&w[0]);
+		for (uint32_t t = 1; t <= started; t++)
+			pthread_join(th[t], NULL);
+		for (uint32_t j = 0; j < m; j++) {
+			double sum = 0;
 
-			/* row r: token r / g, query head h * g + r % g */
-			for (uint32_t r = 0; r < nr; r++) {
-				tok[r] = (r0 + r) / g;
-				q[r] = query + ((size_t)tok[r] * q_heads + (size_t)h * g + (r0 + r) % g) * D;
-			}
-			/* log-sum-exp of each chunk's valid slots, per row */
-			for (uint32_t j0 = 0; j0 < m; j0 += cpb) {
-				uint32_t nj = m - j0 < cpb ? m - j0 : cpb;
-
-				keyq_dots(q, nr, kth, slots, D, (size_t)j0 * c, nj * c, lg);
-				for (uint32_t r = 0; r < nr; r++)
-					for (uint32_t jj = 0; jj < nj; jj++) {
-						uint32_t j = j0 + jj;
-						uint64_t lo = (uint64_t)j * c;
-						uint32_t valid = lo + c <= sh->tokens ? c :
-								 sh->tokens > lo ? (uint32_t)(sh->tokens - lo) : 0;
-						const float *x = lg + (size_t)r * KQ_SB + (size_t)jj * c;
-						float mx = -INFINITY, sum = 0;
-
-						for (uint32_t s = 0; s < valid; s++)
-							mx = fmaxf(mx, x[s] * inv);
-						for (uint32_t s = 0; s < valid; s++)
-							sum += expf(x[s] * inv - mx);
-						clse[(size_t)r * m + j] = valid ? mx + logf(sum) : -INFINITY;
-					}
-			}
-			/* each row's softmax over the chunks and the new tokens up to its own */
-			for (uint32_t r = 0; r < nr; r++) {
-				const float *cl = clse + (size_t)r * m;
-				uint32_t nsuf = keys ? tok[r] + 1 : 0;
-				double mx = -INFINITY, tot = 0, lse;
-
-				for (uint32_t j = 0; j < m; j++)
-					mx = fmax(mx, cl[j]);
-				for (uint32_t t = 0; t < nsuf; t++) {
-					const float *k = keys + ((size_t)t * H + h) * D;
-					float dot = 0;
-
-					for (uint32_t d = 0; d < D; d++)
-						dot += q[r][d] * k[d];
-					mx = fmax(mx, dot * inv);
-				}
-				if (mx == -INFINITY)
-					continue;
-				for (uint32_t j = 0; j < m; j++)
-					tot += exp(cl[j] - mx);
-				for (uint32_t t = 0; t < nsuf; t++) {
-					const float *k = keys + ((size_t)t * H + h) * D;
-					float dot = 0;
-
-					for (uint32_t d = 0; d < D; d++)
-						dot += q[r][d] * k[d];
-					tot += exp(dot * inv - mx);
-				}
-				lse = mx + log(tot);
-				for (uint32_t j = 0; j < m; j++)
-					acc[j] += exp(cl[j] - lse);
-			}
+			for (uint32_t t = 0; t < nt; t++)
+				sum += w[t].acc[j];
+			scores[j] = (float)sum;
 		}
 	}
-	for (uint32_t j = 0; j < m; j++)
-		scores[j] = (float)acc[j];
+	for (uint32_t t = 0; t < nt; t++) {
+		free(w[t].lg);
+		free(w[t].clse);
+		free(w[t].acc);
+	}
 	free(kt);
 	free(tmp);
-	free(lg);
-	free(clse);
-	free(acc);
-	return 0;
+	return rc;
 }
 
 int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,

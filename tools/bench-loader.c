@@ -26,6 +26,12 @@
  * copy. Read amplification of the cold loader (bytes its engine read from
  * disk over the bytes selected) is printed too; it must be 1.00.
  *
+ * Identification cost, per layer (median of R, random queries and keys of
+ * --score-tokens new tokens, --q-per-kv query heads per kv head): scores
+ * from the key digests (ckv_digest_scores) and by attention mass over the
+ * 3-bit key copy (ckv_keyq_scores), beside the time the cold loader took
+ * per layer: what an identification costs next to the I/O it decides.
+ *
  * Exit status: 0 ok, 1 failure, 2 usage.
  */
 #include <errno.h>
@@ -62,6 +68,8 @@ struct opts {
 	uint32_t layers;
 	unsigned qd;         /* raw reader queue depth */
 	uint64_t seed;
+	uint32_t score_tokens; /* new tokens whose queries identification scores */
+	uint32_t q_per_kv;     /* query heads per kv head */
 };
 
 struct bench {
@@ -494,8 +502,78 @@ static void usage(FILE *to)
 		"  -r, --runs R       runs of each measurement, median reported (default 3)\n"
 		"  --layers L         fetch the first L layers only (default all)\n"
 		"  --qd N             raw reader queue depth (default 128, the engine's)\n"
+		"  --score-tokens N   new tokens scored in the identification table (default 16)\n"
+		"  --q-per-kv N       query heads per kv head there (default 7, Qwen2.5-7B's)\n"
 		"  --ckv PATH         the ckv tool (default: next to this program, or $CKV)\n"
 		"  -h, --help         this text;  -V, --version  the version\n");
+}
+
+/* xorshift64* floats in [-1, 1) */
+static float rnd(uint64_t *x)
+{
+	*x ^= *x >> 12;
+	*x ^= *x << 25;
+	*x ^= *x >> 27;
+	return (float)((*x * 2685821657736338717ull) >> 40) / (float)(1u << 23) - 1.0f;
+}
+
+/* Identification per layer: digest scores vs key-copy scores, beside a cold layer's fetch. */
+static int score_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, double layer_s)
+{
+	uint32_t T = b->o.score_tokens, qh = b->g.kv_heads * b->o.q_per_kv, D = b->g.head_dim;
+	float *q = malloc(sizeof(float) * T * qh * D), *k = malloc(sizeof(float) * T * b->g.kv_heads * D);
+	float *sc = malloc(sizeof(float) * b->mchunks);
+	double td[MAX_RUNS], tk[MAX_RUNS], dig, kq;
+	uint64_t x = 0x9e3779b97f4a7c15ull;
+	int rc = 0;
+
+	if (!q || !k || !sc) {
+		rc = fail("out of memory");
+		goto out;
+	}
+	for (size_t i = 0; i < (size_t)T * qh * D; i++)
+		q[i] = rnd(&x);
+	for (size_t i = 0; i < (size_t)T * b->g.kv_heads * D; i++)
+		k[i] = rnd(&x);
+	for (int r = 0; r < b->o.runs && rc == 0; r++) {
+		uint32_t layer = (uint32_t)r % b->L;
+		double t0 = now_s();
+
+		if (ckv_digest_scores(p, layer, q, T, qh, sc) < 0) {
+			rc = fail("digest scores: %s", ckv_loader_error(l));
+			break;
+		}
+		td[r] = now_s() - t0;
+		t0 = now_s();
+		if (ckv_keyq_scores(p, layer, q, k, T, qh, sc) < 0) {
+			rc = fail("key-copy scores: %s", ckv_loader_error(l));
+			break;
+		}
+		tk[r] = now_s() - t0;
+	}
+	if (rc)
+		goto out;
+	dig = median(td, b->o.runs);
+	kq = median(tk, b->o.runs);
+	printf("identification per layer, %u new tokens x %u query heads, %u chunks (median of %d):\n",
+	       T, qh, b->mchunks, b->o.runs);
+	printf("| %-38s | %9s | %-22s |\n", "what", "time ms", "ratio");
+	printf("|%s|%s|%s|\n", "----------------------------------------", "-----------",
+	       "------------------------");
+	printf("| %-38s | %9.3f | %-22s |\n", "loader cold, one layer's fetch", layer_s * 1e3, "1.00");
+	{
+		char rd[32], rk[32];
+
+		snprintf(rd, sizeof(rd), "%.3f of a fetch", dig / layer_s);
+		snprintf(rk, sizeof(rk), "%.3f of a fetch", kq / layer_s);
+		printf("| %-38s | %9.3f | %-22s |\n", "digest scores (digest.bin)", dig * 1e3, rd);
+		printf("| %-38s | %9.3f | %-22s |\n", "key-copy mass scores (keyq.bin)", kq * 1e3, rk);
+	}
+out:
+	free(q);
+	free(k);
+	free(sc);
+	return rc;
 }
 
 int main(int argc, char **argv)
@@ -506,12 +584,13 @@ int main(int argc, char **argv)
 		{ "backend", required_argument, NULL, 'B' }, { "runs", required_argument, NULL, 'r' },
 		{ "layers", required_argument, NULL, 'L' }, { "ckv", required_argument, NULL, 'C' },
 		{ "qd", required_argument, NULL, 'Q' },
+		{ "score-tokens", required_argument, NULL, 'S' }, { "q-per-kv", required_argument, NULL, 'G' },
 		{ "help", no_argument, NULL, 'h' }, { "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct bench b = { .o = { .model = "qwen2.5-7b", .tokens = 16384, .budget = 0.1,
 				  .backend = CKV_BACKEND_AUTO, .runs = 3, .seed = 1,
-				  .qd = RAW_QD_DEFAULT } };
+				  .qd = RAW_QD_DEFAULT, .score_tokens = 16, .q_per_kv = 7 } };
 	double t_raw[MAX_RUNS], t_cold[MAX_RUNS], t_layer[MAX_RUNS], t_warm[MAX_RUNS], t_copy[MAX_RUNS];
 	double amp = 0, raw, cold, layer, warm, copy;
 	const char *ckv = NULL;
@@ -571,6 +650,16 @@ int main(int argc, char **argv)
 			b.o.qd = (unsigned)strtoul(optarg, &end, 10);
 			if (*end || b.o.qd < 1 || b.o.qd > 4096)
 				return fprintf(stderr, "bench-loader: --qd %s: expected 1..4096\n", optarg), EXIT_USAGE;
+			break;
+		case 'S':
+			b.o.score_tokens = (uint32_t)strtoul(optarg, &end, 10);
+			if (*end || b.o.score_tokens < 1 || b.o.score_tokens > 65536)
+				return fprintf(stderr, "bench-loader: --score-tokens %s: expected 1..65536\n", optarg), EXIT_USAGE;
+			break;
+		case 'G':
+			b.o.q_per_kv = (uint32_t)strtoul(optarg, &end, 10);
+			if (*end || b.o.q_per_kv < 1 || b.o.q_per_kv > 64)
+				return fprintf(stderr, "bench-loader: --q-per-kv %s: expected 1..64\n", optarg), EXIT_USAGE;
 			break;
 		case 'h':
 			usage(stdout);
@@ -724,6 +813,8 @@ int main(int argc, char **argv)
 		       warm * 1e3, gb / warm, copy / warm);
 		printf("read amplification of the cold loader: %.3f (bytes read from disk / bytes selected)\n", amp);
 	}
+	if (score_table(&b, l, p, layer / b.L))
+		goto out;
 	rc = amp > 0.999 && amp < 1.001 ? 0 : fail("read amplification %.3f, expected 1.000", amp);
 out:
 	if (dev && l)

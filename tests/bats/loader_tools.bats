@@ -66,6 +66,9 @@ demo_store() {
 	assert_output_contains "| loader cold, all layers in flight"
 	assert_output_contains "| loader warm (arena hits)"
 	assert_output_contains "read amplification of the cold loader: 1.000"
+	assert_output_contains "identification per layer, 16 new tokens x 14 query heads"
+	assert_output_contains "| digest scores (digest.bin)"
+	assert_output_contains "| key-copy mass scores (keyq.bin)"
 	# a second run reuses the generated store
 	run "$BENCH" --ckv "$CKV" -m qwen2.5-0.5b -n 4096 -r 1 --backend host --plant 0.1 "$T/w"
 	assert_success
