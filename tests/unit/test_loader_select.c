@@ -11,6 +11,7 @@
 #include <libgen.h>
 
 #include "test_loader_util.h"
+#include "loader_int.h"
 
 static void check_topk(void)
 {
@@ -261,6 +262,158 @@ static void check_planted(const char *ckv, const char *preset, uint32_t tokens, 
 	CHECK(system(cmd) == 0);
 }
 
+/*
+ * Key-copy mass scores (ckv_keyq_mass_cpu, what ckv_keyq_scores and the
+ * pipeline's score=keyq run) against the definition computed here in
+ * double from the decoded keys: for odd geometries (GQA, a chunk longer
+ * than the scorer's slot block, a partial last chunk, several parts with
+ * their own scales), with and without the new tokens' keys, and with
+ * enough work for several threads.
+ */
+static void keyq_ref(const ckv_shape *sh, const struct ckv_keyq *kq, const float *q,
+		     const float *keys, uint32_t T, uint32_t qh, double *out)
+{
+	uint32_t H = sh->kv_heads, D = sh->head_dim, c = sh->chunk_tokens, m = sh->chunks, g = qh / H;
+	ckv_geom geo = { .kv_heads = H, .head_dim = D, .chunk_tokens = c };
+	float *k = malloc(sizeof(float) * m * H * c * D);
+	double *lg = malloc(sizeof(double) * (m * c + T));
+
+	CHECK(k && lg);
+	for (uint32_t x = 0; x < kq->nparts; x++)
+		for (uint32_t j = kq->first[x]; j < kq->first[x + 1]; j++)
+			ckv_keyq_decode(&geo, kq->bits, kq->scales + 2ull * H * D * x, kq->codes + j * kq->per,
+					k + (size_t)j * H * c * D);
+	for (uint32_t j = 0; j < m; j++)
+		out[j] = 0;
+	for (uint32_t t = 0; t < T; t++)
+		for (uint32_t hq = 0; hq < qh; hq++) {
+			const float *qq = q + ((size_t)t * qh + hq) * D;
+			uint32_t h = hq / g, n = 0;
+			double mx = -INFINITY, tot = 0;
+
+			for (uint32_t j = 0; j < m; j++)
+				for (uint32_t s = 0; s < c && j * c + s < sh->tokens; s++) {
+					const float *kk = k + (((size_t)j * H + h) * c + s) * D;
+					double d = 0;
+
+					for (uint32_t x = 0; x < D; x++)
+						d += (double)qq[x] * kk[x];
+					lg[n++] = d / sqrt((double)D);
+				}
+			for (uint32_t u = 0; keys && u <= t; u++) {
+				const float *kk = keys + ((size_t)u * H + h) * D;
+				double d = 0;
+
+				for (uint32_t x = 0; x < D; x++)
+					d += (double)qq[x] * kk[x];
+				lg[n++] = d / sqrt((double)D);
+			}
+			for (uint32_t i = 0; i < n; i++)
+				mx = fmax(mx, lg[i]);
+			for (uint32_t i = 0; i < n; i++)
+				tot += exp(lg[i] - mx);
+			n = 0;
+			for (uint32_t j = 0; j < m; j++)
+				for (uint32_t s = 0; s < c && j * c + s < sh->tokens; s++)
+					out[j] += exp(lg[n++] - mx) / tot;
+		}
+	free(k);
+	free(lg);
+}
+
+static void check_keyq_mass(void)
+{
+	static const struct {
+		uint32_t H, D, c, tokens, parts, T, qh;
+	} cases[] = {
+		{ 2, 64, 16, 1000, 1, 4, 14 },   /* Qwen2.5-0.5B heads, partial last chunk */
+		{ 3, 24, 512, 1300, 2, 3, 6 },   /* chunks longer than a slot block */
+		{ 1, 8, 7, 50, 3, 5, 1 },        /* odd chunk, three segments' scales */
+		{ 4, 32, 16, 8192, 2, 64, 28 },  /* enough work for several threads */
+	};
+	uint64_t seed = 77;
+
+	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+		ckv_shape sh = { .kv_heads = cases[ci].H, .head_dim = cases[ci].D,
+				 .chunk_tokens = cases[ci].c, .tokens = cases[ci].tokens };
+		ckv_geom geo = { .kv_heads = sh.kv_heads, .head_dim = sh.head_dim,
+				 .chunk_tokens = sh.chunk_tokens, .dtype = CKV_DTYPE_FP32 };
+		uint32_t m = (sh.tokens + sh.chunk_tokens - 1) / sh.chunk_tokens, T = cases[ci].T;
+		uint32_t qh = cases[ci].qh, np = cases[ci].parts, HD = sh.kv_heads * sh.head_dim;
+		size_t chunk = (size_t)HD * sh.chunk_tokens;
+		struct ckv_keyq kq = { .bits = CKV_KEYQ_BITS, .nparts = np };
+		float *keys = tl_query(&seed, m * sh.chunk_tokens, sh.kv_heads, sh.head_dim); /* [m][chunk] */
+		float *q = tl_query(&seed, T, qh, sh.head_dim), *nk = tl_query(&seed, T, sh.kv_heads, sh.head_dim);
+		float *got = malloc(sizeof(float) * m), *kc = malloc(sizeof(float) * chunk);
+		double *want = malloc(sizeof(double) * m), worst = 0;
+
+		sh.chunks = m;
+		kq.per = ckv_keyq_chunk_bytes(&geo, kq.bits);
+		kq.first = malloc(sizeof(*kq.first) * (np + 1));
+		kq.scales = malloc(sizeof(*kq.scales) * 2 * HD * np);
+		kq.codes = malloc(kq.per * m);
+		CHECK(keys && q && nk && got && kc && want && kq.first && kq.scales && kq.codes);
+		/* parts: equal runs of chunks, each with the scales of its own keys */
+		for (uint32_t x = 0; x <= np; x++)
+			kq.first[x] = (uint32_t)((uint64_t)m * x / np);
+		for (uint32_t x = 0; x < np; x++) {
+			double *sum = calloc(2 * HD, sizeof(double));
+			uint64_t ntok = 0;
+
+			CHECK(sum);
+			for (uint32_t j = kq.first[x]; j < kq.first[x + 1]; j++) {
+				uint32_t valid = (j + 1) * sh.chunk_tokens <= sh.tokens ? sh.chunk_tokens :
+										       sh.tokens - j * sh.chunk_tokens;
+
+				/* chunk j's keys (a K half's layout), each part at its own scale and offset */
+				for (size_t i = 0; i < chunk; i++)
+					kc[i] = 3.0f * keys[(size_t)j * chunk + i] * (float)(1 + x) + 0.5f * (float)(i % 3);
+				ckv_keyq_stats_add(&geo, kc, valid, sum, sum + HD);
+				ntok += valid;
+			}
+			ckv_keyq_scales(&geo, sum, sum + HD, ntok, kq.scales + 2 * HD * x);
+			for (uint32_t j = kq.first[x]; j < kq.first[x + 1]; j++) {
+				uint32_t valid = (j + 1) * sh.chunk_tokens <= sh.tokens ? sh.chunk_tokens :
+										       sh.tokens - j * sh.chunk_tokens;
+
+				for (size_t i = 0; i < chunk; i++)
+					kc[i] = 3.0f * keys[(size_t)j * chunk + i] * (float)(1 + x) + 0.5f * (float)(i % 3);
+				ckv_keyq_encode(&geo, kq.bits, kq.scales + 2 * HD * x, kc, valid, kq.codes + j * kq.per);
+			}
+			free(sum);
+		}
+		for (int with = 0; with < 2; with++) {
+			double total = 0;
+
+			CHECK(ckv_keyq_mass_cpu(&sh, &kq, q, with ? nk : NULL, T, qh, got) == 0);
+			keyq_ref(&sh, &kq, q, with ? nk : NULL, T, qh, want);
+			for (uint32_t j = 0; j < m; j++) {
+				double err = fabs(got[j] - want[j]) / (fabs(want[j]) + 1e-6);
+
+				worst = err > worst ? err : worst;
+				total += got[j];
+				if (err > 2e-4)
+					fprintf(stderr, "keyq case %zu chunk %u: %g, want %g\n", ci, j, got[j], want[j]);
+				CHECK(err <= 2e-4);
+			}
+			/* every query row's weights sum to 1 over the prefix alone */
+			if (!with)
+				CHECK(fabs(total - (double)T * qh) < 1e-3 * T * qh);
+			else
+				CHECK(total < (double)T * qh);
+		}
+		printf("keyq mass: H %u D %u c %u, %u tokens in %u parts, %u x %u queries: worst relative error %.2e\n",
+		       sh.kv_heads, sh.head_dim, sh.chunk_tokens, sh.tokens, np, T, qh, worst);
+		ckv_keyq_free(&kq);
+		free(keys);
+		free(q);
+		free(nk);
+		free(got);
+		free(kc);
+		free(want);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	const char *ckv = ckv_tool(argv[0]);
@@ -268,6 +421,7 @@ int main(int argc, char **argv)
 	(void)argc;
 	check_topk();
 	check_scores();
+	check_keyq_mass();
 	if (access(ckv, X_OK) != 0) {
 		fprintf(stderr, "%s: not found (set CKV_BUILD)\n", ckv);
 		return 1;
