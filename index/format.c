@@ -483,21 +483,44 @@ uint64_t ckv_keyq_layer_bytes(const ckv_geom *g, unsigned bits, uint32_t chunks)
 	return 4ull * g->kv_heads * g->head_dim + (uint64_t)chunks * ckv_keyq_chunk_bytes(g, bits);
 }
 
-void ckv_keyq_stats_add(const ckv_geom *g, const void *chunk, uint32_t valid, double *sum,
-			double *sumsq)
+#define KQ_TILE 256 /* head dimensions converted at a time */
+
+/* n elements of a key row as fp32 (bf16: a shift; others through ckv_dtype_to_f32). */
+static inline void row_to_f32(ckv_dtype dt, const uint8_t *row, uint32_t n, float *out)
+{
+	if (dt == CKV_DTYPE_BF16) {
+		for (uint32_t d = 0; d < n; d++) {
+			uint16_t h;
+
+			memcpy(&h, row + 2 * (size_t)d, 2);
+			out[d] = f32_from_bits((uint32_t)h << 16);
+		}
+		return;
+	}
+	for (uint32_t d = 0; d < n; d++)
+		out[d] = ckv_dtype_to_f32(dt, row + (size_t)d * ckv_dtype_size(dt));
+}
+
+__attribute__((optimize("tree-vectorize"))) void
+ckv_keyq_stats_add(const ckv_geom *g, const void *chunk, uint32_t valid, double *sum, double *sumsq)
 {
 	unsigned es = ckv_dtype_size(g->dtype);
 	uint32_t D = g->head_dim, c = g->chunk_tokens;
+	float x[KQ_TILE];
 
 	for (uint32_t h = 0; h < g->kv_heads; h++)
 		for (uint32_t t = 0; t < valid; t++) {
 			const uint8_t *row = (const uint8_t *)chunk + (((size_t)h * c + t) * D) * es;
 
-			for (uint32_t d = 0; d < D; d++) {
-				double x = ckv_dtype_to_f32(g->dtype, row + (size_t)d * es);
+			for (uint32_t d0 = 0; d0 < D; d0 += KQ_TILE) {
+				uint32_t n = D - d0 < KQ_TILE ? D - d0 : KQ_TILE;
+				double *su = sum + (size_t)h * D + d0, *sq = sumsq + (size_t)h * D + d0;
 
-				sum[h * D + d] += x;
-				sumsq[h * D + d] += x * x;
+				row_to_f32(g->dtype, row + (size_t)d0 * es, n, x);
+				for (uint32_t d = 0; d < n; d++) {
+					su[d] += x[d];
+					sq[d] += (double)x[d] * x[d];
+				}
 			}
 		}
 }
@@ -518,32 +541,118 @@ void ckv_keyq_scales(const ckv_geom *g, const double *sum, const double *sumsq, 
 	}
 }
 
-void ckv_keyq_encode(const ckv_geom *g, unsigned bits, const uint16_t *scales, const void *chunk,
-		     uint32_t valid, uint8_t *codes)
+/* Appends codes to a byte stream, LSB first (up to 32 bits at a time). */
+struct bitw {
+	uint8_t *o;
+	uint64_t acc;
+	unsigned nb;
+};
+
+/* Eight codes of `bits` bits as one value (shifts constant per width). */
+static inline uint32_t pack8(const uint32_t *q, unsigned bits)
 {
-	unsigned es = ckv_dtype_size(g->dtype);
+	uint32_t v = 0;
+
+	switch (bits) {
+	case 3:
+		for (unsigned k = 0; k < 8; k++)
+			v |= q[k] << (3 * k);
+		return v;
+	case 2:
+		for (unsigned k = 0; k < 8; k++)
+			v |= q[k] << (2 * k);
+		return v;
+	default:
+		for (unsigned k = 0; k < 8; k++)
+			v |= q[k] << (bits * k);
+		return v;
+	}
+}
+
+static inline void bitw_put(struct bitw *w, uint32_t v, unsigned nbits)
+{
+	w->acc |= (uint64_t)v << w->nb;
+	w->nb += nbits;
+	while (w->nb >= 8) {
+		*w->o++ = (uint8_t)w->acc;
+		w->acc >>= 8;
+		w->nb -= 8;
+	}
+}
+
+__attribute__((optimize("tree-vectorize"))) void
+ckv_keyq_encode(const ckv_geom *g, unsigned bits, const uint16_t *scales, const void *chunk,
+		uint32_t valid, uint8_t *codes)
+{
+	static const double *const thd[] = { NULL, lm_th1, lm_th2, lm_th3 };
+	unsigned es = ckv_dtype_size(g->dtype), nth = (1u << bits) - 1;
 	uint32_t D = g->head_dim, c = g->chunk_tokens;
 	size_t HD = (size_t)g->kv_heads * D;
-	uint64_t bit = 0;
+	uint64_t total = ckv_keyq_chunk_bytes(g, bits);
+	struct bitw w = { codes, 0, 0 };
+	float th[8], x[KQ_TILE], z[KQ_TILE], mu[KQ_TILE], sd[KQ_TILE];
+	uint32_t q[KQ_TILE];
 
-	memset(codes, 0, ckv_keyq_chunk_bytes(g, bits));
-	for (uint32_t h = 0; h < g->kv_heads; h++)
+	for (unsigned i = 0; bits <= 3 && i < nth; i++)
+		th[i] = (float)thd[bits][i];
+	for (uint32_t h = 0; h < g->kv_heads; h++) {
 		for (uint32_t t = 0; t < c; t++) {
 			const uint8_t *row = (const uint8_t *)chunk + (((size_t)h * c + t) * D) * es;
 
-			for (uint32_t d = 0; d < D; d++, bit += bits) {
-				float mu = ckv_bf16_to_f32(scales[h * D + d]);
-				float sd = ckv_bf16_to_f32(scales[HD + h * D + d]);
-				unsigned q;
+			for (uint32_t d0 = 0; d0 < D; d0 += KQ_TILE) {
+				uint32_t n = D - d0 < KQ_TILE ? D - d0 : KQ_TILE, d = 0;
 
-				if (t >= valid)
-					continue; /* padding: code 0 */
-				q = keyq_code(bits, (ckv_dtype_to_f32(g->dtype, row + (size_t)d * es) - mu) / sd);
-				for (unsigned b = 0; b < bits; b++)
-					if (q >> b & 1)
-						codes[(bit + b) >> 3] |= (uint8_t)(1u << ((bit + b) & 7));
+				/* the scales of this tile as floats: once per head when one tile holds them */
+				if (t == 0 || D > KQ_TILE)
+					for (uint32_t k = 0; k < n; k++) {
+						mu[k] = ckv_bf16_to_f32(scales[h * D + d0 + k]);
+						sd[k] = ckv_bf16_to_f32(scales[HD + h * D + d0 + k]);
+					}
+				if (t >= valid) { /* padding: code 0 */
+					memset(q, 0, sizeof(*q) * n);
+				} else {
+					row_to_f32(g->dtype, row + (size_t)d0 * es, n, x);
+					for (uint32_t k = 0; k < n; k++)
+						z[k] = (x[k] - mu[k]) / sd[k];
+					/* bucket = thresholds strictly below z (z on a threshold goes down) */
+					if (bits == 3) {
+						for (uint32_t k = 0; k < n; k++)
+							q[k] = (uint32_t)(th[0] < z[k]) + (th[1] < z[k]) + (th[2] < z[k]) +
+							       (th[3] < z[k]) + (th[4] < z[k]) + (th[5] < z[k]) +
+							       (th[6] < z[k]);
+					} else if (bits <= 2) {
+						for (uint32_t k = 0; k < n; k++) {
+							uint32_t v = 0;
+
+							for (unsigned i = 0; i < nth; i++)
+								v += th[i] < z[k];
+							q[k] = v;
+						}
+					} else {
+						for (uint32_t k = 0; k < n; k++)
+							q[k] = keyq_code(bits, z[k]);
+					}
+				}
+				/* eight codes at a time: 8 x bits <= 32 bits, whole bytes when aligned */
+				for (; d + 8 <= n; d += 8) {
+					uint32_t v = pack8(q + d, bits);
+
+					if (w.nb == 0) {
+						for (unsigned k = 0; k < bits; k++)
+							*w.o++ = (uint8_t)(v >> (8 * k));
+					} else {
+						bitw_put(&w, v, 8 * bits);
+					}
+				}
+				for (; d < n; d++)
+					bitw_put(&w, q[d], bits);
 			}
 		}
+	}
+	if (w.nb)
+		*w.o++ = (uint8_t)w.acc;
+	while ((uint64_t)(w.o - codes) < total)
+		*w.o++ = 0;
 }
 
 void ckv_keyq_decode(const ckv_geom *g, unsigned bits, const uint16_t *scales,

@@ -1065,8 +1065,10 @@ struct seg_writer {
  * The layer's key copy (keyq.bin): scales from the sums of the layer's keys,
  * then the codes of every chunk, read back from the layer file just written.
  */
-static int keyq_layer(struct seg_writer *w, uint32_t l, int fd, uint8_t *buf, const double *sum,
-		      const double *sumsq, const char *path, ckv_err *e)
+#define KEYQ_KEEP_MAX (64u << 20) /* a layer's K halves kept in memory for the key copy, at most */
+
+static int keyq_layer(struct seg_writer *w, uint32_t l, int fd, uint8_t *buf, const uint8_t *kmem,
+		      const double *sum, const double *sumsq, const char *path, ckv_err *e)
 {
 	const ckv_geom *g = w->g;
 	uint64_t cb = g->chunk_bytes, per = ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS);
@@ -1084,6 +1086,16 @@ static int keyq_layer(struct seg_writer *w, uint32_t l, int fd, uint8_t *buf, co
 		out[2 * i + 1] = (uint8_t)(scales[i] >> 8);
 	}
 	out += 4 * HD;
+	if (kmem) { /* the K halves kept while the layer was written */
+		for (uint32_t jj = w->s0; jj < w->m; jj++) {
+			uint32_t valid = (jj + 1) * (uint64_t)c <= w->n ? c : w->n - jj * c;
+
+			ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, kmem + (size_t)(jj - w->s0) * g->half_bytes,
+					valid, out + (size_t)(jj - w->s0) * per);
+		}
+		free(scales);
+		return 0;
+	}
 	for (uint32_t j = w->s0; j < w->m; j += run) {
 		uint32_t cnt = w->m - j < run ? w->m - j : run;
 		ssize_t got = pread(fd, buf, (size_t)cnt * cb, (off_t)(j - w->s0) * (off_t)cb);
@@ -1114,16 +1126,23 @@ static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *
 	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1, c = g->chunk_tokens;
 	size_t dper = (size_t)g->kv_heads * g->head_dim;
 	double *sum = calloc(2 * dper, sizeof(double)), *sumsq = sum + dper;
+	uint64_t kbytes = (uint64_t)(w->m - w->s0) * g->half_bytes;
+	/* else read back; CKV_TEST_KEYQ_READBACK=1 takes that path always (tests) */
+	uint8_t *kmem = kbytes <= KEYQ_KEEP_MAX && !getenv("CKV_TEST_KEYQ_READBACK") ?
+				malloc(kbytes ? kbytes : 1) : NULL;
 	char name[32], path[600];
 	int fd, rc = 0;
 
 	ckv_layer_name(l, name);
 	snprintf(path, sizeof(path), "%s/%s", w->rel, name);
-	if (!sum)
+	if (!sum) {
+		free(kmem);
 		return ckv_errf(e, -ENOMEM, "%s: out of memory", path);
+	}
 	fd = openat(w->dirfd, path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
 	if (fd < 0) {
 		free(sum);
+		free(kmem);
 		return ckv_errf(e, -errno, "%s: %s", path, strerror(errno));
 	}
 	for (uint32_t j = w->s0; j < w->m; j += run) {
@@ -1141,6 +1160,8 @@ static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *
 			ckv_sum_store(w->halves + idx * 16 + 8, ckv_chunk_sum(ch + g->half_bytes, g->half_bytes));
 			ckv_chunk_digest(g, ch, valid, w->dig + idx * dper);
 			ckv_keyq_stats_add(g, ch, valid, sum, sumsq);
+			if (kmem)
+				memcpy(kmem + (size_t)(jj - w->s0) * g->half_bytes, ch, g->half_bytes);
 		}
 		rc = write_all(fd, buf, (size_t)cnt * cb, (off_t)(j - w->s0) * (off_t)cb);
 		if (rc) {
@@ -1155,12 +1176,13 @@ static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *
 		if (rc)
 			goto out_close; /* another layer failed: stop early */
 	}
-	rc = keyq_layer(w, l, fd, buf, sum, sumsq, path, e);
+	rc = keyq_layer(w, l, fd, buf, kmem, sum, sumsq, path, e);
 	if (rc == 0 && sync_fd(w->s, fd) < 0)
 		rc = ckv_errf(e, -errno, "%s: fsync: %s", path, strerror(errno));
 out_close:
 	close(fd);
 	free(sum);
+	free(kmem);
 	return rc;
 }
 

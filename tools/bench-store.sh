@@ -37,10 +37,10 @@ for r in $(seq "$REPS"); do
 	best_cp=$(echo "$t1 - $t0" | bc -l | awk -v b="$best_cp" '{ if ($1 < b) print $1; else print b }')
 	best_imp=$(echo "$t3 - $t2" | bc -l | awk -v b="$best_imp" '{ if ($1 < b) print $1; else print b }')
 done
-printf '\n| %-34s | %10s | %10s |\n' "import of $MODEL, $TOKENS tokens" "seconds" "MB/s"
-printf '|%s|%s|%s|\n' "------------------------------------" "------------" "------------"
-printf '| %-34s | %10.3f | %10.0f |\n' "cp -r + sync" "$best_cp" "$(echo "$bytes / $best_cp / 1000000" | bc -l)"
-printf '| %-34s | %10.3f | %10.0f |\n' "ckv import (hash, sums, digests, fsync)" "$best_imp" "$(echo "$bytes / $best_imp / 1000000" | bc -l)"
+printf '\n| %-48s | %10s | %10s |\n' "import of $MODEL, $TOKENS tokens" "seconds" "MB/s"
+printf '|%s|%s|%s|\n' "--------------------------------------------------" "------------" "------------"
+printf '| %-48s | %10.3f | %10.0f |\n' "cp -r + sync" "$best_cp" "$(echo "$bytes / $best_cp / 1000000" | bc -l)"
+printf '| %-48s | %10.3f | %10.0f |\n' "ckv import (hash, sums, digests, key copy, fsync)" "$best_imp" "$(echo "$bytes / $best_imp / 1000000" | bc -l)"
 printf '\nimport / cp throughput ratio: %.2f (best of %d, %s bytes)\n' "$(echo "$best_cp / $best_imp" | bc -l)" "$REPS" "$bytes"
 
 # match on a store of NPREFIX prefixes: one 32768-token trunk, NPREFIX children of +16 tokens

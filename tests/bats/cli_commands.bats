@@ -448,6 +448,19 @@ $P"
 	assert_equal "$("$CKV" ls "$T/store")" "$before"
 }
 
+@test "key copies: an import that reads the layers back for them writes the same keyq.bin" {
+	"$CKV" export "$F/store" "$P" "$T/exp"
+	"$CKV" init "$T/a"
+	"$CKV" init "$T/b"
+	"$CKV" import -q "$T/a" "$T/exp"
+	CKV_TEST_KEYQ_READBACK=1 "$CKV" import -q "$T/b" "$T/exp"
+	a=$(cd "$T/a" && find seg -name keyq.bin)
+	[ -n "$a" ]
+	for f in $a; do
+		cmp "$T/a/$f" "$T/b/$f"
+	done
+}
+
 @test "reindex writes the key copies of segments that have none, as an import writes them" {
 	copy_store
 	mkdir "$T/orig"
