@@ -3,9 +3,10 @@
  * ceil(budget * m) with chunks 0 and m-1 always, ascending, NaN last, ties
  * by chunk id; digest scores (CPU reference, the backend's, and the direct
  * formula over digest.bin) agree, GQA included; exact key scores equal the
- * definition computed here from the exported bytes; and on `ckv gen
- * --plant F` data the digests recover >= 95% of the planted chunks of every
- * layer at budgets >= F (+ the two always-kept chunks).
+ * definition computed here from the exported bytes; key-copy attention
+ * mass scores equal their definition computed here in double; and on `ckv
+ * gen --plant F` data the digests recover >= 95% of the planted chunks of
+ * every layer at budgets >= F (+ the two always-kept chunks).
  */
 #include <jansson.h>
 #include <libgen.h>
