@@ -418,6 +418,7 @@ struct kq_work {
 	uint32_t q_tokens, q_heads, first, step;
 	size_t lgs;  /* row stride of lg: a slot block, at least one chunk */
 	float *lg, *clse;
+	float *suf;  /* [q_tokens] one row's logits on the new tokens' keys */
 	double *acc; /* [m], this thread's sums */
 };
 
@@ -478,20 +479,15 @@ static void *kq_worker(void *arg)
 
 				for (uint32_t d = 0; d < D; d++)
 					dot += q[r][d] * kk[d];
-				mx = fmax(mx, dot * inv);
+				w->suf[t] = dot * inv;
+				mx = fmax(mx, w->suf[t]);
 			}
 			if (mx == -INFINITY)
 				continue;
 			for (uint32_t j = 0; j < m; j++)
 				tot += exp(cl[j] - mx);
-			for (uint32_t t = 0; t < nsuf; t++) {
-				const float *kk = w->keys + ((size_t)t * H + h) * D;
-				float dot = 0;
-
-				for (uint32_t d = 0; d < D; d++)
-					dot += q[r][d] * kk[d];
-				tot += exp(dot * inv - mx);
-			}
+			for (uint32_t t = 0; t < nsuf; t++)
+				tot += exp(w->suf[t] - mx);
 			lse = mx + log(tot);
 			for (uint32_t j = 0; j < m; j++)
 				w->acc[j] += exp(cl[j] - lse);
@@ -538,8 +534,9 @@ int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const floa
 					 .lgs = lgs };
 		w[t].lg = malloc(sizeof(float) * KQ_RB * lgs);
 		w[t].clse = malloc(sizeof(float) * KQ_RB * (m ? m : 1));
+		w[t].suf = malloc(sizeof(float) * (q_tokens ? q_tokens : 1));
 		w[t].acc = calloc(m ? m : 1, sizeof(double));
-		if (!w[t].lg || !w[t].clse || !w[t].acc)
+		if (!w[t].lg || !w[t].clse || !w[t].suf || !w[t].acc)
 			rc = -ENOMEM;
 	}
 	if (!kt || !tmp || rc)
@@ -570,6 +567,7 @@ int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const floa
 	for (uint32_t t = 0; t < nt; t++) {
 		free(w[t].lg);
 		free(w[t].clse);
+		free(w[t].suf);
 		free(w[t].acc);
 	}
 	free(kt);
