@@ -1041,6 +1041,30 @@ static int write_new_file(ckv_store *s, int dirfd, const char *dir, const char *
 	return rc ? ckv_errf(e, rc, "%s: %s", path, strerror(-rc)) : 0;
 }
 
+/* The header of a segment's side file of the given magic (docs/FORMAT.md §5). */
+static void side_header(const char *magic, const ckv_geom *g, uint32_t chunks,
+			uint8_t out[CKV_SIDE_HEADER])
+{
+	ckv_side_header sh;
+
+	memset(&sh, 0, sizeof(sh));
+	memcpy(sh.magic, magic, 8);
+	sh.version = CKV_FORMAT_VERSION;
+	sh.layers = g->layers;
+	sh.chunks = chunks;
+	if (!strcmp(magic, CKV_SUMS_MAGIC)) {
+		sh.per_chunk = 1;
+	} else if (!strcmp(magic, CKV_HALVES_MAGIC)) {
+		sh.per_chunk = 2;
+	} else if (!strcmp(magic, CKV_DIGEST_MAGIC)) {
+		sh.per_chunk = g->kv_heads * g->head_dim;
+	} else {
+		sh.per_chunk = (uint32_t)ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS);
+		sh.reserved = CKV_KEYQ_BITS;
+	}
+	ckv_side_header_encode(&sh, out);
+}
+
 /* Shared by the layer workers of write_segment. */
 struct seg_writer {
 	ckv_store *s;
@@ -1067,55 +1091,82 @@ struct seg_writer {
  */
 #define KEYQ_KEEP_MAX (64u << 20) /* a layer's K halves kept in memory for the key copy, at most */
 
-static int keyq_layer(struct seg_writer *w, uint32_t l, int fd, uint8_t *buf, const uint8_t *kmem,
-		      const double *sum, const double *sumsq, const char *path, ckv_err *e)
+/*
+ * Chunks of a layer file read back in runs (buf: IO_RUN worth of chunks):
+ * with sum, their keys' sums are added; else each chunk's codes go to
+ * codes. k chunks holding ntok tokens, chunk i at i * chunk_bytes.
+ */
+static int keyq_pass(const ckv_geom *g, int fd, uint32_t k, uint64_t ntok, uint8_t *buf, double *sum,
+		     const uint16_t *scales, uint8_t *codes)
 {
-	const ckv_geom *g = w->g;
 	uint64_t cb = g->chunk_bytes, per = ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS);
 	uint32_t run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1, c = g->chunk_tokens;
 	size_t HD = (size_t)g->kv_heads * g->head_dim;
-	uint8_t *out = w->keyq + (size_t)l * ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, w->k);
-	uint16_t *scales = malloc(sizeof(*scales) * 2 * HD);
-	uint64_t ntok = w->n - (uint64_t)w->s0 * c;
 
-	if (!scales)
-		return ckv_errf(e, -ENOMEM, "%s: out of memory", path);
-	ckv_keyq_scales(g, sum, sumsq, ntok, scales);
-	for (size_t i = 0; i < 2 * HD; i++) {
+	for (uint32_t j = 0; j < k; j += run) {
+		uint32_t cnt = k - j < run ? k - j : run;
+		ssize_t got = pread(fd, buf, (size_t)cnt * cb, (off_t)j * (off_t)cb);
+
+		if (got != (ssize_t)((size_t)cnt * cb))
+			return got < 0 ? -errno : -EIO;
+		for (uint32_t i = 0; i < cnt; i++) {
+			uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= ntok ? c : (uint32_t)(ntok - (uint64_t)jj * c);
+
+			if (sum)
+				ckv_keyq_stats_add(g, buf + (size_t)i * cb, valid, sum, sum + HD);
+			else
+				ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, buf + (size_t)i * cb, valid, codes + (size_t)jj * per);
+		}
+	}
+	return 0;
+}
+
+/*
+ * One layer of keyq.bin into out (ckv_keyq_layer_bytes): the scales, then
+ * the codes of k chunks holding ntok tokens. The keys' sums come from sum
+ * (gathered while the layer was written) or from a pass over the layer file
+ * fd; the codes from kmem (the chunks' K halves, kept) or from the file.
+ */
+static int keyq_layer_build(const ckv_geom *g, int fd, uint32_t k, uint64_t ntok, const double *sum,
+			    const uint8_t *kmem, uint8_t *buf, uint8_t *out)
+{
+	uint64_t per = ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS);
+	uint32_t c = g->chunk_tokens;
+	size_t HD = (size_t)g->kv_heads * g->head_dim;
+	uint16_t *scales = malloc(sizeof(*scales) * 2 * HD);
+	double *own = sum ? NULL : calloc(2 * HD, sizeof(double));
+	int rc = 0;
+
+	if (!scales || (!sum && !own)) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	if (!sum) {
+		rc = keyq_pass(g, fd, k, ntok, buf, own, NULL, NULL);
+		if (rc)
+			goto out;
+		sum = own;
+	}
+	ckv_keyq_scales(g, sum, sum + HD, ntok, scales);
+	for (size_t i = 0; i < 2 * HD; i++) { /* bf16 little-endian */
 		out[2 * i] = (uint8_t)scales[i];
 		out[2 * i + 1] = (uint8_t)(scales[i] >> 8);
 	}
 	out += 4 * HD;
-	if (kmem) { /* the K halves kept while the layer was written */
-		for (uint32_t jj = w->s0; jj < w->m; jj++) {
-			uint32_t valid = (jj + 1) * (uint64_t)c <= w->n ? c : w->n - jj * c;
-
-			ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, kmem + (size_t)(jj - w->s0) * g->half_bytes,
-					valid, out + (size_t)(jj - w->s0) * per);
-		}
-		free(scales);
-		return 0;
+	if (!kmem) {
+		rc = keyq_pass(g, fd, k, ntok, buf, NULL, scales, out);
+		goto out;
 	}
-	for (uint32_t j = w->s0; j < w->m; j += run) {
-		uint32_t cnt = w->m - j < run ? w->m - j : run;
-		ssize_t got = pread(fd, buf, (size_t)cnt * cb, (off_t)(j - w->s0) * (off_t)cb);
+	for (uint32_t jj = 0; jj < k; jj++) {
+		uint32_t valid = (jj + 1) * (uint64_t)c <= ntok ? c : (uint32_t)(ntok - (uint64_t)jj * c);
 
-		if (got != (ssize_t)((size_t)cnt * cb)) {
-			int rc = got < 0 ? -errno : -EIO;
-
-			free(scales);
-			return ckv_errf(e, rc, "%s: read back for the key copy: %s", path,
-					got < 0 ? strerror(errno) : "short read");
-		}
-		for (uint32_t i = 0; i < cnt; i++) {
-			uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= w->n ? c : w->n - jj * c;
-
-			ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, buf + (size_t)i * cb, valid,
-					out + (size_t)(jj - w->s0) * per);
-		}
+		ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, kmem + (size_t)jj * g->half_bytes, valid,
+				out + (size_t)jj * per);
 	}
+out:
 	free(scales);
-	return 0;
+	free(own);
+	return rc;
 }
 
 /* Write one layer file of the segment: fill, checksum, digest, write, key copy, fsync. */
@@ -1176,7 +1227,10 @@ static int write_layer(struct seg_writer *w, uint32_t l, uint8_t *buf, ckv_err *
 		if (rc)
 			goto out_close; /* another layer failed: stop early */
 	}
-	rc = keyq_layer(w, l, fd, buf, kmem, sum, sumsq, path, e);
+	rc = keyq_layer_build(g, fd, w->k, w->n - (uint64_t)w->s0 * c, sum, kmem, buf,
+			      w->keyq + (size_t)l * ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, w->k));
+	if (rc)
+		rc = ckv_errf(e, rc, "%s: key copy: %s", path, strerror(-rc));
 	if (rc == 0 && sync_fd(w->s, fd) < 0)
 		rc = ckv_errf(e, -errno, "%s: fsync: %s", path, strerror(errno));
 out_close:
@@ -1238,7 +1292,6 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 	uint8_t *sums = NULL, *halves = NULL, *keyq = NULL, hdr[CKV_SIDE_HEADER];
 	uint64_t kql = ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, m - s0);
 	float *dig = NULL;
-	ckv_side_header sh;
 	struct seg_writer w;
 	pthread_t th[IMPORT_THREADS];
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1309,16 +1362,7 @@ static int write_segment(ckv_store *s, int dirfd, const char *rel, const ckv_geo
 		const void *data[] = { sums, halves, dig, keyq };
 		size_t len[] = { 8ull * k * g->layers, 16ull * k * g->layers,
 				 sizeof(float) * dper * k * g->layers, kql * g->layers };
-		memset(&sh, 0, sizeof(sh));
-		memcpy(sh.magic, magic[which], 8);
-		sh.version = CKV_FORMAT_VERSION;
-		sh.layers = g->layers;
-		sh.chunks = k;
-		sh.per_chunk = which == 2 ? (uint32_t)dper :
-			       which == 3 ? (uint32_t)ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS) :
-					    (uint32_t)which + 1;
-		sh.reserved = which == 3 ? CKV_KEYQ_BITS : 0;
-		ckv_side_header_encode(&sh, hdr);
+		side_header(magic[which], g, k, hdr);
 		rc = write_new_file(s, dirfd, rel, fname[which], hdr, sizeof(hdr), data[which],
 				    len[which], e);
 		if (rc)
@@ -2259,10 +2303,7 @@ int ckv_store_export(ckv_store *s, const ckv_hash *h, const char *dir,
 	}
 	/* sums.xxh3 */
 	{
-		ckv_side_header sh = { .version = CKV_FORMAT_VERSION, .layers = m->geom.layers,
-				       .chunks = m->chunks, .per_chunk = 1 };
-		memcpy(sh.magic, CKV_SUMS_MAGIC, 8);
-		ckv_side_header_encode(&sh, hdr);
+		side_header(CKV_SUMS_MAGIC, &m->geom, m->chunks, hdr);
 		fd = openat(dfd, "sums.xxh3", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 		rc = fd < 0 ? -errno : write_all(fd, hdr, sizeof(hdr), 0);
 		if (!rc)
@@ -2818,15 +2859,11 @@ int ckv_store_verify(ckv_store *s, const ckv_hash *h, ckv_verify_fn fn, void *ar
 static int segment_keyq_fill(ckv_store *s, const char *segid, const ckv_geom *g)
 {
 	char dir[320], path[400], tmp[400], name[32];
-	uint64_t cb = g->chunk_bytes, per = ckv_keyq_chunk_bytes(g, CKV_KEYQ_BITS);
+	uint64_t cb = g->chunk_bytes;
 	uint32_t c = g->chunk_tokens, run = (uint32_t)(IO_RUN / cb) ? (uint32_t)(IO_RUN / cb) : 1;
-	size_t HD = (size_t)g->kv_heads * g->head_dim;
 	uint64_t kql, ntok;
 	uint32_t chunks;
 	uint8_t *out = NULL, *buf = NULL, hdr[CKV_SIDE_HEADER];
-	double *sum = NULL;
-	uint16_t *scales = NULL;
-	ckv_side_header sh;
 	struct stat st;
 	int fd = -1, rc = 0;
 
@@ -2844,15 +2881,11 @@ static int segment_keyq_fill(ckv_store *s, const char *segid, const ckv_geom *g)
 	kql = ckv_keyq_layer_bytes(g, CKV_KEYQ_BITS, chunks);
 	out = malloc(kql * g->layers);
 	buf = aligned_alloc(CKV_ALIGN, (size_t)run * cb);
-	sum = calloc(2 * HD, sizeof(*sum));
-	scales = malloc(sizeof(*scales) * 2 * HD);
-	if (!out || !buf || !sum || !scales) {
+	if (!out || !buf) {
 		rc = -ENOMEM;
 		goto out;
 	}
 	for (uint32_t l = 0; l < g->layers && rc == 0; l++) {
-		uint8_t *o = out + (size_t)l * kql;
-
 		ckv_layer_name(l, name);
 		snprintf(tmp, sizeof(tmp), "%s/%s", dir, name);
 		fd = openat(s->dirfd, tmp, O_RDONLY | O_CLOEXEC);
@@ -2860,46 +2893,13 @@ static int segment_keyq_fill(ckv_store *s, const char *segid, const ckv_geom *g)
 			rc = fd < 0 ? -errno : -EUCLEAN;
 			break;
 		}
-		memset(sum, 0, sizeof(*sum) * 2 * HD);
-		for (int pass = 0; pass < 2 && rc == 0; pass++) {
-			for (uint32_t j = 0; j < chunks && rc == 0; j += run) {
-				uint32_t cnt = chunks - j < run ? chunks - j : run;
-
-				if (pread(fd, buf, (size_t)cnt * cb, (off_t)j * (off_t)cb) != (ssize_t)((size_t)cnt * cb)) {
-					rc = -EIO;
-					break;
-				}
-				for (uint32_t i = 0; i < cnt; i++) {
-					uint32_t jj = j + i, valid = (jj + 1) * (uint64_t)c <= ntok ? c : (uint32_t)(ntok - (uint64_t)jj * c);
-
-					if (pass == 0)
-						ckv_keyq_stats_add(g, buf + (size_t)i * cb, valid, sum, sum + HD);
-					else
-						ckv_keyq_encode(g, CKV_KEYQ_BITS, scales, buf + (size_t)i * cb, valid,
-								o + 4 * HD + (size_t)jj * per);
-				}
-			}
-			if (pass == 0) {
-				ckv_keyq_scales(g, sum, sum + HD, ntok, scales);
-				for (size_t i = 0; i < 2 * HD; i++) {
-					o[2 * i] = (uint8_t)scales[i];
-					o[2 * i + 1] = (uint8_t)(scales[i] >> 8);
-				}
-			}
-		}
+		rc = keyq_layer_build(g, fd, chunks, ntok, NULL, NULL, buf, out + (size_t)l * kql);
 		close(fd);
 		fd = -1;
 	}
 	if (rc)
 		goto out;
-	memset(&sh, 0, sizeof(sh));
-	memcpy(sh.magic, CKV_KEYQ_MAGIC, 8);
-	sh.version = CKV_FORMAT_VERSION;
-	sh.layers = g->layers;
-	sh.chunks = chunks;
-	sh.per_chunk = (uint32_t)per;
-	sh.reserved = CKV_KEYQ_BITS;
-	ckv_side_header_encode(&sh, hdr);
+	side_header(CKV_KEYQ_MAGIC, g, chunks, hdr);
 	snprintf(tmp, sizeof(tmp), "%s/keyq.bin.tmp", dir);
 	unlinkat(s->dirfd, tmp, 0); /* a crashed attempt's */
 	rc = write_new_file(s, s->dirfd, dir, "keyq.bin.tmp", hdr, sizeof(hdr), out, kql * g->layers, NULL);
@@ -2914,8 +2914,6 @@ out:
 		close(fd);
 	free(out);
 	free(buf);
-	free(sum);
-	free(scales);
 	return rc;
 }
 
