@@ -429,25 +429,16 @@ static const double lm_lv2[] = { -1.5104, -0.4528, 0.4528, 1.5104 };
 static const double lm_th3[] = { -1.748, -1.050, -0.5006, 0.0, 0.5006, 1.050, 1.748 };
 static const double lm_lv3[] = { -2.152, -1.344, -0.7560, -0.2451, 0.2451, 0.7560, 1.344, 2.152 };
 
-static unsigned keyq_code(unsigned bits, float z)
+/* The 4-bit code of z: uniform on +-3 (1-3 bits use the Lloyd-Max thresholds, in ckv_keyq_encode). */
+static unsigned keyq_code_uniform(unsigned bits, float z)
 {
-	static const double *const th[] = { NULL, lm_th1, lm_th2, lm_th3 };
-	unsigned n = 1u << bits, i = 0;
+	const unsigned n = 1u << bits;
+	const float step = 6.0f / (float)n;
+	float b = floorf((z + 3.0f) / step);
 
-	if (bits <= 3) {
-		/* bucket = thresholds strictly below z (z on a threshold goes down) */
-		while (i < n - 1 && (float)th[bits][i] < z)
-			i++;
-		return i;
-	}
-	{
-		const float step = 6.0f / (float)n;
-		float b = floorf((z + 3.0f) / step);
-
-		if (!(b > 0.0f)) /* also NaN */
-			return 0;
-		return b > (float)(n - 1) ? n - 1 : (unsigned)b;
-	}
+	if (!(b > 0.0f)) /* also NaN */
+		return 0;
+	return b > (float)(n - 1) ? n - 1 : (unsigned)b;
 }
 
 static float keyq_level(unsigned bits, unsigned code)
@@ -630,7 +621,7 @@ ckv_keyq_encode(const ckv_geom *g, unsigned bits, const uint16_t *scales, const 
 						}
 					} else {
 						for (uint32_t k = 0; k < n; k++)
-							q[k] = keyq_code(bits, z[k]);
+							q[k] = keyq_code_uniform(bits, z[k]);
 					}
 				}
 				/* eight codes at a time: 8 x bits <= 32 bits, whole bytes when aligned */
