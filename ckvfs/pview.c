@@ -264,6 +264,33 @@ static int pread_all(int fd, void *buf, uint64_t len, uint64_t off)
 	return 0;
 }
 
+/*
+ * Open extent x's segment side file `name` and read its header (magic
+ * checked, and that it covers the extent's chunks of every layer): the fd,
+ * or -errno (-EIO for a wrong header). rel receives the file's store path.
+ */
+static int side_open(ckv_pview *v, uint32_t x, const char *name, const char *magic,
+		     ckv_side_header *sh, char rel[PATH_MAX])
+{
+	const ckv_extent *ex = &v->m->extents[x];
+	uint8_t hdr[CKV_SIDE_HEADER];
+	int fd, n;
+
+	ckv_segment_path(ex->segment, rel, PATH_MAX);
+	n = (int)strlen(rel);
+	snprintf(rel + n, PATH_MAX - (size_t)n, "/%s", name);
+	fd = openat(ckv_store_dirfd(v->store), rel, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) ||
+	    ckv_side_header_decode(sh, hdr, magic, rel, NULL) < 0 || sh->layers != v->m->geom.layers ||
+	    (uint64_t)ex->first + ex->count > sh->chunks) {
+		close(fd);
+		return -EIO;
+	}
+	return fd;
+}
+
 int ckv_pview_keyq(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
 		   struct ckv_keyq *out, char *err, size_t errlen)
 {
@@ -291,29 +318,24 @@ int ckv_pview_keyq(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
 		uint32_t s0 = v->ext_start[x], s1 = s0 + ex->count;
 		uint32_t lo = first > s0 ? first : s0, hi = end < s1 ? end : s1;
 		char rel[PATH_MAX];
-		uint8_t hdr[CKV_SIDE_HEADER], *raw;
+		uint8_t *raw;
 		ckv_side_header sh;
 		uint64_t base;
-		int fd, n;
+		int fd;
 
 		if (lo >= hi)
 			continue;
-		ckv_segment_path(ex->segment, rel, sizeof(rel));
-		n = (int)strlen(rel);
-		snprintf(rel + n, sizeof(rel) - (size_t)n, "/keyq.bin");
-		fd = openat(ckv_store_dirfd(v->store), rel, O_RDONLY | O_CLOEXEC);
-		if (fd < 0) {
-			rc = -errno;
-			snprintf(err, errlen, "%s: %s%s", rel, strerror(errno),
-				 errno == ENOENT ? " (a segment written before key copies: `ckv reindex STORE` writes them)" : "");
+		fd = side_open(v, x, "keyq.bin", CKV_KEYQ_MAGIC, &sh, rel);
+		if (fd < 0 && fd != -EIO) {
+			rc = fd;
+			snprintf(err, errlen, "%s: %s%s", rel, strerror(-fd),
+				 fd == -ENOENT ? " (a segment written before key copies: `ckv reindex STORE` writes them)" : "");
 			break;
 		}
-		if (pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) ||
-		    ckv_side_header_decode(&sh, hdr, CKV_KEYQ_MAGIC, rel, NULL) < 0 || sh.reserved < 1 ||
-		    sh.reserved > 4 || (np && sh.reserved != out->bits) || sh.layers != m->geom.layers ||
-		    sh.per_chunk != ckv_keyq_chunk_bytes(&m->geom, (unsigned)sh.reserved) ||
-		    (uint64_t)ex->first + ex->count > sh.chunks) {
-			close(fd);
+		if (fd < 0 || sh.reserved < 1 || sh.reserved > 4 || (np && sh.reserved != out->bits) ||
+		    sh.per_chunk != ckv_keyq_chunk_bytes(&m->geom, (unsigned)sh.reserved)) {
+			if (fd >= 0)
+				close(fd);
 			snprintf(err, errlen, "%s: not a key copy of this prefix's geometry%s", rel,
 				 np ? " (or of another width than its other segments')" : "");
 			rc = -EIO;
@@ -366,23 +388,15 @@ int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out)
 	for (uint32_t x = 0; x < m->nextents && rc == 0; x++) {
 		const ckv_extent *ex = &m->extents[x];
 		char rel[PATH_MAX];
-		uint8_t hdr[CKV_SIDE_HEADER];
 		ckv_side_header sh;
 		off_t off;
 		size_t len = sizeof(float) * per * ex->count;
 		ssize_t got;
-		int fd, n;
+		int fd = side_open(v, x, "digest.bin", CKV_DIGEST_MAGIC, &sh, rel);
 
-		ckv_segment_path(ex->segment, rel, sizeof(rel));
-		n = (int)strlen(rel);
-		snprintf(rel + n, sizeof(rel) - (size_t)n, "/digest.bin");
-		fd = openat(ckv_store_dirfd(v->store), rel, O_RDONLY | O_CLOEXEC);
 		if (fd < 0)
-			return -errno;
-		if (pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) ||
-		    ckv_side_header_decode(&sh, hdr, CKV_DIGEST_MAGIC, rel, NULL) < 0 ||
-		    sh.layers != m->geom.layers || sh.per_chunk != per ||
-		    (uint64_t)ex->first + ex->count > sh.chunks) {
+			return fd;
+		if (sh.per_chunk != per) {
 			close(fd);
 			return -EIO;
 		}
