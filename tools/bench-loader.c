@@ -66,7 +66,7 @@ struct opts {
 	ckv_backend_kind backend;
 	int runs;
 	uint32_t layers;
-	unsigned qd;         /* raw reader queue depth */
+	uint32_t qd;        /* raw reader queue depth */
 	uint64_t seed;
 	uint32_t score_tokens; /* new tokens whose queries identification scores */
 	uint32_t q_per_kv;     /* query heads per kv head */
@@ -508,6 +508,23 @@ static void usage(FILE *to)
 		"  -h, --help         this text;  -V, --version  the version\n");
 }
 
+/* An integer option in [lo, hi] (hi UINT32_MAX: any positive one); -1 with a message. */
+static int opt_u32(const char *name, const char *arg, uint32_t lo, uint32_t hi, uint32_t *out)
+{
+	char *end;
+	unsigned long v = strtoul(arg, &end, 10);
+
+	if (*end || !*arg || v < lo || v > hi) {
+		if (hi == UINT32_MAX)
+			fprintf(stderr, "bench-loader: --%s %s: expected a positive integer\n", name, arg);
+		else
+			fprintf(stderr, "bench-loader: --%s %s: expected %u..%u\n", name, arg, lo, hi);
+		return -1;
+	}
+	*out = (uint32_t)v;
+	return 0;
+}
+
 /* xorshift64* floats in [-1, 1) */
 static float rnd(uint64_t *x)
 {
@@ -609,9 +626,8 @@ int main(int argc, char **argv)
 			b.o.model = optarg;
 			break;
 		case 'n':
-			b.o.tokens = (uint32_t)strtoul(optarg, &end, 10);
-			if (*end || !b.o.tokens)
-				return fprintf(stderr, "bench-loader: --tokens %s: expected a positive integer\n", optarg), EXIT_USAGE;
+			if (opt_u32("tokens", optarg, 1, UINT32_MAX, &b.o.tokens) < 0)
+				return EXIT_USAGE;
 			break;
 		case 'b':
 			b.o.budget = strtod(optarg, &end);
@@ -639,27 +655,23 @@ int main(int argc, char **argv)
 				return fprintf(stderr, "bench-loader: --runs %s: expected 1..%d\n", optarg, MAX_RUNS), EXIT_USAGE;
 			break;
 		case 'L':
-			b.o.layers = (uint32_t)strtoul(optarg, &end, 10);
-			if (*end || !b.o.layers)
-				return fprintf(stderr, "bench-loader: --layers %s: expected a positive integer\n", optarg), EXIT_USAGE;
+			if (opt_u32("layers", optarg, 1, UINT32_MAX, &b.o.layers) < 0)
+				return EXIT_USAGE;
 			break;
 		case 'C':
 			ckv = optarg;
 			break;
 		case 'Q':
-			b.o.qd = (unsigned)strtoul(optarg, &end, 10);
-			if (*end || b.o.qd < 1 || b.o.qd > 4096)
-				return fprintf(stderr, "bench-loader: --qd %s: expected 1..4096\n", optarg), EXIT_USAGE;
+			if (opt_u32("qd", optarg, 1, 4096, &b.o.qd) < 0)
+				return EXIT_USAGE;
 			break;
 		case 'S':
-			b.o.score_tokens = (uint32_t)strtoul(optarg, &end, 10);
-			if (*end || b.o.score_tokens < 1 || b.o.score_tokens > 65536)
-				return fprintf(stderr, "bench-loader: --score-tokens %s: expected 1..65536\n", optarg), EXIT_USAGE;
+			if (opt_u32("score-tokens", optarg, 1, 65536, &b.o.score_tokens) < 0)
+				return EXIT_USAGE;
 			break;
 		case 'G':
-			b.o.q_per_kv = (uint32_t)strtoul(optarg, &end, 10);
-			if (*end || b.o.q_per_kv < 1 || b.o.q_per_kv > 64)
-				return fprintf(stderr, "bench-loader: --q-per-kv %s: expected 1..64\n", optarg), EXIT_USAGE;
+			if (opt_u32("q-per-kv", optarg, 1, 64, &b.o.q_per_kv) < 0)
+				return EXIT_USAGE;
 			break;
 		case 'h':
 			usage(stdout);
