@@ -345,7 +345,7 @@ static void check_keyq_mass(void)
 		struct ckv_keyq kq = { .bits = CKV_KEYQ_BITS, .nparts = np };
 		float *keys = tl_query(&seed, m * sh.chunk_tokens, sh.kv_heads, sh.head_dim); /* [m][chunk] */
 		float *q = tl_query(&seed, T, qh, sh.head_dim), *nk = tl_query(&seed, T, sh.kv_heads, sh.head_dim);
-		float *got = malloc(sizeof(float) * m), *kc = malloc(sizeof(float) * chunk);
+		float *got = malloc(sizeof(float) * m);
 		double *want = malloc(sizeof(double) * m), worst = 0;
 
 		sh.chunks = m;
@@ -353,7 +353,7 @@ static void check_keyq_mass(void)
 		kq.first = malloc(sizeof(*kq.first) * (np + 1));
 		kq.scales = malloc(sizeof(*kq.scales) * 2 * HD * np);
 		kq.codes = malloc(kq.per * m);
-		CHECK(keys && q && nk && got && kc && want && kq.first && kq.scales && kq.codes);
+		CHECK(keys && q && nk && got && want && kq.first && kq.scales && kq.codes);
 		/* parts: equal runs of chunks, each with the scales of its own keys */
 		for (uint32_t x = 0; x <= np; x++)
 			kq.first[x] = (uint32_t)((uint64_t)m * x / np);
@@ -362,24 +362,25 @@ static void check_keyq_mass(void)
 			uint64_t ntok = 0;
 
 			CHECK(sum);
-			for (uint32_t j = kq.first[x]; j < kq.first[x + 1]; j++) {
-				uint32_t valid = (j + 1) * sh.chunk_tokens <= sh.tokens ? sh.chunk_tokens :
-										       sh.tokens - j * sh.chunk_tokens;
+			/* the part's keys (a K half's layout per chunk), at the part's own scale and offset */
+			for (size_t i = (size_t)kq.first[x] * chunk; i < (size_t)kq.first[x + 1] * chunk; i++)
+				keys[i] = 3.0f * keys[i] * (float)(1 + x) + 0.5f * (float)(i % chunk % 3);
+			for (int pass = 0; pass < 2; pass++) {
+				for (uint32_t j = kq.first[x]; j < kq.first[x + 1]; j++) {
+					uint32_t valid = (j + 1) * sh.chunk_tokens <= sh.tokens ? sh.chunk_tokens :
+											       sh.tokens - j * sh.chunk_tokens;
+					const float *kc = keys + (size_t)j * chunk;
 
-				/* chunk j's keys (a K half's layout), each part at its own scale and offset */
-				for (size_t i = 0; i < chunk; i++)
-					kc[i] = 3.0f * keys[(size_t)j * chunk + i] * (float)(1 + x) + 0.5f * (float)(i % 3);
-				ckv_keyq_stats_add(&geo, kc, valid, sum, sum + HD);
-				ntok += valid;
-			}
-			ckv_keyq_scales(&geo, sum, sum + HD, ntok, kq.scales + 2 * HD * x);
-			for (uint32_t j = kq.first[x]; j < kq.first[x + 1]; j++) {
-				uint32_t valid = (j + 1) * sh.chunk_tokens <= sh.tokens ? sh.chunk_tokens :
-										       sh.tokens - j * sh.chunk_tokens;
-
-				for (size_t i = 0; i < chunk; i++)
-					kc[i] = 3.0f * keys[(size_t)j * chunk + i] * (float)(1 + x) + 0.5f * (float)(i % 3);
-				ckv_keyq_encode(&geo, kq.bits, kq.scales + 2 * HD * x, kc, valid, kq.codes + j * kq.per);
+					if (pass == 0) {
+						ckv_keyq_stats_add(&geo, kc, valid, sum, sum + HD);
+						ntok += valid;
+					} else {
+						ckv_keyq_encode(&geo, kq.bits, kq.scales + 2 * HD * x, kc, valid,
+								kq.codes + j * kq.per);
+					}
+				}
+				if (pass == 0)
+					ckv_keyq_scales(&geo, sum, sum + HD, ntok, kq.scales + 2 * HD * x);
 			}
 			free(sum);
 		}
@@ -410,7 +411,6 @@ static void check_keyq_mass(void)
 		free(q);
 		free(nk);
 		free(got);
-		free(kc);
 		free(want);
 	}
 }
