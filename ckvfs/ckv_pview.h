@@ -15,6 +15,9 @@
 #ifndef CKV_PVIEW_H
 #define CKV_PVIEW_H
 
+#include <limits.h>
+#include <stdbool.h>
+
 #include "ckv_engine.h"
 #include "ckv_store.h"
 
@@ -56,6 +59,17 @@ uint32_t ckv_pview_extent_start(const ckv_pview *v, uint32_t x);
  * (per chunk and kv head the mean key), read from the segments' digest.bin.
  */
 int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out);
+
+/*
+ * Open extent x's segment side file `name` (digest.bin, keyq.bin, ...) and
+ * read its header: magic, version, layers, and that it covers the extent's
+ * chunks are checked (the caller checks per_chunk and reserved). random:
+ * POSIX_FADV_RANDOM before the first read (no kernel read-ahead). The fd,
+ * or -errno (-EIO for a header that does not fit); rel receives the file's
+ * path in the store.
+ */
+int ckv_pview_side_open(ckv_pview *v, uint32_t x, const char *name, const char *magic,
+			bool random, ckv_side_header *sh, char rel[PATH_MAX]);
 
 /*
  * Key copy (keyq.bin, docs/FORMAT.md) of chunks [first, first + count) of

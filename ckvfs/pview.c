@@ -264,16 +264,12 @@ static int pread_all(int fd, void *buf, uint64_t len, uint64_t off)
 	return 0;
 }
 
-/*
- * Open extent x's segment side file `name` and read its header (magic
- * checked, and that it covers the extent's chunks of every layer): the fd,
- * or -errno (-EIO for a wrong header). rel receives the file's store path.
- */
-static int side_open(ckv_pview *v, uint32_t x, const char *name, const char *magic,
-		     ckv_side_header *sh, char rel[PATH_MAX])
+int ckv_pview_side_open(ckv_pview *v, uint32_t x, const char *name, const char *magic,
+			bool random, ckv_side_header *sh, char rel[PATH_MAX])
 {
 	const ckv_extent *ex = &v->m->extents[x];
 	uint8_t hdr[CKV_SIDE_HEADER];
+	ssize_t got;
 	int fd, n;
 
 	ckv_segment_path(ex->segment, rel, PATH_MAX);
@@ -282,11 +278,15 @@ static int side_open(ckv_pview *v, uint32_t x, const char *name, const char *mag
 	fd = openat(ckv_store_dirfd(v->store), rel, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	if (pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) ||
-	    ckv_side_header_decode(sh, hdr, magic, rel, NULL) < 0 || sh->layers != v->m->geom.layers ||
-	    (uint64_t)ex->first + ex->count > sh->chunks) {
+	if (random)
+		posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+	got = pread(fd, hdr, sizeof(hdr), 0);
+	if (got != (ssize_t)sizeof(hdr) || ckv_side_header_decode(sh, hdr, magic, rel, NULL) < 0 ||
+	    sh->layers != v->m->geom.layers || (uint64_t)ex->first + ex->count > sh->chunks) {
+		int rc = got < 0 ? -errno : -EIO;
+
 		close(fd);
-		return -EIO;
+		return rc;
 	}
 	return fd;
 }
@@ -325,7 +325,7 @@ int ckv_pview_keyq(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
 
 		if (lo >= hi)
 			continue;
-		fd = side_open(v, x, "keyq.bin", CKV_KEYQ_MAGIC, &sh, rel);
+		fd = ckv_pview_side_open(v, x, "keyq.bin", CKV_KEYQ_MAGIC, false, &sh, rel);
 		if (fd < 0 && fd != -EIO) {
 			rc = fd;
 			snprintf(err, errlen, "%s: %s%s", rel, strerror(-fd),
@@ -392,7 +392,7 @@ int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out)
 		off_t off;
 		size_t len = sizeof(float) * per * ex->count;
 		ssize_t got;
-		int fd = side_open(v, x, "digest.bin", CKV_DIGEST_MAGIC, &sh, rel);
+		int fd = ckv_pview_side_open(v, x, "digest.bin", CKV_DIGEST_MAGIC, false, &sh, rel);
 
 		if (fd < 0)
 			return fd;

@@ -445,42 +445,26 @@ static int es_score(ckv_source *s, uint32_t pid, uint32_t layer, const uint32_t 
 }
 
 /* Open extent x's digest.bin and check its header. ep->lock held. */
-static int dig_open(struct esource *es, struct eprefix *ep, uint32_t x, char *err, size_t errlen)
+static int dig_open(struct eprefix *ep, uint32_t x, char *err, size_t errlen)
 {
 	const ckv_manifest *m = ckv_pview_manifest(ep->v);
-	const ckv_extent *ex = &m->extents[x];
 	struct dfile *d = &ep->dig[x];
-	uint8_t hdr[CKV_SIDE_HEADER];
 	char rel[PATH_MAX];
 	ckv_side_header sh;
-	ssize_t got;
-	int n, fd;
+	int fd;
 
 	if (d->fd >= 0)
 		return 0;
-	ckv_segment_path(ex->segment, rel, sizeof(rel));
-	n = (int)strlen(rel);
-	snprintf(rel + n, sizeof(rel) - (size_t)n, "/digest.bin");
-	fd = openat(ckv_store_dirfd(es->store), rel, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		int rc = -errno;
-
-		snprintf(err, errlen, "%s: %s", rel, strerror(errno));
-		return rc;
-	}
 	/* the pipeline says what it will read (digests_hint): no read-ahead past what is read */
-	posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
-	got = pread(fd, hdr, sizeof(hdr), 0);
-	if (got != (ssize_t)sizeof(hdr) ||
-	    ckv_side_header_decode(&sh, hdr, CKV_DIGEST_MAGIC, rel, NULL) < 0 ||
-	    sh.layers != m->geom.layers || sh.per_chunk != m->geom.kv_heads * m->geom.head_dim ||
-	    (uint64_t)ex->first + ex->count > sh.chunks) {
-		int rc = got < 0 ? -errno : -EIO;
-
-		snprintf(err, errlen, "%s: %s", rel,
-			 got < 0 ? strerror(errno) : "not a digest file of this prefix's geometry");
+	fd = ckv_pview_side_open(ep->v, x, "digest.bin", CKV_DIGEST_MAGIC, true, &sh, rel);
+	if (fd >= 0 && sh.per_chunk != m->geom.kv_heads * m->geom.head_dim) {
 		close(fd);
-		return rc;
+		fd = -EIO;
+	}
+	if (fd < 0) {
+		snprintf(err, errlen, "%s: %s", rel,
+			 fd == -EIO ? "not a digest file of this prefix's geometry" : strerror(-fd));
+		return fd;
 	}
 	d->fd = fd;
 	d->chunks = sh.chunks;
@@ -535,7 +519,7 @@ static int dig_each(struct esource *es, uint32_t pid, uint32_t layer, char *err,
 		int fd;
 
 		pthread_mutex_lock(&ep->lock);
-		rc = dig_open(es, ep, x, err, errlen);
+		rc = dig_open(ep, x, err, errlen);
 		fd = ep->dig[x].fd;
 		off = CKV_SIDE_HEADER +
 		      ((uint64_t)layer * ep->dig[x].chunks + ex->first) * per * sizeof(float);
