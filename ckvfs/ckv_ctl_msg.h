@@ -114,6 +114,11 @@ typedef struct ckv_ctl_hdr {
  * follows hdr.type; GET and PREFETCH share `get`. Field meanings and rules:
  * PROTOCOL.md §3.
  */
+/* Chunks [first, first + count) of a layer of an open prefix: DIGESTS and KEYQ. */
+struct ckv_ctl_range {
+	uint32_t handle, layer, first, count;
+};
+
 typedef struct ckv_ctl_msg {
 	ckv_ctl_hdr hdr;
 	union {
@@ -178,9 +183,7 @@ typedef struct ckv_ctl_msg {
 			const void *chunks; /* u32[n] */
 			const void *scores; /* f32[n] */
 		} score;
-		struct {
-			uint32_t handle, layer, first, count;
-		} digests;
+		struct ckv_ctl_range digests;
 		struct {
 			uint32_t first, count, per;
 			const void *data; /* f32[count * per] */
@@ -189,9 +192,7 @@ typedef struct ckv_ctl_msg {
 			uint32_t nfields;
 			const void *fields; /* u64[nfields] */
 		} stats_ok;
-		struct {
-			uint32_t handle, layer, first, count;
-		} keyq;
+		struct ckv_ctl_range keyq;
 		struct {
 			uint32_t first, count;
 			uint16_t bits, nparts;

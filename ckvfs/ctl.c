@@ -1171,6 +1171,23 @@ static int h_score(struct conn *c, const ckv_ctl_msg *req)
 	return 0;
 }
 
+/* DIGESTS, KEYQ: the prefix view of an open handle whose layer and chunk range exist, or NULL (answered). */
+static ckv_pview *range_target(struct conn *c, const char *what, uint32_t id, const struct ckv_ctl_range *r)
+{
+	ckv_pview *v = check_target(c, what, id, r->handle, r->layer, NULL, 0);
+	uint32_t chunks;
+
+	if (!v)
+		return NULL;
+	chunks = ckv_pview_manifest(v)->chunks;
+	if ((uint64_t)r->first + r->count > chunks) {
+		hostile(c, id, ERANGE, "%s: chunks %u..%" PRIu64 ", the prefix has %u chunks", what, r->first,
+			(uint64_t)r->first + r->count, chunks);
+		return NULL;
+	}
+	return v;
+}
+
 static int h_digests(struct conn *c, const ckv_ctl_msg *req)
 {
 	ckv_ctl_msg m = { .hdr = { .version = c->version, .type = CKV_CTL_DIGESTS_OK,
@@ -1182,15 +1199,10 @@ static int h_digests(struct conn *c, const ckv_ctl_msg *req)
 	float *buf;
 	int rc;
 
-	v = check_target(c, "DIGESTS", req->hdr.id, req->u.digests.handle, req->u.digests.layer, NULL,
-			 0);
+	v = range_target(c, "DIGESTS", req->hdr.id, &req->u.digests);
 	if (!v)
 		return -1;
 	mf = ckv_pview_manifest(v);
-	if ((uint64_t)first + count > mf->chunks)
-		return hostile(c, req->hdr.id, ERANGE,
-			       "DIGESTS: chunks %u..%" PRIu64 ", the prefix has %u chunks", first,
-			       (uint64_t)first + count, mf->chunks);
 	per = (uint64_t)mf->geom.kv_heads * mf->geom.head_dim;
 	need = 16 + 4 * per * count;
 	if (need > c->ctl->lim.max_msg)
@@ -1230,14 +1242,10 @@ static int h_keyq(struct conn *c, const ckv_ctl_msg *req)
 	if (c->version < CKV_CTL_VERSION_KEYQ)
 		return hostile(c, req->hdr.id, EPROTO, "KEYQ: needs protocol version %u, the connection speaks %u",
 			       CKV_CTL_VERSION_KEYQ, c->version);
-	v = check_target(c, "KEYQ", req->hdr.id, req->u.keyq.handle, req->u.keyq.layer, NULL, 0);
+	v = range_target(c, "KEYQ", req->hdr.id, &req->u.keyq);
 	if (!v)
 		return -1;
 	mf = ckv_pview_manifest(v);
-	if ((uint64_t)first + count > mf->chunks)
-		return hostile(c, req->hdr.id, ERANGE,
-			       "KEYQ: chunks %u..%" PRIu64 ", the prefix has %u chunks", first,
-			       (uint64_t)first + count, mf->chunks);
 	hd = (uint64_t)mf->geom.kv_heads * mf->geom.head_dim;
 	rc = ckv_pview_keyq(v, req->u.keyq.layer, first, count, &kq, err, sizeof(err));
 	if (rc < 0)

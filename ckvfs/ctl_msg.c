@@ -415,21 +415,21 @@ static int p_score(const struct pl *x, ckv_ctl_msg *m)
 	return 0;
 }
 
-static int p_digests(const struct pl *x, ckv_ctl_msg *m)
+/* DIGESTS and KEYQ: handle, layer, first, count; at least one chunk, no overflow. */
+static int p_range(const struct pl *x, const char *what, struct ckv_ctl_range *r)
 {
 	int rc;
 
-	if ((rc = want(x, 16, "DIGESTS")))
+	if ((rc = want(x, 16, what)))
 		return rc;
-	m->u.digests.handle = g32(x, 0);
-	m->u.digests.layer = g32(x, 4);
-	m->u.digests.first = g32(x, 8);
-	m->u.digests.count = g32(x, 12);
-	if (m->u.digests.count == 0)
+	r->handle = g32(x, 0);
+	r->layer = g32(x, 4);
+	r->first = g32(x, 8);
+	r->count = g32(x, 12);
+	if (r->count == 0)
 		return PFAIL(x, -EINVAL, "count is %u, expected at least 1 chunk", 0u);
-	if ((uint64_t)m->u.digests.first + m->u.digests.count > UINT32_MAX)
-		return PFAIL(x, -EINVAL, "first %u + count %u overflows", m->u.digests.first,
-			     m->u.digests.count);
+	if ((uint64_t)r->first + r->count > UINT32_MAX)
+		return PFAIL(x, -EINVAL, "first %u + count %u overflows", r->first, r->count);
 	return 0;
 }
 
@@ -450,23 +450,6 @@ static int p_digests_ok(const struct pl *x, ckv_ctl_msg *m)
 	if (m->u.digests_ok.per < 1 || m->u.digests_ok.per > CKV_CTL_MAX_PER)
 		return PFAIL(x, -EINVAL, "per %u, expected 1..%u", m->u.digests_ok.per, CKV_CTL_MAX_PER);
 	return want(x, 16 + 4ull * m->u.digests_ok.count * m->u.digests_ok.per, "count x per");
-}
-
-static int p_keyq(const struct pl *x, ckv_ctl_msg *m)
-{
-	int rc;
-
-	if ((rc = want(x, 16, "KEYQ")))
-		return rc;
-	m->u.keyq.handle = g32(x, 0);
-	m->u.keyq.layer = g32(x, 4);
-	m->u.keyq.first = g32(x, 8);
-	m->u.keyq.count = g32(x, 12);
-	if (m->u.keyq.count == 0)
-		return PFAIL(x, -EINVAL, "count is %u, expected at least 1 chunk", 0u);
-	if ((uint64_t)m->u.keyq.first + m->u.keyq.count > UINT32_MAX)
-		return PFAIL(x, -EINVAL, "first %u + count %u overflows", m->u.keyq.first, m->u.keyq.count);
-	return 0;
 }
 
 static int p_keyq_ok(const struct pl *x, ckv_ctl_msg *m)
@@ -608,9 +591,9 @@ int ckv_ctl_parse(const void *buf, size_t len, ckv_ctl_msg *out, char *err, size
 	case CKV_CTL_PREFETCH: rc = p_get(&x, out); break;
 	case CKV_CTL_RELEASE: rc = p_release(&x, out); break;
 	case CKV_CTL_SCORE: rc = p_score(&x, out); break;
-	case CKV_CTL_DIGESTS: rc = p_digests(&x, out); break;
+	case CKV_CTL_DIGESTS: rc = p_range(&x, "DIGESTS", &out->u.digests); break;
 	case CKV_CTL_STATS: rc = p_stats(&x, out); break;
-	case CKV_CTL_KEYQ: rc = p_keyq(&x, out); break;
+	case CKV_CTL_KEYQ: rc = p_range(&x, "KEYQ", &out->u.keyq); break;
 	case CKV_CTL_KEYQ_OK: rc = p_keyq_ok(&x, out); break;
 	case CKV_CTL_HELLO_OK: rc = p_hello_ok(&x, out); break;
 	case CKV_CTL_MATCH_OK: rc = p_match_ok(&x, out); break;
@@ -683,6 +666,14 @@ size_t ckv_ctl_payload_size(const ckv_ctl_msg *m)
 	case CKV_CTL_ERROR: return 8 + (size_t)m->u.error.text_len;
 	default: return 0;
 	}
+}
+
+static void st_range(uint8_t *p, const struct ckv_ctl_range *r)
+{
+	st32(p, r->handle);
+	st32(p + 4, r->layer);
+	st32(p + 8, r->first);
+	st32(p + 12, r->count);
 }
 
 static void copy(uint8_t *dst, const void *src, size_t n)
@@ -801,10 +792,7 @@ int ckv_ctl_encode(ckv_ctl_buf *b, const ckv_ctl_msg *m)
 		copy(p + 16 + 4 * (size_t)m->u.score.n, m->u.score.scores, 4 * (size_t)m->u.score.n);
 		break;
 	case CKV_CTL_DIGESTS:
-		st32(p, m->u.digests.handle);
-		st32(p + 4, m->u.digests.layer);
-		st32(p + 8, m->u.digests.first);
-		st32(p + 12, m->u.digests.count);
+		st_range(p, &m->u.digests);
 		break;
 	case CKV_CTL_DIGESTS_OK:
 		st32(p, m->u.digests_ok.first);
@@ -816,10 +804,7 @@ int ckv_ctl_encode(ckv_ctl_buf *b, const ckv_ctl_msg *m)
 	case CKV_CTL_STATS:
 		break;
 	case CKV_CTL_KEYQ:
-		st32(p, m->u.keyq.handle);
-		st32(p + 4, m->u.keyq.layer);
-		st32(p + 8, m->u.keyq.first);
-		st32(p + 12, m->u.keyq.count);
+		st_range(p, &m->u.keyq);
 		break;
 	case CKV_CTL_KEYQ_OK: {
 		size_t sp = 4 * (size_t)m->u.keyq_ok.nparts;
