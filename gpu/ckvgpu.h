@@ -146,7 +146,11 @@ enum ckv_part {
 
 /*
  * Start fetching chunks[0..n) of one layer: disk reads are issued now and
- * run in the background; the copy to dst is enqueued by ckv_fetch_wait.
+ * run in the background; the copy to dst is enqueued by ckv_fetch_wait, or
+ * already here when every chunk is resident (arena or GPU tier hits), so a
+ * warm fetch's transfer overlaps what the caller does until the wait. Either
+ * way dst belongs to the fetch from this call until the stream has run the
+ * copy.
  * Chunk chunks[i] goes to dst + i * (part == KV ? chunk_bytes : half_bytes),
  * or to dst_ptrs[i] when dst_ptrs is non-NULL. dst is device memory for the
  * CUDA backend (host memory for the host backend). stream is a cudaStream_t
@@ -155,7 +159,10 @@ enum ckv_part {
 int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n,
 		    enum ckv_part part, void *dst, void *const *dst_ptrs, void *stream,
 		    ckv_fetch **out);
-/* Wait for the reads, enqueue the gather, free the handle. -EIO: a chunk failed its checksum. */
+/*
+ * Wait for the reads, enqueue the gather (unless the start did), free the
+ * handle. -EIO: a chunk failed its checksum.
+ */
 int ckv_fetch_wait(ckv_fetch *f);
 
 /* Read-ahead hint: bring chunks into the arena, no copy. */

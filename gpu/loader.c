@@ -1323,11 +1323,120 @@ struct ckv_fetch {
 	ckv_copy *cp;            /* [n] gather list (ckv_fetch_wait) */
 	void **ts, **td;         /* [n] tier copy lists (ckv_fetch_wait) */
 	struct rbatch *b;
+	bool enqueued;           /* the copy is on the stream (or failed): rc holds the outcome */
+	int rc;
 };
 
 static void fetch_free(struct ckv_fetch *f)
 {
 	free(f); /* the arrays are part of it */
+}
+
+/*
+ * Every read of f is in (or failed): check them, enqueue the copies on f's
+ * stream and hand every pin to a release job. Frees f's batch; f itself
+ * stays, with the outcome in f->rc.
+ */
+static int fetch_enqueue(ckv_fetch *f)
+{
+	ckv_prefix *p = f->p;
+	ckv_loader *l = p->l;
+	ckv_backend *be = l->be;
+	const ckv_shape *sh = &p->shape;
+	ckv_copy *cp = NULL;
+	const void **ts = NULL;
+	void **td = NULL;
+	struct reljob *j = NULL;
+	uint32_t ncp = 0, nts = 0;
+	int rc = 0;
+
+	if (f->b) {
+		for (uint32_t i = 0; i < f->b->n && rc == 0; i++) {
+			rc = ckv_rbatch_check(f->b, i);
+			if (rc < 0)
+				ckv_lerr(l, rc, "prefix %s layer %u chunk %u: %s", sh->hash, f->layer,
+					 f->b->chunks[i],
+					 rc == -EIO ? "read failed or checksum mismatch" : strerror(-rc));
+		}
+	}
+	if (rc == 0 && f->n) {
+		/* the copy lists live in the handle (allocated with it) */
+		cp = f->cp;
+		ts = (const void **)f->ts;
+		td = f->td;
+		j = ckv_reljob_new(p, f->n, f->n);
+		if (!j)
+			rc = ckv_lerr(l, -ENOMEM, "fetch: out of memory");
+	}
+	if (rc < 0) {
+		/* nothing enqueued: drop the tier pins; the batch's pins go below */
+		for (uint32_t i = 0; i < f->n; i++)
+			if (f->te[i] != CKV_TIER_NONE)
+				ckv_tier_unpin(l->tier, f->te[i]);
+		goto out_free;
+	}
+	if (f->n == 0)
+		goto out_free;
+
+	/* from here on the job owns every pin: tier hits and arena chunks */
+	for (uint32_t i = 0; i < f->n; i++) {
+		if (f->te[i] != CKV_TIER_NONE) {
+			ts[nts] = f->tptr[i];
+			td[nts++] = f->dst[i];
+			j->unpin[j->nunpin++] = f->te[i];
+			continue;
+		}
+		cp[ncp].src = f->b->off[f->bi[i]];
+		cp[ncp++].dst = f->dst[i];
+		ckv_rbatch_take(f->b, f->bi[i]);
+		j->tok[j->ntok++] = f->b->tok[f->bi[i]];
+	}
+	if (ncp)
+		rc = be->ops->gather(be, cp, ncp, f->len, f->stream);
+	if (rc == 0)
+		rc = ckv_copy_dev(l, (const void *const *)ts, (void *const *)td, nts, f->len, f->stream);
+	if (rc < 0) {
+		ckv_lerr(l, rc, "fetch: the %s backend's copy failed: %s", be->ops->name, strerror(-rc));
+		be->ops->sync(be, f->stream);
+		ckv_reljob_run(j);
+		j = NULL;
+		goto out_free;
+	}
+	/* whole chunks fetched from the arena: keep a copy in the GPU tier */
+	if (l->tier && f->part == CKV_PART_KV) {
+		nts = 0;
+		for (uint32_t i = 0; i < f->n; i++) {
+			ckv_tkey k;
+			void *tp;
+			uint32_t id;
+
+			if (f->te[i] != CKV_TIER_NONE)
+				continue;
+			k = ckv_prefix_chunk_key(p, f->layer, f->chunks[i]);
+			id = ckv_tier_reserve(l->tier, &k, sh->chunk_bytes, &tp);
+			if (id == CKV_TIER_NONE)
+				continue;
+			ts[nts] = f->dst[i];
+			td[nts++] = tp;
+			j->fill[j->nfill++] = id;
+		}
+		if (nts && ckv_copy_dev(l, (const void *const *)ts, (void *const *)td, nts,
+					sh->chunk_bytes, f->stream) < 0) {
+			for (uint32_t i = 0; i < j->nfill; i++)
+				ckv_tier_abort(l->tier, j->fill[i]);
+			j->nfill = 0;
+		}
+	}
+	ckv_reljob_submit(j, f->stream);
+	j = NULL;
+
+out_free:
+	free(j);
+	ckv_rbatch_free_all(f->b); /* releases whatever the job did not take */
+	f->b = NULL;
+	f->enqueued = true;
+	f->rc = rc;
+	return rc;
 }
 
 int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n,
@@ -1411,113 +1520,29 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 			return rc;
 		}
 	}
+	/*
+	 * Everything already in the arena (or the GPU tier): the copy goes on
+	 * the stream now, so its transfer overlaps whatever the caller does
+	 * until the wait (the next layer's start, its compute).
+	 */
+	if (!f->b || ckv_rbatch_complete(f->b))
+		fetch_enqueue(f);
 	*out = f;
 	return 0;
 }
 
 int ckv_fetch_wait(ckv_fetch *f)
 {
-	ckv_prefix *p;
-	ckv_loader *l;
-	ckv_backend *be;
-	const ckv_shape *sh;
-	ckv_copy *cp = NULL;
-	const void **ts = NULL;
-	void **td = NULL;
-	struct reljob *j = NULL;
-	uint32_t ncp = 0, nts = 0;
-	int rc = 0;
+	int rc;
 
 	if (!f)
 		return -EINVAL;
-	p = f->p;
-	l = p->l;
-	be = l->be;
-	sh = &p->shape;
-	if (f->b) {
-		ckv_rbatch_wait(f->b);
-		for (uint32_t i = 0; i < f->b->n && rc == 0; i++) {
-			rc = ckv_rbatch_check(f->b, i);
-			if (rc < 0)
-				ckv_lerr(l, rc, "prefix %s layer %u chunk %u: %s", sh->hash, f->layer,
-					 f->b->chunks[i],
-					 rc == -EIO ? "read failed or checksum mismatch" : strerror(-rc));
-		}
+	if (!f->enqueued) {
+		if (f->b)
+			ckv_rbatch_wait(f->b);
+		fetch_enqueue(f);
 	}
-	if (rc == 0 && f->n) {
-		/* the copy lists live in the handle (allocated with it) */
-		cp = f->cp;
-		ts = (const void **)f->ts;
-		td = f->td;
-		j = ckv_reljob_new(p, f->n, f->n);
-		if (!j)
-			rc = ckv_lerr(l, -ENOMEM, "fetch: out of memory");
-	}
-	if (rc < 0) {
-		/* nothing enqueued: drop the tier pins; the batch's pins go below */
-		for (uint32_t i = 0; i < f->n; i++)
-			if (f->te[i] != CKV_TIER_NONE)
-				ckv_tier_unpin(l->tier, f->te[i]);
-		goto out_free;
-	}
-	if (f->n == 0)
-		goto out_free;
-
-	/* from here on the job owns every pin: tier hits and arena chunks */
-	for (uint32_t i = 0; i < f->n; i++) {
-		if (f->te[i] != CKV_TIER_NONE) {
-			ts[nts] = f->tptr[i];
-			td[nts++] = f->dst[i];
-			j->unpin[j->nunpin++] = f->te[i];
-			continue;
-		}
-		cp[ncp].src = f->b->off[f->bi[i]];
-		cp[ncp++].dst = f->dst[i];
-		ckv_rbatch_take(f->b, f->bi[i]);
-		j->tok[j->ntok++] = f->b->tok[f->bi[i]];
-	}
-	if (ncp)
-		rc = be->ops->gather(be, cp, ncp, f->len, f->stream);
-	if (rc == 0)
-		rc = ckv_copy_dev(l, (const void *const *)ts, (void *const *)td, nts, f->len, f->stream);
-	if (rc < 0) {
-		ckv_lerr(l, rc, "fetch: the %s backend's copy failed: %s", be->ops->name, strerror(-rc));
-		be->ops->sync(be, f->stream);
-		ckv_reljob_run(j);
-		j = NULL;
-		goto out_free;
-	}
-	/* whole chunks fetched from the arena: keep a copy in the GPU tier */
-	if (l->tier && f->part == CKV_PART_KV) {
-		nts = 0;
-		for (uint32_t i = 0; i < f->n; i++) {
-			ckv_tkey k;
-			void *tp;
-			uint32_t id;
-
-			if (f->te[i] != CKV_TIER_NONE)
-				continue;
-			k = ckv_prefix_chunk_key(p, f->layer, f->chunks[i]);
-			id = ckv_tier_reserve(l->tier, &k, sh->chunk_bytes, &tp);
-			if (id == CKV_TIER_NONE)
-				continue;
-			ts[nts] = f->dst[i];
-			td[nts++] = tp;
-			j->fill[j->nfill++] = id;
-		}
-		if (nts && ckv_copy_dev(l, (const void *const *)ts, (void *const *)td, nts,
-					sh->chunk_bytes, f->stream) < 0) {
-			for (uint32_t i = 0; i < j->nfill; i++)
-				ckv_tier_abort(l->tier, j->fill[i]);
-			j->nfill = 0;
-		}
-	}
-	ckv_reljob_submit(j, f->stream);
-	j = NULL;
-
-out_free:
-	free(j);
-	ckv_rbatch_free_all(f->b); /* releases whatever the job did not take */
+	rc = f->rc;
 	fetch_free(f);
 	return rc;
 }
