@@ -73,6 +73,13 @@ typedef struct ckv_cuda_gather_cfg {
 	uint32_t unroll;        /* 16-byte loads in flight per thread: 1, 2, 4 or 8 */
 	uint32_t blocks_per_sm; /* 0: one block per copy; k: a persistent grid of k blocks per SM */
 	uint32_t ring_bytes;    /* descriptor ring, >= 4096 (grows for a larger gather) */
+	/*
+	 * 1: a gather whose descriptors fit the kernel parameters may start
+	 * while the previous kernel of its stream ends (programmatic dependent
+	 * launch, compute capability 9.0+): its first arena loads are issued
+	 * early, every store waits for that kernel. 0: ordinary launches.
+	 */
+	uint32_t overlap;
 } ckv_cuda_gather_cfg;
 
 void ckv_cuda_get_gather_cfg(ckv_backend *b, ckv_cuda_gather_cfg *cfg);

@@ -122,11 +122,14 @@ static void shuffle(uint32_t *p, uint32_t n, uint64_t *seed)
 	}
 }
 
-/* Random chunk sets, whole and halves, into poisoned device memory in shuffled order. */
+/*
+ * Random chunk sets, whole and halves, into poisoned device memory in
+ * shuffled order; chunks of 8, 32, 64 KiB and an odd 16 KiB + 32 bytes.
+ */
 static void test_gather_sets(ckv_backend *b, const struct arena *a, cudaStream_t st,
 			     uint64_t *seed)
 {
-	static const uint64_t sizes[] = { 8192, 32768, 65536 };
+	static const uint64_t sizes[] = { 8192, 32768, 65536, 16416 };
 	const uint32_t max_n = 600;
 	unsigned char *dev, *host = malloc((size_t)max_n * 65536);
 	ckv_copy *c = malloc(max_n * sizeof(*c));
@@ -134,7 +137,7 @@ static void test_gather_sets(ckv_backend *b, const struct arena *a, cudaStream_t
 
 	CHECK(host && c && perm);
 	CHECK_RC(b->ops->alloc(b, (uint64_t)max_n * 65536, (void **)&dev));
-	for (int si = 0; si < 3; si++) {
+	for (int si = 0; si < 4; si++) {
 		uint64_t cs = sizes[si], slots = ARENA_BYTES / cs;
 
 		for (int it = 0; it < 24; it++) {
@@ -166,6 +169,50 @@ static void test_gather_sets(ckv_backend *b, const struct arena *a, cudaStream_t
 	b->ops->free(b, dev);
 	free(perm);
 	free(c);
+	free(host);
+}
+
+/*
+ * Gathers that overlap the kernel before them must still keep stream order
+ * for their destinations: back to back with nothing between, A writes D,
+ * a device-to-device gather copies D to E (reads what A wrote), B writes D
+ * again (after that read; and last). D must hold B's chunks and E A's.
+ */
+static void test_overlap_order(ckv_backend *b, const struct arena *a, cudaStream_t st,
+			       uint64_t *seed)
+{
+	const uint32_t n = 100;
+	const uint64_t len = 32768, slots = ARENA_BYTES / len;
+	ckv_copy ca[100], cb[100];
+	const void *src[100];
+	void *dst[100];
+	unsigned char *d, *e, *host = malloc(2 * n * len);
+
+	CHECK(host);
+	CHECK_RC(b->ops->alloc(b, 2 * n * len, (void **)&d));
+	e = d + n * len;
+	for (uint32_t i = 0; i < n; i++) {
+		src[i] = d + i * len;
+		dst[i] = e + i * len;
+	}
+	for (int it = 0; it < 50; it++) {
+		for (uint32_t i = 0; i < n; i++) {
+			ca[i].src = rnd(seed) % slots * len;
+			ca[i].dst = d + i * len;
+			cb[i].src = rnd(seed) % slots * len;
+			cb[i].dst = d + i * len;
+		}
+		CHECK_RC(b->ops->gather(b, ca, n, len, st));
+		CHECK_RC(b->ops->gather_dev(b, src, dst, n, len, st));
+		CHECK_RC(b->ops->gather(b, cb, n, len, st));
+		CHECK_RC(b->ops->sync(b, st));
+		CHECK_RC(b->ops->to_host(b, host, d, 2 * n * len));
+		for (uint32_t i = 0; i < n; i++) {
+			CHECK(memcmp(host + i * len, a->rw + cb[i].src, len) == 0);
+			CHECK(memcmp(host + (n + i) * len, a->rw + ca[i].src, len) == 0);
+		}
+	}
+	b->ops->free(b, d);
 	free(host);
 }
 
@@ -461,16 +508,62 @@ static double now_s(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/*
+ * after() and sync() under churn: callbacks on two streams behind work of
+ * random length; a sync returns only once every callback queued before it
+ * has run (those of the other stream too), whether the reaper or the
+ * syncing thread ran it; none runs twice or is lost.
+ */
+static void test_after_sync(ckv_backend *b, cudaStream_t st[2], uint64_t *seed)
+{
+	int calls = 0, queued = 0;
+
+	for (int it = 0; it < 400; it++) {
+		cudaStream_t s = st[it & 1];
+		uint64_t r = rnd(seed);
+
+		if (r % 3 == 0)
+			CHECK_RC(b->ops->compute(b, (double)(r >> 8 & 63) * 1e-6, s));
+		CHECK_RC(b->ops->after(b, s, count_call, &calls));
+		queued++;
+		if (r % 7 == 0) {
+			CHECK_RC(b->ops->sync(b, st[(r >> 4) & 1]));
+			CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == queued);
+		}
+	}
+	CHECK_RC(b->ops->sync(b, st[0]));
+	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == queued);
+	CHECK_RC(b->ops->sync(b, st[1]));
+	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == queued);
+}
+
 static void run_one(ckv_backend *b, const struct arena *a, cudaStream_t st[2], uint64_t *seed)
 {
 	int calls = 0;
 
-	test_gather_sets(b, a, st[0], seed);
+	{
+		/* overlapped launches (the default) and ordinary ones */
+		ckv_cuda_gather_cfg def, cfg;
+
+		ckv_cuda_get_gather_cfg(b, &def);
+		CHECK(def.overlap == 1);
+		test_gather_sets(b, a, st[0], seed);
+		test_overlap_order(b, a, st[0], seed);
+		cfg = def;
+		cfg.overlap = 0;
+		CHECK_RC(ckv_cuda_set_gather_cfg(b, &cfg));
+		test_gather_sets(b, a, st[0], seed);
+		test_overlap_order(b, a, st[0], seed);
+		cfg.overlap = 2;
+		CHECK(ckv_cuda_set_gather_cfg(b, &cfg) == -EINVAL);
+		CHECK_RC(ckv_cuda_set_gather_cfg(b, &def));
+	}
 	test_ring_reuse(b, a, st, seed);
 	test_gather_rules(b);
 	CHECK_RC(b->ops->after(b, st[0], count_call, &calls));
 	CHECK_RC(b->ops->sync(b, st[0]));
 	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == 1);
+	test_after_sync(b, st, seed);
 	test_scatter(b, a, st[1], seed);
 }
 
