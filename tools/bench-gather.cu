@@ -10,7 +10,10 @@
  * set of distinct chunks totalling -t MiB is gathered into device memory,
  * checked byte for byte once, then timed with events (median of -r runs).
  * -s also sweeps the kernel's shape (threads, loads in flight, grid) and
- * prints which was fastest.
+ * prints which was fastest. A second table moves the same sets in gathers
+ * of -l copies each (one layer's chunk set, as the loader issues them),
+ * back to back on one stream, with ordinary launches and with each gather
+ * overlapping the end of the one before (programmatic dependent launch).
  *
  * Exit status: 0 ok, 1 failure (also: no CUDA device), 2 usage.
  */
@@ -165,11 +168,12 @@ static timing time_runs(ckv_backend *b, cudaStream_t st, int reps, Fn fn)
 
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: bench-gather [-a ARENA_MIB] [-t TOTAL_MIB] [-r REPS] [-d DEVICE] [-s]\n"
+	fprintf(f, "usage: bench-gather [-a ARENA_MIB] [-t TOTAL_MIB] [-r REPS] [-d DEVICE] [-l COPIES] [-s]\n"
 		   "  -a  arena size (default 8192 MiB; a read-only memfd mapping)\n"
 		   "  -t  bytes gathered per run (default 512 MiB)\n"
 		   "  -r  timed runs per figure, median reported (default 15)\n"
 		   "  -d  CUDA device (default 0)\n"
+		   "  -l  copies per gather in the per-layer table (default 103: 10%% of 1,024 chunks)\n"
 		   "  -s  also sweep the gather kernel's shape\n"
 		   "  -h  this help, -V version\n");
 }
@@ -178,9 +182,10 @@ int main(int argc, char **argv)
 {
 	uint64_t arena_mib = 8192, total_mib = 512;
 	int reps = 15, device = 0, opt, count = 0;
+	uint32_t per_launch = 103;
 	bool sweep = false;
 
-	while ((opt = getopt(argc, argv, "a:t:r:d:shV")) != -1) {
+	while ((opt = getopt(argc, argv, "a:t:r:d:l:shV")) != -1) {
 		switch (opt) {
 		case 'a':
 			arena_mib = strtoull(optarg, NULL, 10);
@@ -193,6 +198,9 @@ int main(int argc, char **argv)
 			break;
 		case 'd':
 			device = atoi(optarg);
+			break;
+		case 'l':
+			per_launch = (uint32_t)strtoul(optarg, NULL, 10);
 			break;
 		case 's':
 			sweep = true;
@@ -209,7 +217,7 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (optind != argc || reps < 1 || total_mib < 1 || arena_mib < 2 * total_mib) {
+	if (optind != argc || reps < 1 || total_mib < 1 || arena_mib < 2 * total_mib || per_launch < 1) {
 		usage(stderr);
 		return 2;
 	}
@@ -288,6 +296,7 @@ int main(int argc, char **argv)
 	std::vector<std::vector<ckv_copy>> sets(3);
 	uint64_t seed = 3;
 	char line[4][256];
+	double contig_s[3];
 
 	printf("| chunk | chunks | one contiguous pinned copy | per-chunk cudaMemcpyAsync | gather "
 	       "kernel (min-max) | gather / contiguous | host time of a gather call |\n"
@@ -338,6 +347,54 @@ int main(int argc, char **argv)
 			 contig.median / gather.median, gather.host * 1e6);
 		printf("%s\n", line[si]);
 		fflush(stdout);
+		contig_s[si] = contig.median;
+	}
+
+	/* one layer's set per gather, back to back: what the loader issues */
+	{
+		ckv_cuda_gather_cfg def, cfg;
+
+		ckv_cuda_get_gather_cfg(b, &def);
+		printf("\ngathers of %u copies each, back to back on one stream (GB/s, median of %d; "
+		       "overlapped: each gather may start while the previous one ends; the default "
+		       "is %s)\n| chunk | gathers | ordinary launches | overlapped | overlapped, "
+		       "persistent grid 4/SM | overlapped, an event recorded after each | best / one "
+		       "contiguous copy |\n|---|---|---|---|---|---|---|\n",
+		       per_launch, reps, def.overlap ? "overlapped" : "ordinary");
+		for (int si = 0; si < 3; si++) {
+			std::vector<ckv_copy> &c = sets[si];
+			uint64_t n = c.size(), launches = (n + per_launch - 1) / per_launch;
+			double best = 0;
+
+			printf("| %llu KiB | %llu |", (unsigned long long)sizes[si] >> 10,
+			       (unsigned long long)launches);
+			std::vector<cudaEvent_t> ev(launches);
+
+			for (cudaEvent_t &x : ev)
+				DIE_CU(cudaEventCreateWithFlags(&x, cudaEventDisableTiming));
+			for (int k = 0; k < 4; k++) {
+				cfg = def;
+				cfg.overlap = k > 0;
+				cfg.blocks_per_sm = k == 2 ? 4 : 0;
+				DIE_RC(ckv_cuda_set_gather_cfg(b, &cfg));
+				timing g = time_runs(b, st, reps, [&] {
+					for (uint64_t i = 0, j = 0; i < n; i += per_launch, j++) {
+						DIE_RC(b->ops->gather(b, c.data() + i,
+								      (uint32_t)std::min<uint64_t>(per_launch, n - i),
+								      sizes[si], st));
+						if (k == 3)
+							DIE_CU(cudaEventRecord(ev[j], st));
+					}
+				});
+				printf(" %.1f |", total / g.median / 1e9);
+				best = std::max(best, total / g.median / 1e9);
+			}
+			printf(" %.2f |\n", best / (total / contig_s[si] / 1e9));
+			fflush(stdout);
+			for (cudaEvent_t x : ev)
+				DIE_CU(cudaEventDestroy(x));
+		}
+		DIE_RC(ckv_cuda_set_gather_cfg(b, &def));
 	}
 
 	if (sweep) {

@@ -1,14 +1,21 @@
 #!/bin/bash
 # Everything that needs a GPU, in one go (run it on the GPU machine):
 #   tests/gpu/run.sh        build, CUDA unit tests, loader tests on the CUDA backend
-#   tests/gpu/run.sh -b     ... and the GPU benchmarks (bench-gather, bench-loader, bench-fs)
+#   tests/gpu/run.sh -b     ... and the GPU benchmarks (bench-gather, bench-loader)
+#   tests/gpu/run.sh -b -f  ... and bench-fs (minutes: 10,000 prefixes)
 # Writes logs to $OUT (or ./build/gpu-run) and prints a summary last.
 set -u
 cd "$(dirname "$0")/../.."
 out=${OUT:-build/gpu-run}
 mkdir -p "$out"
-bench=0
-[ "${1:-}" = "-b" ] && bench=1
+bench=0 fsb=0
+for a in "$@"; do
+	case $a in
+	-b) bench=1 ;;
+	-f) fsb=1 ;;
+	*) echo "usage: tests/gpu/run.sh [-b] [-f]" >&2; exit 2 ;;
+	esac
+done
 export PATH=/usr/local/cuda/bin:$PATH
 export ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0}
 # a Python with numpy and torch for the binding's tests (the GPU machine's
@@ -40,9 +47,19 @@ run loader_daemon-cuda env CKV_TEST_BACKEND=cuda CKV_BUILD="$PWD/build" bats tes
 run test_hf env CKV_BUILD="$PWD/build" PYTHONPATH="$PWD/gpu/python" "${CKV_PYTHON:-python3}" tests/gpu/test_hf.py
 if [ $bench = 1 ]; then
 	run bench-gather build/bench-gather
-	run bench-loader build/bench-loader -r 5 --backend cuda "$(mktemp -d)"
+	# 8, 32 and 64 KiB chunks
+	for m in qwen2.5-0.5b qwen2.5-7b qwen2.5-14b; do
+		run "bench-loader-$m" build/bench-loader -m "$m" -r 5 --backend cuda "$(mktemp -d)"
+	done
+	for b in bench-gather bench-loader-qwen2.5-0.5b bench-loader-qwen2.5-7b bench-loader-qwen2.5-14b; do
+		echo "== $b"
+		tail -n 15 "$out/$b.log"
+	done
+fi
+if [ $fsb = 1 ]; then
 	run bench-fs env CKV_BUILD="$PWD/build" tools/bench-fs.sh -t 16384 -n 10000 -R 3
-	for b in bench-gather bench-loader bench-fs; do echo "== $b"; tail -n 14 "$out/$b.log"; done
+	echo "== bench-fs"
+	tail -n 14 "$out/bench-fs.log"
 fi
 echo "gpu: $pass passed, $fail failed, $skip skipped"
 [ $fail -eq 0 ]
