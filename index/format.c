@@ -651,22 +651,27 @@ void ckv_keyq_decode(const ckv_geom *g, unsigned bits, const uint16_t *scales,
 {
 	uint32_t D = g->head_dim, c = g->chunk_tokens;
 	size_t HD = (size_t)g->kv_heads * D;
+	uint64_t nbytes = ckv_keyq_chunk_bytes(g, bits);
+	unsigned mask = (1u << bits) - 1;
 	float lv[16];
-	uint64_t bit = 0;
 
 	for (unsigned i = 0; i < (1u << bits); i++)
 		lv[i] = keyq_level(bits, i);
+	/* per (head, dimension): its scales once, then its c elements */
 	for (uint32_t h = 0; h < g->kv_heads; h++)
-		for (uint32_t t = 0; t < c; t++)
-			for (uint32_t d = 0; d < D; d++, bit += bits) {
-				unsigned q = 0;
-				float mu = ckv_bf16_to_f32(scales[h * D + d]);
-				float sd = ckv_bf16_to_f32(scales[HD + h * D + d]);
+		for (uint32_t d = 0; d < D; d++) {
+			float mu = ckv_bf16_to_f32(scales[h * D + d]);
+			float sd = ckv_bf16_to_f32(scales[HD + h * D + d]);
 
-				for (unsigned b = 0; b < bits; b++)
-					q |= (unsigned)(codes[(bit + b) >> 3] >> ((bit + b) & 7) & 1) << b;
-				out[((size_t)h * c + t) * D + d] = mu + sd * lv[q];
+			for (uint32_t t = 0; t < c; t++) {
+				size_t i = ((size_t)h * c + t) * D + d;
+				uint64_t bit = (uint64_t)i * bits, byte = bit >> 3;
+				/* a code of at most 4 bits spans at most two bytes */
+				unsigned v = codes[byte] | (byte + 1 < nbytes ? (unsigned)codes[byte + 1] << 8 : 0);
+
+				out[i] = mu + sd * lv[(v >> (bit & 7)) & mask];
 			}
+		}
 }
 
 /* ---- manifests --------------------------------------------------------------- */
