@@ -78,6 +78,10 @@ typedef struct ckv_cuda_gather_cfg {
 	 * while the previous kernel of its stream ends (programmatic dependent
 	 * launch, compute capability 9.0+): its first arena loads are issued
 	 * early, every store waits for that kernel. 0: ordinary launches.
+	 * Gathers also let the next kernel launch early: a caller's kernel
+	 * launched with programmatic stream serialization right after a gather
+	 * must call cudaGridDependencySynchronize() before it reads the chunks,
+	 * as CUDA asks of every such kernel; ordinary launches are unaffected.
 	 */
 	uint32_t overlap;
 } ckv_cuda_gather_cfg;
