@@ -381,15 +381,6 @@ struct gather_params {
 };
 
 /*
- * Blocks take copies i = blockIdx.x, + gridDim.x, ...; threads of a block
- * move consecutive 16-byte vectors (coalesced 512-byte warp requests on
- * both sides). Each thread issues U loads before it stores any: the loads
- * come from host memory, and independent loads in flight are what hides
- * the PCIe round trip. ld.global.nc: the chunks do not change while their
- * gather runs (the loader pins them), and the read-only path keeps the
- * loads out of L1.
- */
-/*
  * Programmatic dependent launch (sm_90+): trigger lets the next kernel of
  * the stream, if launched to allow it, start before this one ends; wait
  * blocks until the previous kernel has finished and its writes are
@@ -409,6 +400,16 @@ __device__ __forceinline__ void pdl_wait(void)
 #endif
 }
 
+/*
+ * Blocks take copies i = blockIdx.x, + gridDim.x, ...; threads of a block
+ * move consecutive 16-byte vectors (coalesced 512-byte warp requests on
+ * both sides). Each thread issues U loads before it stores any: the loads
+ * come from host memory, and independent loads in flight are what hides
+ * the PCIe round trip. ld.global.nc: the chunks do not change while their
+ * gather runs (the loader pins them), and the read-only path keeps the
+ * loads out of L1. Launched overlapped (launch_gather), a thread's first
+ * loads go out before it waits for the previous kernel, its stores after.
+ */
 template <int U>
 __global__ void gather_kernel(const __grid_constant__ gather_params p)
 {
@@ -630,7 +631,6 @@ static void cuda_unregister_arena(ckv_backend *b)
 	cb->arena_size = 0;
 }
 
-/* The reaper: waits for each recorded event in order and runs its callback. */
 /*
  * Take the queue's head and run its callback (without the lock). The
  * record goes back to the spares, unless the reaper still waits on its
@@ -681,6 +681,7 @@ static void event_poll(cudaEvent_t ev)
 		cu_fail(e, "cudaEventQuery(after)");
 }
 
+/* The reaper: waits for each recorded event in order and runs its callback. */
 static void *reaper_main(void *arg)
 {
 	struct cuda_backend *cb = (struct cuda_backend *)arg;
