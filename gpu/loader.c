@@ -1320,8 +1320,8 @@ struct ckv_fetch {
 	uint32_t *te;            /* [n] tier entry or CKV_TIER_NONE */
 	void **tptr;             /* [n] tier memory of a hit (part offset applied) */
 	uint32_t *bi;            /* [n] index in b, or UINT32_MAX */
-	ckv_copy *cp;            /* [n] gather list (ckv_fetch_wait) */
-	void **ts, **td;         /* [n] tier copy lists (ckv_fetch_wait) */
+	ckv_copy *cp;            /* [n] gather list (fetch_enqueue) */
+	void **ts, **td;         /* [n] tier copy lists (fetch_enqueue) */
 	struct rbatch *b;
 	bool enqueued;           /* the copy is on the stream (or failed): rc holds the outcome */
 	int rc;
