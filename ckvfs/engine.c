@@ -46,6 +46,13 @@
  * Evictable slots (resident, unpinned) sit in one of two min-heaps: "plain"
  * (I <= 0) and "important" (I > 0). Policy ATTN evicts the lower of the two
  * tops; policy LRU keeps everything in the plain heap keyed by recency.
+ * A heap orders slots by the (S, recency) they had when they went in. A get
+ * of a slot in a heap leaves it there, pinned and marked for re-keying: an
+ * access only raises its S and recency, so such a slot's true place is at or below
+ * the stored one, and a clean top is still the true minimum. Only the top is
+ * put right, when a victim is chosen: a pinned top leaves the heap (its
+ * release puts it back), a marked one is re-keyed and sifted down. A hit thus
+ * costs no heap work; feedback, which may lower S, re-keys at once.
  *
  * Streaming reads (CKV_GET_STREAM: cp, rsync, cat) neither add to F nor
  * create retention records, so a stream-loaded chunk has S = 0 and is the
@@ -183,8 +190,10 @@ struct ckv_slot {
 	uint8_t heap;         /* HEAP_* */
 	bool prefetched;      /* loaded by prefetch, no get has used it yet */
 	bool detached;
+	bool rekey;           /* in a heap, accessed since its key was taken */
 	size_t heap_idx;
-	double key;           /* S, ATTN only */
+	double key;           /* S when it went into its heap, ATTN only */
+	uint64_t hseq;        /* seq when it went into its heap */
 	uint64_t seq;         /* recency stamp */
 	struct waiter *waiters;
 	ckv_slot *qprev, *qnext; /* queue links; qnext is also the slab free list */
@@ -418,7 +427,7 @@ static bool slot_before(const ckv_engine *e, const ckv_slot *a, const ckv_slot *
 {
 	if (e->o.policy == CKV_POLICY_ATTN && a->key != b->key)
 		return a->key < b->key;
-	return a->seq < b->seq;
+	return a->hseq < b->hseq;
 }
 
 static void heap_set(ckv_engine *e, int h, size_t i, ckv_slot *s)
@@ -472,18 +481,29 @@ static double slot_score(const ckv_slot *s)
 	return (r->i_hat + CKV_SCORE_EPS * r->f_hat) * r->f_hat;
 }
 
-/* Make an unpinned resident slot evictable. Capacity is reserved per slab. */
-static void heap_insert(ckv_engine *e, ckv_slot *s)
+/* Take a slot's key now; returns the heap it belongs in. */
+static int slot_key(ckv_engine *e, ckv_slot *s)
 {
 	int h = 0;
 
-	assert(s->heap == HEAP_NONE && s->pins == 0 && s->state == SLOT_READY && !s->detached);
+	s->hseq = s->seq;
+	s->rekey = false;
 	if (e->o.policy == CKV_POLICY_ATTN) {
 		const struct rstat *r = rstat_get(s->f->rk, s->chunk, false);
 
 		s->key = slot_score(s);
 		h = r && r->i_hat > 0 ? 1 : 0;
 	}
+	return h;
+}
+
+/* Make an unpinned resident slot evictable. Capacity is reserved per slab. */
+static void heap_insert(ckv_engine *e, ckv_slot *s)
+{
+	int h;
+
+	assert(s->heap == HEAP_NONE && s->pins == 0 && s->state == SLOT_READY && !s->detached);
+	h = slot_key(e, s);
 	assert(e->heap_len[h] < e->heap_cap[h]);
 	s->heap = (uint8_t)(h + 1);
 	e->heap[h][e->heap_len[h]] = s;
@@ -498,6 +518,7 @@ static void heap_remove(ckv_engine *e, ckv_slot *s)
 
 	assert(s->heap != HEAP_NONE && e->heap[h][i] == s);
 	s->heap = HEAP_NONE;
+	s->rekey = false;
 	e->heap_len[h]--;
 	if (i == e->heap_len[h])
 		return;
@@ -506,13 +527,39 @@ static void heap_remove(ckv_engine *e, ckv_slot *s)
 	heap_up(e, h, e->heap[h][i]->heap_idx);
 }
 
-/* Re-rank a resident chunk whose retention record changed. */
+/* Re-rank a resident chunk whose retention record changed (S may drop: at once). */
 static void slot_rekey(ckv_engine *e, ckv_slot *s)
 {
 	if (s->heap == HEAP_NONE || e->o.policy != CKV_POLICY_ATTN)
 		return;
 	heap_remove(e, s);
-	heap_insert(e, s);
+	if (s->pins == 0)
+		heap_insert(e, s); /* pinned: its release puts it back */
+}
+
+/*
+ * Put heap h's top right (see the top of the file): pinned tops leave, a
+ * marked top takes its key now and sinks. Afterwards the top, if any, is
+ * unpinned and its stored key is its true one.
+ */
+static void heap_settle(ckv_engine *e, int h)
+{
+	while (e->heap_len[h]) {
+		ckv_slot *s = e->heap[h][0];
+
+		if (s->pins) {
+			heap_remove(e, s);
+		} else if (s->rekey) {
+			if (slot_key(e, s) == h) {
+				heap_down(e, h, 0);
+			} else { /* its class changed: the other heap */
+				heap_remove(e, s);
+				heap_insert(e, s);
+			}
+		} else {
+			return;
+		}
+	}
 }
 
 static void heapify(ckv_engine *e, int h)
@@ -538,8 +585,13 @@ static void rebase(ckv_engine *e, double x, double now)
 	if (e->o.policy != CKV_POLICY_ATTN)
 		return;
 	for (int h = 0; h < 2; h++) {
-		for (size_t i = 0; i < e->heap_len[h]; i++)
-			e->heap[h][i]->key = slot_score(e->heap[h][i]);
+		for (size_t i = 0; i < e->heap_len[h]; i++) {
+			ckv_slot *s = e->heap[h][i];
+
+			s->key = slot_score(s);
+			s->hseq = s->seq;
+			s->rekey = false;
+		}
 		heapify(e, h);
 	}
 }
@@ -780,8 +832,12 @@ static void slot_evict(ckv_engine *e, ckv_slot *s)
 
 static ckv_slot *victim(ckv_engine *e, bool stream)
 {
-	ckv_slot *a = e->heap_len[0] ? e->heap[0][0] : NULL;
-	ckv_slot *b = e->heap_len[1] ? e->heap[1][0] : NULL;
+	ckv_slot *a, *b;
+
+	heap_settle(e, 0);
+	heap_settle(e, 1);
+	a = e->heap_len[0] ? e->heap[0][0] : NULL;
+	b = e->heap_len[1] ? e->heap[1][0] : NULL;
 
 	if (stream || !b)
 		return a; /* under LRU everything is in heap 0 */
@@ -844,14 +900,13 @@ static ckv_slot *slot_alloc_detached(ckv_engine *e, uint64_t stride)
 	return s;
 }
 
+/* A get's pin: a slot in a heap stays there, marked for re-keying (see the top of the file). */
 static void slot_pin(ckv_engine *e, ckv_slot *s)
 {
-	if (s->pins++ == 0) {
-		if (s->heap != HEAP_NONE)
-			heap_remove(e, s);
-		if (!s->detached)
-			e->st.pinned++;
-	}
+	if (s->heap != HEAP_NONE)
+		s->rekey = true;
+	if (s->pins++ == 0 && !s->detached)
+		e->st.pinned++;
 }
 
 /* ---- completion --------------------------------------------------------- */
@@ -1423,8 +1478,12 @@ static void efile_retire(ckv_engine *e, ckv_efile *f)
 	for (uint32_t c = 0; c < f->nchunks; c++) {
 		ckv_slot *s = f->ent[c];
 
-		if (s && s->heap != HEAP_NONE)
-			slot_evict(e, s);
+		if (s && s->heap != HEAP_NONE) {
+			if (s->pins)
+				heap_remove(e, s); /* its release frees it */
+			else
+				slot_evict(e, s);
+		}
 	}
 	assert(f->nslots > 0);
 	f->nslots--;
@@ -1751,11 +1810,13 @@ static void slot_release(ckv_engine *e, ckv_slot *s)
 		} else {
 			e->st.pinned--;
 			if (s->f->stale) {
+				if (s->heap != HEAP_NONE)
+					heap_remove(e, s);
 				e->st.evictions++;
 				slot_free(e, s);
-			} else {
+			} else if (s->heap == HEAP_NONE) {
 				heap_insert(e, s);
-			}
+			} /* else still in its heap, marked since the pin */
 		}
 	}
 }
