@@ -281,6 +281,14 @@ typedef struct ckv_pipeline_opts {
 	const double *budgets;
 	double floor;
 	ckv_score score;
+	/*
+	 * > 0: the request uses only the prefix's first `tokens` tokens (a
+	 * prompt that shares part of a longer stored prefix, or leaves its
+	 * last token to recompute). Chunks past them are never scored,
+	 * selected or read; budgets, "the last chunk" and attention mass count
+	 * the first ceil(tokens / chunk_tokens) chunks only. 0: all of them.
+	 */
+	uint32_t tokens;
 } ckv_pipeline_opts;
 
 /* What a layer gets: its selected chunks, in device (or host) memory. */

@@ -752,6 +752,9 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 		if (!(o->budgets[j] > 0 && o->budgets[j] <= 1))
 			return ckv_lerr(l, -EINVAL, "pipeline: budget of layer %u, %g: expected a fraction in (0, 1]",
 					j, o->budgets[j]);
+	if (o->tokens > p->shape.tokens)
+		return ckv_lerr(l, -EINVAL, "pipeline: tokens %u: the prefix has %u", o->tokens,
+				p->shape.tokens);
 	if (o->mode != CKV_MODE_FULL &&
 	    (o->q_tokens == 0 || o->q_heads == 0 || o->q_heads % p->shape.kv_heads))
 		return ckv_lerr(l, -EINVAL,
@@ -765,8 +768,12 @@ int ckv_pipeline_open(ckv_prefix *p, const ckv_pipeline_opts *o, ckv_pipeline **
 	pl->l = l;
 	pl->o = *o;
 	pl->sh = p->shape;
+	if (o->tokens) { /* the part of the prefix this request uses: its shape from here on */
+		pl->sh.tokens = o->tokens;
+		pl->sh.chunks = (o->tokens + pl->sh.chunk_tokens - 1) / pl->sh.chunk_tokens;
+	}
 	pl->L = p->shape.layers;
-	pl->m = p->shape.chunks;
+	pl->m = pl->sh.chunks;
 	if (!pl->o.period)
 		pl->o.period = 8;
 	if (!pl->o.subperiod)

@@ -363,6 +363,9 @@ class ReprefillHost(unittest.TestCase):
             self.assertEqual((r.matched, r.hash), (64, self.hash))
             one = self.model(torch.tensor([p2])).logits[:, 64:]
             self.assertLess((r.logits - one).abs().max().item(), 1e-4)
+            # only the 4 chunks the prompt shares are selected and asked for, not all 10
+            self.assertEqual(r.stats["chunks_per_layer"], [4, 4, 4])
+            self.assertEqual(r.stats["chunks_read"], 3 * 4)
             r = H.reprefill(self.model, [5, 6, 7], ld)      # nothing stored: computed whole
             self.assertEqual(r.matched, 0)
 

@@ -26,6 +26,7 @@ struct pcase {
 	bool no_prefetch, period_keys;
 	bool sched;        /* LAYER: per-layer budgets SCHED_HI / SCHED_LO, floor SCHED_FLOOR */
 	ckv_score score;
+	uint32_t tokens;   /* > 0: the pipeline uses only the prefix's first tokens */
 };
 
 /* A calibrated-looking schedule: every third layer (1, 4, 7, ...) reads much, the others are at the floor. */
@@ -52,19 +53,34 @@ struct ctx {
 	uint32_t qh;
 };
 
-/* Exact key scores of chunks C of a layer from the exported bytes. */
-static void ref_keys(struct ctx *x, uint32_t layer, const uint32_t *C, uint32_t n, float *out)
+/* Exact key scores of chunks C of a layer from the exported bytes (sh: the part used). */
+static void ref_keys(struct ctx *x, const ckv_shape *sh, uint32_t layer, const uint32_t *C,
+		     uint32_t n, float *out)
 {
 	for (uint32_t i = 0; i < n; i++)
-		CHECK(ckv_key_scores(&x->sh, tstore_chunk(x->t, layer, C[i], CKV_PART_K), x->sh.half_bytes,
+		CHECK(ckv_key_scores(sh, tstore_chunk(x->t, layer, C[i], CKV_PART_K), sh->half_bytes,
 				     &C[i], 1, x->q[layer], QT, x->qh, &out[i]) == 0);
+}
+
+/* The part of the prefix a case uses: its first c->tokens tokens, or all. */
+static ckv_shape used_shape(const struct ctx *x, const struct pcase *c)
+{
+	ckv_shape sh = x->sh;
+
+	if (c->tokens) {
+		sh.tokens = c->tokens;
+		sh.chunks = (c->tokens + sh.chunk_tokens - 1) / sh.chunk_tokens;
+	}
+	return sh;
 }
 
 /* The set a mode must pick for a layer (PERIOD: the period's first layer's). */
 static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, uint32_t *out)
 {
-	uint32_t m = x->sh.chunks, p = c->period ? c->period : 8, r = c->rerank ? c->rerank : 2;
-	float *sc = malloc(sizeof(*sc) * m), *ks = malloc(sizeof(*ks) * m);
+	ckv_shape sh = used_shape(x, c);
+	uint32_t m = sh.chunks, p = c->period ? c->period : 8, r = c->rerank ? c->rerank : 2;
+	/* digest scores are per chunk: the first m of the whole prefix's */
+	float *sc = malloc(sizeof(*sc) * x->sh.chunks), *ks = malloc(sizeof(*ks) * m);
 	uint32_t *cand = malloc(sizeof(*cand) * m), n = 0;
 	int k;
 
@@ -79,7 +95,7 @@ static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, ui
 		if (c->period_keys) {
 			for (uint32_t j = 0; j < m; j++)
 				cand[j] = j;
-			ref_keys(x, layer, cand, m, sc);
+			ref_keys(x, &sh, layer, cand, m, sc);
 		} else {
 			CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
 		}
@@ -95,7 +111,14 @@ static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, ui
 				out[n++] = j;
 			break;
 		}
-		if (c->score == CKV_SCORE_KEYQ)
+		if (c->score == CKV_SCORE_KEYQ && c->tokens) {
+			/* attention mass over the used part only */
+			struct ckv_keyq kq;
+
+			CHECK_RC(ckv_prefix_keyq(x->ref, layer, &kq), x->refl);
+			CHECK(ckv_keyq_mass_cpu(&sh, &kq, x->q[layer], x->k[layer], QT, x->qh, sc) == 0);
+			ckv_keyq_free(&kq);
+		} else if (c->score == CKV_SCORE_KEYQ)
 			CHECK_RC(ckv_keyq_scores(x->ref, layer, x->q[layer], x->k[layer], QT, x->qh, sc),
 				 x->refl);
 		else
@@ -110,7 +133,7 @@ static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, ui
 		CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
 		nc = ckv_select_topk(sc, m, fmin(1.0, c->budget * r), cand);
 		CHECK(nc > 0);
-		ref_keys(x, layer, cand, (uint32_t)nc, ks);
+		ref_keys(x, &sh, layer, cand, (uint32_t)nc, ks);
 		for (uint32_t j = 0; j < m; j++)
 			sc[j] = -INFINITY;
 		for (int i = 0; i < nc; i++)
@@ -157,7 +180,8 @@ static void run_case(struct ctx *x, const struct pcase *c)
 	ckv_pipeline_opts o = { .mode = c->mode, .budget = c->budget, .period = c->period,
 				.subperiod = c->subperiod, .rerank = c->rerank, .depth = c->depth,
 				.no_prefetch = c->no_prefetch, .period_keys = c->period_keys,
-				.q_heads = x->qh, .q_tokens = QT, .score = c->score };
+				.q_heads = x->qh, .q_tokens = QT, .score = c->score,
+				.tokens = c->tokens };
 	uint32_t L = x->sh.layers, m = x->sh.chunks, depth = c->depth ? c->depth : 2;
 	uint32_t nfloor = 0;
 	double *budgets = malloc(sizeof(*budgets) * L);
@@ -291,26 +315,32 @@ static void run_case(struct ctx *x, const struct pcase *c)
 static void run_all(const char *dtype, uint32_t layers, uint32_t kv, uint32_t D)
 {
 	static const struct pcase cases[] = {
-		{ "full", CKV_MODE_FULL, 1, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST },
-		{ "full-noprefetch", CKV_MODE_FULL, 1, 0, 0, 0, 0, true, false, false, CKV_SCORE_DIGEST },
-		{ "full-depth1-sp1", CKV_MODE_FULL, 1, 0, 1, 0, 1, false, false, false, CKV_SCORE_DIGEST },
-		{ "period-p4-sp2", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, false, false, false, CKV_SCORE_DIGEST },
-		{ "period-default", CKV_MODE_PERIOD, 0.1, 0, 0, 0, 3, false, false, false, CKV_SCORE_DIGEST },
-		{ "period-p3-sp5", CKV_MODE_PERIOD, 0.25, 3, 5, 0, 0, false, false, false, CKV_SCORE_DIGEST },
-		{ "period-noprefetch", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, true, false, false, CKV_SCORE_DIGEST },
-		{ "period-keys-p4-sp3", CKV_MODE_PERIOD, 0.2, 4, 3, 0, 0, false, true, false, CKV_SCORE_DIGEST },
-		{ "period-keys-noprefetch", CKV_MODE_PERIOD, 0.15, 4, 0, 0, 0, true, true, false, CKV_SCORE_DIGEST },
-		{ "layer", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST },
-		{ "layer-b05", CKV_MODE_LAYER, 0.05, 0, 0, 0, 4, false, false, false, CKV_SCORE_DIGEST },
-		{ "layer-noprefetch", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, true, false, false, CKV_SCORE_DIGEST },
-		{ "rerank", CKV_MODE_RERANK, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST },
-		{ "rerank-r3-noprefetch", CKV_MODE_RERANK, 0.1, 0, 0, 3, 0, true, false, false, CKV_SCORE_DIGEST },
-		{ "rerank-b06", CKV_MODE_RERANK, 0.6, 0, 0, 2, 0, false, false, false, CKV_SCORE_DIGEST },
-		{ "layer-keyq", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_KEYQ },
-		{ "layer-keyq-noprefetch", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, true, false, false, CKV_SCORE_KEYQ },
-		{ "layer-sched", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, false, false, true, CKV_SCORE_DIGEST },
-		{ "layer-sched-keyq", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, false, false, true, CKV_SCORE_KEYQ },
-		{ "layer-sched-keyq-np", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, true, false, true, CKV_SCORE_KEYQ },
+		{ "full", CKV_MODE_FULL, 1, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "full-noprefetch", CKV_MODE_FULL, 1, 0, 0, 0, 0, true, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "full-depth1-sp1", CKV_MODE_FULL, 1, 0, 1, 0, 1, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "period-p4-sp2", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "period-default", CKV_MODE_PERIOD, 0.1, 0, 0, 0, 3, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "period-p3-sp5", CKV_MODE_PERIOD, 0.25, 3, 5, 0, 0, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "period-noprefetch", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, true, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "period-keys-p4-sp3", CKV_MODE_PERIOD, 0.2, 4, 3, 0, 0, false, true, false, CKV_SCORE_DIGEST, 0 },
+		{ "period-keys-noprefetch", CKV_MODE_PERIOD, 0.15, 4, 0, 0, 0, true, true, false, CKV_SCORE_DIGEST, 0 },
+		{ "layer", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "layer-b05", CKV_MODE_LAYER, 0.05, 0, 0, 0, 4, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "layer-noprefetch", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, true, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "rerank", CKV_MODE_RERANK, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "rerank-r3-noprefetch", CKV_MODE_RERANK, 0.1, 0, 0, 3, 0, true, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "rerank-b06", CKV_MODE_RERANK, 0.6, 0, 0, 2, 0, false, false, false, CKV_SCORE_DIGEST, 0 },
+		{ "layer-keyq", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_KEYQ, 0 },
+		{ "layer-keyq-noprefetch", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, true, false, false, CKV_SCORE_KEYQ, 0 },
+		{ "layer-sched", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, false, false, true, CKV_SCORE_DIGEST, 0 },
+		{ "layer-sched-keyq", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, false, false, true, CKV_SCORE_KEYQ, 0 },
+		{ "layer-sched-keyq-np", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, true, false, true, CKV_SCORE_KEYQ, 0 },
+		/* a request that uses the first 517 tokens: 33 of the 63 chunks, the last one 5 tokens */
+		{ "full-tokens", CKV_MODE_FULL, 1, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST, 517 },
+		{ "period-tokens", CKV_MODE_PERIOD, 0.2, 4, 2, 0, 0, false, false, false, CKV_SCORE_DIGEST, 517 },
+		{ "layer-tokens", CKV_MODE_LAYER, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST, 517 },
+		{ "rerank-tokens", CKV_MODE_RERANK, 0.2, 0, 0, 0, 0, false, false, false, CKV_SCORE_DIGEST, 517 },
+		{ "layer-sched-keyq-tokens", CKV_MODE_LAYER, 0.1, 0, 0, 0, 0, false, false, true, CKV_SCORE_KEYQ, 517 },
 	};
 	struct tstore t;
 	struct ctx x = { 0 };
@@ -464,6 +494,10 @@ static void check_errors(void)
 	o.mode = (ckv_mode)9;
 	CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL);
 	o.mode = CKV_MODE_LAYER;
+	o.tokens = 501; /* the prefix has 500 */
+	CHECK(ckv_pipeline_open(p, &o, &pl) == -EINVAL &&
+	      strstr(ckv_loader_error(l), "tokens 501: the prefix has 500"));
+	o.tokens = 0;
 	{
 		/* schedules: layer mode only, every budget a fraction, the floor below 1 */
 		double b[12];

@@ -331,8 +331,9 @@ class LoaderProvider(object):
         self.period = int(opts.get("period", 8))
         self.budgets, self.floor = opts.get("budgets"), float(opts.get("floor", 0.0))
         self.keyq = opts.get("score", "digest") == "keyq"
+        # chunks past the tokens this request uses are never selected or read
         self.pl = prefix.pipeline(mode=mode, budget=budget, q_heads=q_heads,
-                                  q_tokens=q_tokens, **opts)
+                                  q_tokens=q_tokens, tokens=n_used, **opts)
         self.chunks = []
         self._stats = None
 

@@ -82,7 +82,7 @@ class _PipelineOpts(ctypes.Structure):
                 ("stream", ctypes.c_void_p), ("depth", ctypes.c_uint32),
                 ("period_keys", ctypes.c_bool),
                 ("budgets", ctypes.POINTER(ctypes.c_double)), ("floor", ctypes.c_double),
-                ("score", ctypes.c_int)]
+                ("score", ctypes.c_int), ("tokens", ctypes.c_uint32)]
 
 SCORES = {"digest": 0, "keyq": 1}
 
@@ -557,12 +557,14 @@ class Prefix:
 
     def pipeline(self, mode="layer", budget=0.1, q_heads=None, q_tokens=1, period=8,
                  subperiod=4, rerank=2, no_prefetch=False, stream=None, depth=2,
-                 period_keys=False, budgets=None, floor=0.0, score="digest"):
+                 period_keys=False, budgets=None, floor=0.0, score="digest", tokens=0):
         """A layer pipeline (ckv_pipeline_open). Layer mode also takes budgets (one
         fraction per layer), floor (layers whose budget is <= floor take chunk 0 and the
-        most recent chunks, unidentified) and score ("digest" or "keyq")."""
+        most recent chunks, unidentified) and score ("digest" or "keyq"). tokens > 0:
+        only the prefix's first `tokens` tokens are used (chunks past them are never
+        selected or read)."""
         return Pipeline(self, mode, budget, q_heads, q_tokens, period, subperiod, rerank,
-                        no_prefetch, stream, depth, period_keys, budgets, floor, score)
+                        no_prefetch, stream, depth, period_keys, budgets, floor, score, tokens)
 
     def kv_tensors(self, rows):
         return kv_tensors(rows, self.shape)
@@ -607,7 +609,7 @@ class Pipeline:
 
     def __init__(self, prefix, mode, budget, q_heads, q_tokens, period, subperiod, rerank,
                  no_prefetch, stream, depth, period_keys, budgets=None, floor=0.0,
-                 score="digest"):
+                 score="digest", tokens=0):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {list(MODES)}")
         if score not in SCORES:
@@ -629,7 +631,7 @@ class Pipeline:
                           bool(no_prefetch), int(q_heads if q_heads is not None else sh.kv_heads),
                           int(q_tokens), _stream_ptr(stream), int(depth), bool(period_keys),
                           ctypes.cast(bud, ctypes.POINTER(ctypes.c_double)) if bud else None,
-                          float(floor), SCORES[score])
+                          float(floor), SCORES[score], int(tokens))
         self._q = (o.q_tokens, o.q_heads, sh.head_dim)
         self._k = (o.q_tokens, sh.kv_heads, sh.head_dim)
         h = _P()
