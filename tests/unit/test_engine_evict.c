@@ -3,7 +3,9 @@
  * arena, pins (-ENOMEM when all pinned), attention scores protect chunks
  * from streaming reads under ATTN but not under LRU, a streaming read still
  * works when the arena holds only important chunks, demand eviction takes
- * the lowest S, chunk sizes of several classes share pages.
+ * the lowest S, chunk sizes of several classes share pages; under LRU,
+ * random hits, misses and held pins evict exactly what a model LRU evicts
+ * (hits leave their slots in the eviction heap, re-keyed only at its top).
  */
 #include "test_engine_util.h"
 
@@ -245,6 +247,75 @@ static void test_demand_order(struct tdir *d, enum ckv_policy pol)
 	ckv_engine_close(e);
 }
 
+/*
+ * 3,000 random gets (a hot third of the chunks takes half of them) through
+ * a 16-slot LRU arena, some held pinned for a while: after every 25, the
+ * resident set is the model's (the least recently got unpinned chunk goes).
+ */
+static void test_lru_model(struct tdir *d)
+{
+	enum { N = 48, SLOTS = 16, HOLD = 4 };
+	struct tfile t;
+	ckv_engine *e = t_engine(SLOTS * K64, CKV_POLICY_LRU, NULL);
+	ckv_efile *f;
+	uint64_t stamp[N] = { 0 }, clock = 0, x = 0x2545f4914f6cdd1dull;
+	uint32_t pins[N] = { 0 }, nres = 0, nheld = 0, held_c[HOLD];
+	ckv_slot *held[HOLD];
+
+	tfile_make(d, &t, "lrumodel", K64, N, 501);
+	f = tfile_reg(e, d, &t);
+	for (int it = 0; it < 3000; it++) {
+		uint32_t c, r;
+
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		r = (uint32_t)(x >> 32);
+		c = r % 2 ? (r >> 1) % (N / 3) : (r >> 1) % N;
+		if (nheld && (r >> 8) % 5 == 0) { /* drop the oldest hold */
+			ckv_engine_release(e, held[0]);
+			pins[held_c[0]]--;
+			memmove(held, held + 1, sizeof(*held) * --nheld);
+			memmove(held_c, held_c + 1, sizeof(*held_c) * nheld);
+		}
+		if (!stamp[c] && nres == SLOTS) { /* the model's victim */
+			uint32_t v = N;
+
+			for (uint32_t j = 0; j < N; j++)
+				if (stamp[j] && !pins[j] && (v == N || stamp[j] < stamp[v]))
+					v = j;
+			CHECK(v < N);
+			stamp[v] = 0;
+			nres--;
+		}
+		nres += !stamp[c];
+		stamp[c] = ++clock;
+		if (nheld < HOLD && (r >> 12) % 4 == 0) {
+			ckv_chunk_ref ref = { f, c };
+			int rc = 0;
+
+			CHECK_RC(ckv_engine_get(e, &ref, 1, CKV_GET_DEMAND, &held[nheld], &rc));
+			CHECK(chunk_ok(&t, c, held[nheld]));
+			held_c[nheld++] = c;
+			pins[c]++;
+		} else {
+			t_get1(e, f, &t, c, CKV_GET_DEMAND);
+		}
+		if (it % 25 == 24)
+			for (uint32_t j = 0; j < N; j++)
+				if (t_resident(e, f, j) != (stamp[j] != 0)) {
+					fprintf(stderr, "step %d: chunk %u resident %d, the model says %d\n", it,
+						j, t_resident(e, f, j), stamp[j] != 0);
+					exit(1);
+				}
+	}
+	while (nheld)
+		ckv_engine_release(e, held[--nheld]);
+	ckv_engine_file_put(e, f);
+	tfile_free(&t);
+	ckv_engine_close(e);
+}
+
 /* 8 KiB and 64 KiB chunks in a 4 MiB arena: pages move between classes. */
 static void test_classes(struct tdir *d)
 {
@@ -342,6 +413,7 @@ int main(void)
 	test_stream_detached(&d);
 	test_demand_order(&d, CKV_POLICY_ATTN);
 	test_demand_order(&d, CKV_POLICY_LRU);
+	test_lru_model(&d);
 	test_classes(&d);
 	test_rebase(&d);
 	tdir_close(&d);
