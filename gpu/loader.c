@@ -1615,52 +1615,58 @@ int ckv_score_feedback(ckv_prefix *p, uint32_t layer, const uint32_t *chunks,
 	return 0;
 }
 
+/* Names of the pipeline's modes and scores, indexed by their enum values. */
+static const char *const mode_names[] = {
+	[CKV_MODE_FULL] = "full",
+	[CKV_MODE_PERIOD] = "period",
+	[CKV_MODE_LAYER] = "layer",
+	[CKV_MODE_RERANK] = "rerank",
+};
+static const char *const score_names[] = {
+	[CKV_SCORE_DIGEST] = "digest",
+	[CKV_SCORE_KEYQ] = "keyq",
+};
+
+static const char *enum_name(const char *const *names, size_t n, int v)
+{
+	return v >= 0 && (size_t)v < n ? names[v] : "?";
+}
+
+/* The index of name in names[0..n), or -1. */
+static int enum_parse(const char *const *names, size_t n, const char *name)
+{
+	for (size_t i = 0; name && i < n; i++)
+		if (strcmp(name, names[i]) == 0)
+			return (int)i;
+	return -1;
+}
+
 const char *ckv_mode_name(ckv_mode m)
 {
-	switch (m) {
-	case CKV_MODE_FULL:
-		return "full";
-	case CKV_MODE_PERIOD:
-		return "period";
-	case CKV_MODE_LAYER:
-		return "layer";
-	case CKV_MODE_RERANK:
-		return "rerank";
-	}
-	return "?";
+	return enum_name(mode_names, sizeof(mode_names) / sizeof(mode_names[0]), (int)m);
 }
 
 int ckv_mode_parse(const char *name, ckv_mode *out)
 {
-	static const ckv_mode all[] = { CKV_MODE_FULL, CKV_MODE_PERIOD, CKV_MODE_LAYER,
-					CKV_MODE_RERANK };
+	int i = enum_parse(mode_names, sizeof(mode_names) / sizeof(mode_names[0]), name);
 
-	for (size_t i = 0; name && i < sizeof(all) / sizeof(all[0]); i++)
-		if (strcmp(name, ckv_mode_name(all[i])) == 0) {
-			*out = all[i];
-			return 0;
-		}
-	return -EINVAL;
+	if (i < 0)
+		return -EINVAL;
+	*out = (ckv_mode)i;
+	return 0;
 }
 
 const char *ckv_score_name(ckv_score s)
 {
-	switch (s) {
-	case CKV_SCORE_DIGEST:
-		return "digest";
-	case CKV_SCORE_KEYQ:
-		return "keyq";
-	}
-	return "?";
+	return enum_name(score_names, sizeof(score_names) / sizeof(score_names[0]), (int)s);
 }
 
 int ckv_score_parse(const char *name, ckv_score *out)
 {
-	if (name && strcmp(name, "digest") == 0)
-		*out = CKV_SCORE_DIGEST;
-	else if (name && strcmp(name, "keyq") == 0)
-		*out = CKV_SCORE_KEYQ;
-	else
+	int i = enum_parse(score_names, sizeof(score_names) / sizeof(score_names[0]), name);
+
+	if (i < 0)
 		return -EINVAL;
+	*out = (ckv_score)i;
 	return 0;
 }
