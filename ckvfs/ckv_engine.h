@@ -127,6 +127,17 @@ typedef void (*ckv_get_cb)(void *arg, size_t i, ckv_slot *slot, int rc);
 int ckv_engine_get_async(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsigned flags,
 			 ckv_get_cb cb, void *arg);
 
+/*
+ * The synchronous part of a get, for callers that handle hits themselves:
+ * every ref whose chunk is resident is pinned and counted as a get of it
+ * would be (a hit, an access), slots[i] its slot; slots[i] = NULL where it
+ * is not resident (being read, or not in the arena), and nothing is done
+ * for it. One lock for the whole set, no allocation, no callback. Returns
+ * the number of NULL entries (what a get must still ask for), or -EINVAL.
+ */
+int ckv_engine_get_ready(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsigned flags,
+			 ckv_slot **slots);
+
 void ckv_engine_release(ckv_engine *e, ckv_slot *s);
 /* The same for s[0..n) (NULL entries skipped) under one lock. */
 void ckv_engine_release_n(ckv_engine *e, ckv_slot *const *s, size_t n);

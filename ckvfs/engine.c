@@ -79,6 +79,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <liburing.h>
 #include <math.h>
 #include <pthread.h>
@@ -611,8 +612,8 @@ static double decay_scale(ckv_engine *e)
 	return exp2(x);
 }
 
-/* A demand access (counted in F) of chunk c; also refreshes last. */
-static void note_access(ckv_efile *f, uint32_t c, double scale, bool count)
+/* A demand access (counted in F) of chunk c at wall time now; also refreshes last. */
+static void note_access(ckv_efile *f, uint32_t c, double scale, bool count, int64_t now)
 {
 	struct rstat *r = rstat_get(f->rk, c, true);
 
@@ -620,7 +621,7 @@ static void note_access(ckv_efile *f, uint32_t c, double scale, bool count)
 		return; /* ENOMEM: retention is advisory */
 	if (count)
 		r->f_hat += scale;
-	r->last = (int64_t)time(NULL);
+	r->last = now;
 }
 
 /* ---- arena: pages, slabs, slots ----------------------------------------- */
@@ -1634,6 +1635,27 @@ uint64_t ckv_slot_len(const ckv_slot *s)
 /* ---- get ---------------------------------------------------------------- */
 
 /*
+ * A get's access of chunk c of f, whose slot s exists (resident, or being
+ * read): counted, pinned, its recency refreshed. e->lock held.
+ */
+static void access_hit(ckv_engine *e, ckv_efile *f, uint32_t c, ckv_slot *s, bool stream,
+		       double scale, int64_t now)
+{
+	if (!stream)
+		note_access(f, c, scale, !s->prefetched, now); /* a prefetch already counted it */
+	if (s->state == SLOT_READY || s->prefetched)
+		e->st.hits++;
+	else
+		e->st.misses++;
+	if (s->prefetched) {
+		e->st.readahead_used++;
+		s->prefetched = false;
+	}
+	slot_pin(e, s);
+	s->seq = ++e->seq;
+}
+
+/*
  * Resolve every ref of r: hits complete at once, misses get a slot and a
  * place in the demand queue. Returns whether the I/O thread must look.
  * e->lock held.
@@ -1644,6 +1666,7 @@ static bool get_submit(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsig
 	bool stream = flags & CKV_GET_STREAM;
 	bool idle = flags & CKV_GET_IDLE;
 	double scale = decay_scale(e);
+	int64_t now = (int64_t)time(NULL);
 	bool wake = false;
 
 	for (size_t i = 0; i < n; i++) {
@@ -1659,21 +1682,8 @@ static bool get_submit(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsig
 			continue;
 		}
 		s = f->ent[c];
-		bool credited = s && s->prefetched; /* prefetch already counted this access */
-
-		if (!stream)
-			note_access(f, c, scale, !credited);
 		if (s) {
-			if (s->state == SLOT_READY || s->prefetched)
-				e->st.hits++;
-			else
-				e->st.misses++;
-			if (s->prefetched) {
-				e->st.readahead_used++;
-				s->prefetched = false;
-			}
-			slot_pin(e, s);
-			s->seq = ++e->seq;
+			access_hit(e, f, c, s, stream, scale, now);
 			if (s->state == SLOT_READY) {
 				waiter_done(e, w, s, 0);
 				continue;
@@ -1689,6 +1699,8 @@ static bool get_submit(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsig
 			continue;
 		}
 
+		if (!stream)
+			note_access(f, c, scale, true, now);
 		e->st.misses++;
 		s = slot_alloc(e, f->stride, stream);
 		if (!s && stream)
@@ -1800,6 +1812,38 @@ int ckv_engine_get_async(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, uns
 	return 0; /* r belongs to the I/O thread now; freed after the last callback */
 }
 
+int ckv_engine_get_ready(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsigned flags,
+			 ckv_slot **slots)
+{
+	bool stream = flags & CKV_GET_STREAM;
+	size_t left = 0;
+	double scale;
+	int64_t now;
+
+	if (!e || (n && (!refs || !slots)) || n > INT_MAX)
+		return -EINVAL;
+	if (n == 0)
+		return 0;
+	now = (int64_t)time(NULL);
+	pthread_mutex_lock(&e->lock);
+	scale = decay_scale(e);
+	for (size_t i = 0; i < n; i++) {
+		ckv_efile *f = refs[i].file;
+		uint32_t c = refs[i].chunk;
+		ckv_slot *s = f && c < f->nchunks ? f->ent[c] : NULL;
+
+		slots[i] = NULL;
+		if (!s || s->state != SLOT_READY) {
+			left++;
+			continue;
+		}
+		access_hit(e, f, c, s, stream, scale, now);
+		slots[i] = s;
+	}
+	pthread_mutex_unlock(&e->lock);
+	return (int)left;
+}
+
 /* Drop one pin of a resident slot. e->lock held. */
 static void slot_release(ckv_engine *e, ckv_slot *s)
 {
@@ -1862,7 +1906,7 @@ int ckv_engine_prefetch(ckv_engine *e, const ckv_chunk_ref *refs, size_t n)
 		if (!s)
 			break; /* arena full of pins: a hint, not an error */
 		/* The access the hint announces is counted now, not at the get. */
-		note_access(f, c, scale, true);
+		note_access(f, c, scale, true, (int64_t)time(NULL));
 		s->f = f;
 		s->chunk = c;
 		s->len = f->chunk_bytes;

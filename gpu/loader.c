@@ -922,10 +922,12 @@ static void rbatch_cb(void *arg, uint32_t i, uint64_t off, uint64_t len, uint64_
 	b->tok[i] = token;
 	b->rc[i] = rc;
 	b->len[i] = len;
-	pthread_mutex_lock(&b->mu);
-	if (--b->pending == 0)
+	if (atomic_fetch_sub_explicit(&b->pending, 1, memory_order_acq_rel) == 1) {
+		pthread_mutex_lock(&b->mu);
+		atomic_store_explicit(&b->fin, true, memory_order_release);
 		pthread_cond_broadcast(&b->cv);
-	pthread_mutex_unlock(&b->mu); /* b may be freed by its owner from here on */
+		pthread_mutex_unlock(&b->mu); /* b may be freed by its owner from here on */
+	}
 }
 
 /* Bytes a disk read of one chunk request of part counts: K and V (+ padding). */
@@ -1007,7 +1009,8 @@ int ckv_rbatch_issue_ex(ckv_prefix *p, uint32_t layer, enum ckv_source_part part
 	b->part = part;
 	b->n = n;
 	b->unresolved = n;
-	b->pending = n;
+	atomic_init(&b->pending, n);
+	atomic_init(&b->fin, false);
 	b->rs = rs;
 	b->idle = idle && src->ops->get_ex && src->ops->cancel;
 	memcpy(b->chunks, chunks, sizeof(*chunks) * n);
@@ -1025,9 +1028,8 @@ int ckv_rbatch_issue_ex(ckv_prefix *p, uint32_t layer, enum ckv_source_part part
 		rc = src->ops->get(src, p->pid, layer, part, b->chunks, n, rbatch_cb, b);
 	}
 	if (rc < 0) {
-		pthread_mutex_lock(&b->mu);
-		b->pending = 0;
-		pthread_mutex_unlock(&b->mu);
+		atomic_store(&b->pending, 0); /* the failed get made no callback */
+		atomic_store(&b->fin, true);
 		for (uint32_t i = 0; i < n; i++) {
 			b->rc[i] = rc;
 			b->state[i] = RB_DONE;
@@ -1069,9 +1071,9 @@ uint32_t ckv_rbatch_withdraw(struct rbatch *b, const uint32_t *idx, uint32_t n, 
 	}
 	for (uint32_t k = 0; k < n; k++)
 		ch[k] = b->chunks[idx[k]];
-	/* while pending > 0 under b->mu the get's last callback cannot finish: the handle lives */
+	/* while fin is unset under b->mu the get's last callback cannot finish: the handle lives */
 	pthread_mutex_lock(&b->mu);
-	if (b->pending > 0)
+	if (!atomic_load(&b->fin))
 		rc = src->ops->cancel(src, b->handle, p->pid, b->layer, b->part, ch, idx, n, done);
 	pthread_mutex_unlock(&b->mu);
 	if (ch != stack)
@@ -1100,20 +1102,17 @@ uint32_t ckv_rbatch_withdraw(struct rbatch *b, const uint32_t *idx, uint32_t n, 
 
 void ckv_rbatch_wait(struct rbatch *b)
 {
+	if (ckv_rbatch_complete(b))
+		return;
 	pthread_mutex_lock(&b->mu);
-	while (b->pending)
+	while (!atomic_load(&b->fin))
 		pthread_cond_wait(&b->cv, &b->mu);
 	pthread_mutex_unlock(&b->mu);
 }
 
 bool ckv_rbatch_complete(struct rbatch *b)
 {
-	bool done;
-
-	pthread_mutex_lock(&b->mu);
-	done = b->pending == 0;
-	pthread_mutex_unlock(&b->mu);
-	return done;
+	return atomic_load_explicit(&b->fin, memory_order_acquire);
 }
 
 int ckv_rbatch_check(const struct rbatch *b, uint32_t i)
@@ -1173,6 +1172,9 @@ void ckv_rbatch_take(struct rbatch *b, uint32_t i)
 static void rbatch_destroy(struct rbatch *b)
 {
 	if (b->n) {
+		/* fin is set; the last completion may still be leaving mu */
+		pthread_mutex_lock(&b->mu);
+		pthread_mutex_unlock(&b->mu);
 		pthread_cond_destroy(&b->cv);
 		pthread_mutex_destroy(&b->mu);
 	}

@@ -197,9 +197,17 @@ struct rbatch {
 	int *rc;               /* [n] */
 	uint8_t *state;        /* [n] RB_*; owner thread only */
 	uint32_t unresolved;   /* indices not RB_DONE; owner thread only */
-	pthread_mutex_t mu;    /* protects pending; leaf lock */
+	/*
+	 * pending: completions still to come. Each completion stores its
+	 * results, then decrements it; the last one sets fin and broadcasts cv
+	 * under mu (a leaf lock). So a thread holding mu that sees fin == 0
+	 * keeps the get's last callback from finishing, and the owner may free
+	 * the batch once fin is set and mu taken once more.
+	 */
+	pthread_mutex_t mu;
 	pthread_cond_t cv;
-	uint32_t pending;      /* completions still to come; mu */
+	atomic_uint pending;
+	atomic_bool fin;
 	struct rbatch *next;   /* owner's list */
 };
 

@@ -62,11 +62,17 @@ struct esource {
 	uint32_t npfx;
 };
 
-/* A get in flight: maps the engine's completions onto the source's. */
+/*
+ * The disk reads of a get: maps the engine's completions onto the
+ * source's. The get's arena hits never come here (es_get_ex delivers them
+ * itself); orig[i] is the source index of the engine request's index i.
+ */
 struct getctx {
 	ckv_source_cb cb;
 	void *arg;
 	atomic_size_t left;       /* completions still to come; the last frees */
+	uint32_t n;               /* requests sent to the engine */
+	uint32_t orig[];          /* [n], ascending */
 };
 
 static struct esource *es_of(ckv_source *s)
@@ -291,34 +297,50 @@ static void es_close(ckv_source *s, uint32_t pid)
 	eprefix_free(es, ep);
 }
 
-/* Engine completion: forward as (offset, length, token = the slot). */
+/* (offset, length, token) of a pinned slot as the source reports them. */
+static int slot_out(const ckv_slot *slot, uint64_t *off, uint64_t *len)
+{
+	*off = ckv_slot_offset(slot);
+	*len = ckv_slot_len(slot);
+	if (*off == CKV_SLOT_DETACHED) { /* only streaming gets detach; never ours */
+		*off = *len = 0;
+		return -EIO;
+	}
+	return 0;
+}
+
+/* Engine completion of a read: forward as (offset, length, token = the slot). */
 static void es_get_cb(void *arg, size_t i, ckv_slot *slot, int rc)
 {
 	struct getctx *g = arg;
 	uint64_t off = 0, len = 0;
 
-	if (rc == 0 && slot) {
-		off = ckv_slot_offset(slot);
-		len = ckv_slot_len(slot);
-		if (off == CKV_SLOT_DETACHED) { /* only streaming gets detach; never ours */
-			rc = -EIO;
-			off = len = 0;
-		}
-	} else if (rc == 0) {
+	if (rc == 0 && slot)
+		rc = slot_out(slot, &off, &len);
+	else if (rc == 0)
 		rc = -EIO;
-	}
-	g->cb(g->arg, (uint32_t)i, off, len, (uint64_t)(uintptr_t)slot, rc);
+	g->cb(g->arg, g->orig[i], off, len, (uint64_t)(uintptr_t)slot, rc);
 	if (atomic_fetch_sub(&g->left, 1) == 1)
 		free(g);
 }
 
+/*
+ * Arena hits are pinned in one engine pass (ckv_engine_get_ready) and
+ * delivered here, on the calling thread; only the rest go to the engine as
+ * an asynchronous get. The hits are delivered after that get is issued, so
+ * a failed get has made no callback, and before returning, so the handle
+ * (NULL when every chunk was a hit) names a get whose callbacks are all
+ * reads.
+ */
 static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
 		     const uint32_t *chunks, uint32_t n, unsigned flags, ckv_source_cb cb, void *arg,
 		     uint8_t *resident, void **handle)
 {
 	struct esource *es = es_of(s);
 	ckv_chunk_ref *refs = NULL;
-	struct getctx *g;
+	ckv_slot *stack[128], **slots = stack;
+	struct getctx *g = NULL;
+	uint32_t nmiss;
 	int rc;
 
 	if (handle)
@@ -328,29 +350,61 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
 	if (rc < 0)
 		return rc;
-	g = malloc(sizeof(*g));
-	if (!g) {
+	if (n > sizeof(stack) / sizeof(stack[0]) && !(slots = malloc(sizeof(*slots) * n))) {
 		free(refs);
 		return -ENOMEM;
 	}
-	g->cb = cb;
-	g->arg = arg;
-	atomic_init(&g->left, n);
-	if (resident)
-		ckv_engine_resident_n(es->engine, refs, n, resident);
-	if (handle)
-		*handle = g; /* before the get: its callbacks may free g */
-	/* arena hits complete on this thread: no hand-off to the engine's */
-	rc = ckv_engine_get_async(es->engine, refs, n,
-				  CKV_GET_INLINE | (flags & CKV_SRC_GET_IDLE ? CKV_GET_IDLE : CKV_GET_DEMAND),
-				  es_get_cb, g);
-	free(refs);
-	if (rc < 0) {
-		free(g);
+	rc = ckv_engine_get_ready(es->engine, refs, n, 0, slots);
+	if (rc < 0)
+		goto out;
+	nmiss = (uint32_t)rc;
+	rc = 0;
+	if (nmiss) {
+		g = malloc(sizeof(*g) + sizeof(g->orig[0]) * nmiss);
+		if (!g) {
+			ckv_engine_release_n(es->engine, slots, n);
+			rc = -ENOMEM;
+			goto out;
+		}
+		g->cb = cb;
+		g->arg = arg;
+		g->n = nmiss;
+		atomic_init(&g->left, nmiss);
+		for (uint32_t i = 0, k = 0; i < n; i++)
+			if (!slots[i]) {
+				g->orig[k] = i;
+				refs[k++] = refs[i];
+			}
 		if (handle)
-			*handle = NULL;
-		snprintf(s->err, sizeof(s->err), "layer %u: engine get: %s", layer, strerror(-rc));
+			*handle = g; /* before the get: its callbacks may free g */
+		rc = ckv_engine_get_async(es->engine, refs, nmiss,
+					  CKV_GET_INLINE |
+						  (flags & CKV_SRC_GET_IDLE ? CKV_GET_IDLE : CKV_GET_DEMAND),
+					  es_get_cb, g);
+		if (rc < 0) {
+			free(g);
+			if (handle)
+				*handle = NULL;
+			ckv_engine_release_n(es->engine, slots, n);
+			snprintf(s->err, sizeof(s->err), "layer %u: engine get: %s", layer, strerror(-rc));
+			goto out;
+		}
 	}
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t off, len;
+
+		if (resident)
+			resident[i] = slots[i] != NULL;
+		if (slots[i]) {
+			int r = slot_out(slots[i], &off, &len);
+
+			cb(arg, i, off, len, (uint64_t)(uintptr_t)slots[i], r);
+		}
+	}
+out:
+	if (slots != stack)
+		free(slots);
+	free(refs);
 	return rc;
 }
 
@@ -360,30 +414,51 @@ static int es_get(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_p
 	return es_get_ex(s, pid, layer, part, chunks, n, 0, cb, arg, NULL, NULL);
 }
 
+static int orig_cmp(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return (x > y) - (x < y);
+}
+
 static int es_cancel(ckv_source *s, void *handle, uint32_t pid, uint32_t layer,
 		     enum ckv_source_part part, const uint32_t *chunks, const uint32_t *idx,
 		     uint32_t n, uint8_t *done)
 {
 	struct esource *es = es_of(s);
+	struct getctx *g = handle;
 	ckv_chunk_ref *refs = NULL;
+	uint32_t *ch, m = 0;
+	uint8_t *sub_done;
 	size_t *ix;
 	int rc;
 
-	if (n == 0)
+	memset(done, 0, n);
+	if (n == 0 || !g)
 		return 0;
-	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
-	if (rc < 0)
-		return rc;
-	ix = malloc(sizeof(*ix) * n);
-	if (!ix) {
-		free(refs);
+	/* the engine knows the get by its own indices; hits were never its */
+	ix = malloc((sizeof(*ix) + sizeof(*ch) + 1) * n);
+	if (!ix)
 		return -ENOMEM;
+	ch = (uint32_t *)(ix + n);
+	sub_done = (uint8_t *)(ch + n);
+	for (uint32_t k = 0; k < n; k++) {
+		const uint32_t *o = bsearch(&idx[k], g->orig, g->n, sizeof(*o), orig_cmp);
+
+		if (!o)
+			continue;
+		ch[m] = chunks[k];
+		ix[m++] = (size_t)(o - g->orig);
 	}
-	for (uint32_t k = 0; k < n; k++)
-		ix[k] = idx[k];
-	rc = ckv_engine_cancel(es->engine, refs, ix, n, es_get_cb, handle, done);
-	free(ix);
+	rc = m ? pfx_refs(es, pid, layer, part, ch, m, &refs) : 0;
+	if (rc == 0 && m)
+		rc = ckv_engine_cancel(es->engine, refs, ix, m, es_get_cb, handle, sub_done);
+	if (rc == 0)
+		for (uint32_t k = 0, j = 0; k < n && j < m; k++)
+			if (bsearch(&idx[k], g->orig, g->n, sizeof(g->orig[0]), orig_cmp))
+				done[k] = sub_done[j++];
 	free(refs);
+	free(ix);
 	return rc;
 }
 
