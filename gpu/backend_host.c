@@ -87,6 +87,14 @@ static int host_after(ckv_backend *b, void *stream, void (*fn)(void *arg), void 
 	return 0;
 }
 
+static int host_gather_then(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t len,
+			    void *stream, void (*fn)(void *arg), void *arg)
+{
+	int rc = fn ? host_gather(b, c, n, len, stream) : -EINVAL;
+
+	return rc ? rc : host_after(b, stream, fn, arg);
+}
+
 static int host_sync(ckv_backend *b, void *stream)
 {
 	(void)b;
@@ -240,6 +248,7 @@ static const struct ckv_backend_ops host_ops = {
 	.digest_scores = host_digest_scores,
 	.compute = host_compute,
 	.gather_dev = host_gather_dev,
+	.gather_then = host_gather_then,
 	.destroy = host_destroy,
 };
 

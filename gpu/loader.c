@@ -1271,10 +1271,12 @@ static void reljob_fn(void *arg)
 	pthread_mutex_unlock(&p->jobs_lock);
 }
 
-static void reljob_count(ckv_prefix *p)
+static void reljob_count(ckv_prefix *p, int d)
 {
 	pthread_mutex_lock(&p->jobs_lock);
-	p->jobs++;
+	p->jobs += d;
+	if (p->jobs == 0)
+		pthread_cond_broadcast(&p->jobs_cv);
 	pthread_mutex_unlock(&p->jobs_lock);
 }
 
@@ -1282,16 +1284,34 @@ void ckv_reljob_submit(struct reljob *j, void *stream)
 {
 	ckv_backend *be = j->p->l->be;
 
-	reljob_count(j->p);
+	reljob_count(j->p, 1);
 	if (be->ops->after(be, stream, reljob_fn, j) < 0) {
 		be->ops->sync(be, stream);
 		reljob_fn(j);
 	}
 }
 
+int ckv_reljob_gather(struct reljob *j, const ckv_copy *cp, uint32_t n, uint64_t len, void *stream)
+{
+	ckv_backend *be = j->p->l->be;
+	int rc;
+
+	if (!be->ops->gather_then) {
+		rc = be->ops->gather(be, cp, n, len, stream);
+		if (rc == 0)
+			ckv_reljob_submit(j, stream);
+		return rc;
+	}
+	reljob_count(j->p, 1);
+	rc = be->ops->gather_then(be, cp, n, len, stream, reljob_fn, j);
+	if (rc < 0)
+		reljob_count(j->p, -1);
+	return rc;
+}
+
 void ckv_reljob_run(struct reljob *j)
 {
-	reljob_count(j->p);
+	reljob_count(j->p, 1);
 	reljob_fn(j);
 }
 
@@ -1393,10 +1413,18 @@ static int fetch_enqueue(ckv_fetch *f)
 		ckv_rbatch_take(f->b, f->bi[i]);
 		j->tok[j->ntok++] = f->b->tok[f->bi[i]];
 	}
-	if (ncp)
-		rc = be->ops->gather(be, cp, ncp, f->len, f->stream);
-	if (rc == 0)
-		rc = ckv_copy_dev(l, (const void *const *)ts, (void *const *)td, nts, f->len, f->stream);
+	if (ncp && nts == 0 && !(l->tier && f->part == CKV_PART_KV)) {
+		/* the gather is the fetch's only copy: the job follows it with no stream operation */
+		rc = ckv_reljob_gather(j, cp, ncp, f->len, f->stream);
+		if (rc == 0)
+			j = NULL;
+	} else {
+		if (ncp)
+			rc = be->ops->gather(be, cp, ncp, f->len, f->stream);
+		if (rc == 0)
+			rc = ckv_copy_dev(l, (const void *const *)ts, (void *const *)td, nts, f->len,
+					  f->stream);
+	}
 	if (rc < 0) {
 		ckv_lerr(l, rc, "fetch: the %s backend's copy failed: %s", be->ops->name, strerror(-rc));
 		be->ops->sync(be, f->stream);
@@ -1404,6 +1432,8 @@ static int fetch_enqueue(ckv_fetch *f)
 		j = NULL;
 		goto out_free;
 	}
+	if (!j)
+		goto out_free;
 	/* whole chunks fetched from the arena: keep a copy in the GPU tier */
 	if (l->tier && f->part == CKV_PART_KV) {
 		nts = 0;

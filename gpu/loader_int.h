@@ -273,6 +273,14 @@ struct reljob *ckv_reljob_new(ckv_prefix *p, uint32_t max_tok, uint32_t max_tier
 void ckv_reljob_submit(struct reljob *j, void *stream);
 /* Run it at once (nothing was enqueued, or the stream is synchronized). */
 void ckv_reljob_run(struct reljob *j);
+/*
+ * Enqueue the gather of cp[0..n) (len bytes each) on stream and take the
+ * job, to run once that gather has executed (backend->gather_then where
+ * there is one, else gather and after): for a gather that is the last copy
+ * the job's pins guard. On failure nothing was enqueued and the job is
+ * still the caller's. Returns 0 or the backend's -errno.
+ */
+int ckv_reljob_gather(struct reljob *j, const ckv_copy *cp, uint32_t n, uint64_t len, void *stream);
 
 /* Copies between backend memory (the GPU tier): backend->gather_dev or memcpy on host. */
 int ckv_copy_dev(ckv_loader *l, const void *const *src, void *const *dst, uint32_t n,

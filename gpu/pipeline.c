@@ -611,7 +611,20 @@ static int gather_layer(ckv_pipeline *pl, uint32_t layer, const uint32_t *S, uin
 	/* the layer's requests are the job's now */
 	for (int x = 0; x < NPARTS; x++)
 		ly->rq[x].n = 0;
-	for (int x = 0; x < NPARTS && rc == 0; x++) {
+	/* where the layer's last copy is a gather, the job follows it with no stream operation */
+	int then = l->tier ? -1 : NPARTS;
+	for (int x = 0; x < NPARTS && then >= 0; x++)
+		if (nts[x])
+			then = -1;
+		else if (ncp[x])
+			then = x;
+	for (int x = 0; x < NPARTS && rc == 0 && j; x++) {
+		if (ncp[x] && x == then) {
+			rc = ckv_reljob_gather(j, pl->cp[x], ncp[x], len[x], pl->o.stream);
+			if (rc == 0)
+				j = NULL; /* the backend's now; nothing follows */
+			continue;
+		}
 		if (ncp[x])
 			rc = be->ops->gather(be, pl->cp[x], ncp[x], len[x], pl->o.stream);
 		if (rc == 0)
@@ -623,7 +636,7 @@ static int gather_layer(ckv_pipeline *pl, uint32_t layer, const uint32_t *S, uin
 		return ckv_lerr(l, rc, "pipeline: layer %u: the %s backend's copy failed: %s", layer,
 				be->ops->name, strerror(-rc));
 	}
-	if (l->tier) {
+	if (j && l->tier) {
 		for (uint32_t r = 0; r < nS; r++) {
 			ckv_tkey k = ckv_prefix_chunk_key(pl->p, layer, S[r]);
 			void *tp;
@@ -641,7 +654,8 @@ static int gather_layer(ckv_pipeline *pl, uint32_t layer, const uint32_t *S, uin
 			j->nfill = 0;
 		}
 	}
-	ckv_reljob_submit(j, pl->o.stream);
+	if (j)
+		ckv_reljob_submit(j, pl->o.stream);
 	out->layer = layer;
 	out->nchunks = nS;
 	out->chunks = pl->vchunks[slot];

@@ -99,6 +99,7 @@ enum {
 	GATHER_INLINE = 128,   /* copies passed as kernel parameters (2 KiB) */
 	SCATTER_INLINE = 256,  /* source offsets passed as kernel parameters (2 KiB) */
 	RING_RECS = 1024,      /* reservations in flight at most */
+	FLAG_SLOTS = 256,      /* completion words (gather_then records) */
 	RING_ALIGN = 256,
 	MAX_CHUNK_TOKENS = 4096,
 };
@@ -160,11 +161,28 @@ struct cuda_backend {
 	uint32_t rq_running;            /* rlock: callbacks taken off the queue, not yet returned */
 	bool reaper_running, reaper_stop; /* rlock */
 	pthread_t reaper;
+	/*
+	 * Completion words, one per record that has one: the gather kernel's
+	 * last block to finish sets flag_host[i] (pinned, mapped; the kernel
+	 * writes it through flag_dev), counting its blocks in cnt_dev[i]. The
+	 * host polls memory: no driver call, no event between two gathers.
+	 */
+	uint32_t *flag_host, *flag_dev, *cnt_dev; /* allocated once, under rlock */
+	int nflags;                               /* rlock: words handed to records */
+	bool flags_failed;                        /* rlock: allocation failed; events only */
 };
 
+/*
+ * A callback to run once the stream has passed a point: marked by an event
+ * (after), or by the completion word the gather kernel before it sets
+ * (gather_then: no stream operation between two gathers).
+ */
 struct after_rec {
 	struct after_rec *next;
 	cudaEvent_t ev;
+	int fslot;      /* this record's completion word, or -1 (events only) */
+	bool flagged;   /* this use waits for the word, not the event */
+	cudaStream_t stream;
 	void (*fn)(void *arg);
 	void *arg;
 	uint64_t seq;
@@ -375,6 +393,8 @@ out_unlock:
 struct gather_params {
 	uint64_t base;         /* copy i reads base + src: the arena's device view, or 0 */
 	const ckv_copy *descs; /* in the ring, or NULL: inl[] */
+	uint32_t *done_cnt;    /* with done_flag: blocks finished so far (0 at launch) */
+	uint32_t *done_flag;   /* set to 1 by the last block, or NULL */
 	uint32_t n;
 	uint32_t nvec; /* 16-byte vectors per copy */
 	ckv_copy inl[GATHER_INLINE];
@@ -439,6 +459,18 @@ __global__ void gather_kernel(const __grid_constant__ gather_params p)
 					dst[v + u * step] = r[u];
 		}
 	}
+	if (p.done_flag) {
+		/* every thread of the block has loaded (and stored) its part */
+		__syncthreads();
+		if (threadIdx.x == 0) {
+			__threadfence();
+			if (atomicAdd(p.done_cnt, 1u) == gridDim.x - 1) {
+				*p.done_cnt = 0; /* ready for the word's next use */
+				__threadfence_system();
+				*(volatile uint32_t *)p.done_flag = 1;
+			}
+		}
+	}
 }
 
 static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg,
@@ -493,7 +525,7 @@ static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cf
  */
 template <typename Desc>
 static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena, uint32_t n,
-			 uint64_t len, cudaStream_t s, Desc desc)
+			 uint64_t len, cudaStream_t s, int fslot, Desc desc)
 {
 	static_assert(sizeof(gather_params) <= 4096, "kernel parameters must fit 4 KiB");
 	ckv_cuda_gather_cfg cfg;
@@ -505,6 +537,8 @@ static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena
 		return rc;
 	p.base = base;
 	p.descs = NULL;
+	p.done_cnt = fslot >= 0 ? cb->cnt_dev + fslot : NULL;
+	p.done_flag = fslot >= 0 ? cb->flag_dev + fslot : NULL;
 	p.n = n;
 	p.nvec = (uint32_t)(len / 16);
 	pthread_mutex_lock(&cb->lock);
@@ -529,10 +563,8 @@ static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena
 		});
 }
 
-static int cuda_gather(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t len, void *stream)
+static int gather_check(const struct cuda_backend *cb, const ckv_copy *c, uint32_t n, uint64_t len)
 {
-	struct cuda_backend *cb = cb_of(b);
-
 	if (len == 0 || len % 16 || len > MAX_COPY_LEN || (n && !c))
 		return -EINVAL;
 	if (!cb->arena_dev)
@@ -543,9 +575,17 @@ static int cuda_gather(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t l
 		if (c[i].src > cb->arena_size || len > cb->arena_size - c[i].src)
 			return -EINVAL;
 	}
-	if (n == 0)
-		return 0;
-	return gather_launch(cb, (uintptr_t)cb->arena_dev, true, n, len, (cudaStream_t)stream,
+	return 0;
+}
+
+static int cuda_gather(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t len, void *stream)
+{
+	struct cuda_backend *cb = cb_of(b);
+	int rc = gather_check(cb, c, n, len);
+
+	if (rc || n == 0)
+		return rc;
+	return gather_launch(cb, (uintptr_t)cb->arena_dev, true, n, len, (cudaStream_t)stream, -1,
 			     [c](uint32_t i) { return c[i]; });
 }
 
@@ -560,7 +600,7 @@ static int cuda_gather_dev(ckv_backend *b, const void *const *src, void *const *
 			return -EINVAL;
 	if (n == 0)
 		return 0;
-	return gather_launch(cb_of(b), 0, false, n, len, (cudaStream_t)stream, [src, dst](uint32_t i) {
+	return gather_launch(cb_of(b), 0, false, n, len, (cudaStream_t)stream, -1, [src, dst](uint32_t i) {
 		ckv_copy c;
 
 		c.src = (uintptr_t)src[i];
@@ -659,29 +699,46 @@ static void run_head(struct cuda_backend *cb)
 	pthread_cond_broadcast(&cb->rcond);
 }
 
+/* Whether r's point on its stream has passed: cudaSuccess, cudaErrorNotReady or an error. */
+static cudaError_t rec_query(const struct cuda_backend *cb, const struct after_rec *r)
+{
+	if (!r->flagged)
+		return cudaEventQuery(r->ev);
+	return __atomic_load_n(&cb->flag_host[r->fslot], __ATOMIC_ACQUIRE) ? cudaSuccess
+									    : cudaErrorNotReady;
+}
+
 /*
- * Wait for an event by polling, sleeping 5 us doubling to 200 us between
- * queries. A blocking-sync event would let the thread sleep in the driver,
- * but recording one between two gathers costs the stream their overlap
- * (measured: one layer's 8 KiB chunk set per gather, 50 -> 38 GB/s).
+ * Wait for r by polling, sleeping 5 us doubling to 200 us between queries.
+ * A blocking-sync event would let the thread sleep in the driver, but
+ * recording one between two gathers costs the stream their overlap
+ * (measured: one layer's 8 KiB chunk set per gather, 50 -> 38 GB/s). A
+ * completion word is plain memory; at the longest sleep its stream is
+ * asked too, so a stream that failed (the word never comes) or finished
+ * ends the wait.
  */
-static void event_poll(cudaEvent_t ev)
+static void rec_poll(const struct cuda_backend *cb, const struct after_rec *r)
 {
 	long ns = 5000;
 	cudaError_t e;
 
-	while ((e = cudaEventQuery(ev)) == cudaErrorNotReady) {
+	while ((e = rec_query(cb, r)) == cudaErrorNotReady) {
 		struct timespec ts = { 0, ns };
 
+		if (r->flagged && ns >= 200000) {
+			e = cudaStreamQuery(r->stream);
+			if (e != cudaErrorNotReady)
+				break; /* done (its writes are visible now) or failed */
+		}
 		nanosleep(&ts, NULL);
 		if (ns < 200000)
 			ns *= 2;
 	}
 	if (e != cudaSuccess)
-		cu_fail(e, "cudaEventQuery(after)");
+		cu_fail(e, r->flagged ? "cudaStreamQuery(after)" : "cudaEventQuery(after)");
 }
 
-/* The reaper: waits for each recorded event in order and runs its callback. */
+/* The reaper: waits for each queued record in order and runs its callback. */
 static void *reaper_main(void *arg)
 {
 	struct cuda_backend *cb = (struct cuda_backend *)arg;
@@ -697,7 +754,7 @@ static void *reaper_main(void *arg)
 		r = cb->rq_head;
 		cb->rq_watch = r;
 		pthread_mutex_unlock(&cb->rlock);
-		event_poll(r->ev);
+		rec_poll(cb, r);
 		pthread_mutex_lock(&cb->rlock);
 		cb->rq_watch = NULL;
 		if (r->taken) { /* a syncing thread ran it meanwhile: the spare is ours to keep */
@@ -711,6 +768,97 @@ static void *reaper_main(void *arg)
 	}
 	pthread_mutex_unlock(&cb->rlock);
 	return NULL;
+}
+
+/* The completion words, on first need. Caller holds rlock. */
+static void flags_init(struct cuda_backend *cb)
+{
+	if (cb->flag_host || cb->flags_failed)
+		return;
+	if (cudaHostAlloc((void **)&cb->flag_host, sizeof(uint32_t) * FLAG_SLOTS,
+			  cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess ||
+	    cudaHostGetDevicePointer((void **)&cb->flag_dev, cb->flag_host, 0) != cudaSuccess ||
+	    cudaMalloc((void **)&cb->cnt_dev, sizeof(uint32_t) * FLAG_SLOTS) != cudaSuccess ||
+	    cudaMemset(cb->cnt_dev, 0, sizeof(uint32_t) * FLAG_SLOTS) != cudaSuccess) {
+		(void)cudaGetLastError(); /* not sticky: the backend goes on with events */
+		if (cb->flag_host)
+			cudaFreeHost(cb->flag_host);
+		if (cb->cnt_dev)
+			cudaFree(cb->cnt_dev);
+		cb->flag_host = cb->flag_dev = cb->cnt_dev = NULL;
+		cb->flags_failed = true;
+	}
+}
+
+/* Back to the spares, unused. */
+static void rec_put(struct cuda_backend *cb, struct after_rec *r)
+{
+	pthread_mutex_lock(&cb->rlock);
+	r->next = cb->rfree;
+	cb->rfree = r;
+	pthread_mutex_unlock(&cb->rlock);
+}
+
+/*
+ * A spare record (with its event, and a completion word while there are
+ * words left), the reaper started. Current device: the backend's.
+ */
+static int rec_get(struct cuda_backend *cb, struct after_rec **out)
+{
+	struct after_rec *r;
+	int rc;
+
+	pthread_mutex_lock(&cb->rlock);
+	if (!cb->reaper_running) {
+		if (pthread_create(&cb->reaper, NULL, reaper_main, cb) != 0) {
+			pthread_mutex_unlock(&cb->rlock);
+			return -EAGAIN;
+		}
+		cb->reaper_running = true;
+	}
+	r = cb->rfree;
+	if (r) {
+		cb->rfree = r->next;
+		pthread_mutex_unlock(&cb->rlock);
+		*out = r;
+		return 0;
+	}
+	r = (struct after_rec *)calloc(1, sizeof(*r));
+	if (!r) {
+		pthread_mutex_unlock(&cb->rlock);
+		return -ENOMEM;
+	}
+	r->fslot = -1;
+	flags_init(cb);
+	if (cb->flag_host && cb->nflags < FLAG_SLOTS)
+		r->fslot = cb->nflags++;
+	pthread_mutex_unlock(&cb->rlock);
+	rc = CU(cudaEventCreateWithFlags(&r->ev, cudaEventDisableTiming));
+	if (rc) {
+		free(r); /* its word, if any, stays unused */
+		return rc;
+	}
+	*out = r;
+	return 0;
+}
+
+/* Queue r (its event recorded, or its word armed) to run fn(arg). */
+static void rec_queue(struct cuda_backend *cb, struct after_rec *r, cudaStream_t stream,
+		      void (*fn)(void *arg), void *arg)
+{
+	pthread_mutex_lock(&cb->rlock);
+	r->stream = stream;
+	r->fn = fn;
+	r->arg = arg;
+	r->next = NULL;
+	r->seq = ++cb->rq_seq;
+	if (cb->rq_tail)
+		cb->rq_tail->next = r;
+	else
+		cb->rq_head = r;
+	cb->rq_tail = r;
+	pthread_cond_broadcast(&cb->rcond);
+	pthread_mutex_unlock(&cb->rlock);
 }
 
 /*
@@ -727,49 +875,55 @@ static int cuda_after(ckv_backend *b, void *stream, void (*fn)(void *arg), void 
 	if (!fn)
 		return -EINVAL;
 	rc = dev.enter(cb->device);
+	if (rc == 0)
+		rc = rec_get(cb, &r);
 	if (rc)
 		return rc;
-	pthread_mutex_lock(&cb->rlock);
-	if (!cb->reaper_running) {
-		if (pthread_create(&cb->reaper, NULL, reaper_main, cb) != 0) {
-			pthread_mutex_unlock(&cb->rlock);
-			return -EAGAIN;
-		}
-		cb->reaper_running = true;
-	}
-	r = cb->rfree;
-	if (r)
-		cb->rfree = r->next;
-	pthread_mutex_unlock(&cb->rlock);
-	if (!r) {
-		r = (struct after_rec *)calloc(1, sizeof(*r));
-		if (!r)
-			return -ENOMEM;
-		rc = CU(cudaEventCreateWithFlags(&r->ev, cudaEventDisableTiming));
-		if (rc) {
-			free(r);
-			return rc;
-		}
-	}
+	r->flagged = false;
 	rc = CU(cudaEventRecord(r->ev, (cudaStream_t)stream));
-	pthread_mutex_lock(&cb->rlock);
 	if (rc) {
-		r->next = cb->rfree;
-		cb->rfree = r;
-		pthread_mutex_unlock(&cb->rlock);
+		rec_put(cb, r);
 		return rc;
 	}
-	r->fn = fn;
-	r->arg = arg;
-	r->next = NULL;
-	r->seq = ++cb->rq_seq;
-	if (cb->rq_tail)
-		cb->rq_tail->next = r;
-	else
-		cb->rq_head = r;
-	cb->rq_tail = r;
-	pthread_cond_broadcast(&cb->rcond);
-	pthread_mutex_unlock(&cb->rlock);
+	rec_queue(cb, r, (cudaStream_t)stream, fn, arg);
+	return 0;
+}
+
+/*
+ * A gather, then fn once it has executed, without a stream operation of
+ * its own between this gather and the next: the kernel sets the record's
+ * completion word (a record without one falls back to an event).
+ */
+static int cuda_gather_then(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t len,
+			    void *stream, void (*fn)(void *arg), void *arg)
+{
+	struct cuda_backend *cb = cb_of(b);
+	struct after_rec *r;
+	dev_scope dev;
+	int rc = gather_check(cb, c, n, len);
+
+	if (rc == 0 && !fn)
+		rc = -EINVAL;
+	if (rc == 0)
+		rc = dev.enter(cb->device);
+	if (rc == 0)
+		rc = rec_get(cb, &r);
+	if (rc)
+		return rc;
+	if (n == 0 || r->fslot < 0) {
+		rec_put(cb, r);
+		rc = cuda_gather(b, c, n, len, stream);
+		return rc ? rc : cuda_after(b, stream, fn, arg);
+	}
+	r->flagged = true;
+	__atomic_store_n(&cb->flag_host[r->fslot], 0u, __ATOMIC_RELAXED);
+	rc = gather_launch(cb, (uintptr_t)cb->arena_dev, true, n, len, (cudaStream_t)stream,
+			   r->fslot, [c](uint32_t i) { return c[i]; });
+	if (rc) {
+		rec_put(cb, r);
+		return rc;
+	}
+	rec_queue(cb, r, (cudaStream_t)stream, fn, arg);
 	return 0;
 }
 
@@ -783,7 +937,7 @@ static void reaper_wait(struct cuda_backend *cb)
 	uint64_t want = cb->rq_seq;
 	for (;;) {
 		while (cb->rq_head && cb->rq_head->seq <= want &&
-		       cudaEventQuery(cb->rq_head->ev) == cudaSuccess)
+		       rec_query(cb, cb->rq_head) == cudaSuccess)
 			run_head(cb);
 		if ((!cb->rq_head || cb->rq_head->seq > want) && cb->rq_running == 0)
 			break;
@@ -1300,6 +1454,10 @@ static void cuda_destroy(ckv_backend *b)
 	pthread_mutex_destroy(&cb->rlock);
 
 	if (dev.enter(cb->device) == 0) {
+		if (cb->flag_host) { /* every record's callback has run: no kernel sets a word */
+			cu_rc(cudaFreeHost(cb->flag_host), "cudaFreeHost(flags)");
+			cu_rc(cudaFree(cb->cnt_dev), "cudaFree(flags)");
+		}
 		pthread_mutex_lock(&cb->lock);
 		ring_drain(cb);
 		for (int i = 0; i < RING_RECS; i++)
@@ -1327,6 +1485,7 @@ static const struct ckv_backend_ops cuda_ops = {
 	/* .digest_scores = */ cuda_digest_scores,
 	/* .compute = */ cuda_compute,
 	/* .gather_dev = */ cuda_gather_dev,
+	/* .gather_then = */ cuda_gather_then,
 	/* .destroy = */ cuda_destroy,
 };
 

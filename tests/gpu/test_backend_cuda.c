@@ -9,7 +9,8 @@
  * ride in kernel parameters and many enough to need the descriptor ring) are
  * gathered into poisoned device memory in shuffled order and compared byte
  * for byte with the arena; a 4 KiB ring with many gathers in flight on two
- * streams checks that ring space is reused only after its kernel ran; digest
+ * streams checks that ring space is reused only after its kernel ran;
+ * gather_then's callbacks wait for their gathers (held behind a gate); digest
  * scores are compared with a double-precision reference and scatter_paged
  * with a CPU scatter, from the arena and from device memory.
  */
@@ -178,9 +179,25 @@ static void test_gather_sets(ckv_backend *b, const struct arena *a, cudaStream_t
  * a device-to-device gather copies D to E (reads what A wrote), B writes D
  * again (after that read; and last). D must hold B's chunks and E A's.
  */
-static void test_overlap_order(ckv_backend *b, const struct arena *a, cudaStream_t st,
-			       uint64_t *seed)
+static void count_call(void *arg)
 {
+	__atomic_add_fetch((int *)arg, 1, __ATOMIC_SEQ_CST);
+}
+
+/* The arena gathers of the order tests: plain, or with a completion callback. */
+static void gather_maybe_then(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t len,
+			      cudaStream_t st, bool then, int *calls)
+{
+	if (then)
+		CHECK_RC(b->ops->gather_then(b, c, n, len, st, count_call, calls));
+	else
+		CHECK_RC(b->ops->gather(b, c, n, len, st));
+}
+
+static void test_overlap_order(ckv_backend *b, const struct arena *a, cudaStream_t st,
+			       bool then, uint64_t *seed)
+{
+	int calls = 0;
 	const uint32_t n = 100;
 	const uint64_t len = 32768, slots = ARENA_BYTES / len;
 	ckv_copy ca[100], cb[100];
@@ -202,10 +219,11 @@ static void test_overlap_order(ckv_backend *b, const struct arena *a, cudaStream
 			cb[i].src = rnd(seed) % slots * len;
 			cb[i].dst = d + i * len;
 		}
-		CHECK_RC(b->ops->gather(b, ca, n, len, st));
+		gather_maybe_then(b, ca, n, len, st, then, &calls);
 		CHECK_RC(b->ops->gather_dev(b, src, dst, n, len, st));
-		CHECK_RC(b->ops->gather(b, cb, n, len, st));
+		gather_maybe_then(b, cb, n, len, st, then, &calls);
 		CHECK_RC(b->ops->sync(b, st));
+		CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == (then ? 2 * (it + 1) : 0));
 		CHECK_RC(b->ops->to_host(b, host, d, 2 * n * len));
 		for (uint32_t i = 0; i < n; i++) {
 			CHECK(memcmp(host + i * len, a->rw + cb[i].src, len) == 0);
@@ -293,11 +311,6 @@ static void test_gather_rules(ckv_backend *b)
 	for (size_t i = 0; i < sizeof(host); i++)
 		CHECK(host[i] == POISON);
 	b->ops->free(b, dev);
-}
-
-static void count_call(void *arg)
-{
-	__atomic_add_fetch((int *)arg, 1, __ATOMIC_SEQ_CST);
 }
 
 static void digest_ref(const float *q, uint32_t T, uint32_t hq, const float *dig, uint32_t m,
@@ -537,6 +550,108 @@ static void test_after_sync(ckv_backend *b, cudaStream_t st[2], uint64_t *seed)
 	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == queued);
 }
 
+/* A host function that holds its stream until *arg is set. */
+static void gate_fn(void *arg)
+{
+	while (!__atomic_load_n((int *)arg, __ATOMIC_ACQUIRE)) {
+		struct timespec ts = { 0, 1000000 };
+
+		nanosleep(&ts, NULL);
+	}
+}
+
+/*
+ * gather_then: the callback runs once its gather has executed, never
+ * before. Both streams wait behind a gate (a host function that blocks
+ * until the test opens it) while 300 gathers are queued on them — more
+ * than the backend's completion words, so later ones fall back to events,
+ * and both sides of the kernel-parameter limit: no callback may run while
+ * the gate is shut; once it opens, every one runs exactly once, and every
+ * chunk is where it belongs. Then gathers with callbacks under churn, as
+ * in test_after_sync.
+ */
+static void test_gather_then(ckv_backend *b, const struct arena *a, cudaStream_t st[2],
+			     uint64_t *seed)
+{
+	const uint32_t rounds = 300, max_per = 160;
+	const uint64_t len = 8192, slots = ARENA_BYTES / len;
+	uint64_t total = 0, *src = malloc((size_t)rounds * max_per * sizeof(*src));
+	uint32_t *per = malloc(rounds * sizeof(*per));
+	ckv_copy *c = malloc(max_per * sizeof(*c));
+	unsigned char *dev, *host = malloc((size_t)rounds * max_per * len);
+	cudaStream_t gs;
+	cudaEvent_t gev;
+	int open = 0, calls = 0, queued = 0;
+	struct timespec ms20 = { 0, 20000000 };
+
+	CHECK(src && per && c && host);
+	CHECK_RC(b->ops->alloc(b, (uint64_t)rounds * max_per * len, (void **)&dev));
+	CHECK_CU(cudaMemset(dev, POISON, (size_t)rounds * max_per * len));
+	CHECK_CU(cudaDeviceSynchronize());
+	CHECK_CU(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
+	CHECK_CU(cudaEventCreateWithFlags(&gev, cudaEventDisableTiming));
+	CHECK_CU(cudaLaunchHostFunc(gs, gate_fn, &open));
+	CHECK_CU(cudaEventRecord(gev, gs));
+	CHECK_CU(cudaStreamWaitEvent(st[0], gev, 0));
+	CHECK_CU(cudaStreamWaitEvent(st[1], gev, 0));
+	for (uint32_t r = 0; r < rounds; r++) {
+		per[r] = 1 + (uint32_t)(rnd(seed) % max_per); /* up to 160: inline and ring */
+		for (uint32_t i = 0; i < per[r]; i++) {
+			src[total + i] = rnd(seed) % slots * len;
+			c[i] = (ckv_copy){ .src = src[total + i], .dst = dev + (total + i) * len };
+		}
+		CHECK_RC(b->ops->gather_then(b, c, per[r], len, st[r % 2], count_call, &calls));
+		total += per[r];
+	}
+	nanosleep(&ms20, NULL);
+	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == 0); /* nothing has run */
+	__atomic_store_n(&open, 1, __ATOMIC_RELEASE);
+	CHECK_RC(b->ops->sync(b, st[0]));
+	CHECK_RC(b->ops->sync(b, st[1]));
+	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == (int)rounds);
+	CHECK_RC(b->ops->to_host(b, host, dev, total * len));
+	for (uint64_t i = 0; i < total; i++) {
+		if (memcmp(host + i * len, a->rw + src[i], len)) {
+			fprintf(stderr, "gather_then: copy %llu differs\n", (unsigned long long)i);
+			exit(1);
+		}
+	}
+	/* churn: syncs keep their promise for gather_then's callbacks too */
+	calls = 0;
+	for (int it = 0; it < 400; it++) {
+		cudaStream_t s = st[it & 1];
+		uint64_t r = rnd(seed);
+		uint32_t n = 1 + (uint32_t)(r >> 20) % max_per;
+
+		if (r % 3 == 0)
+			CHECK_RC(b->ops->compute(b, (double)(r >> 8 & 63) * 1e-6, s));
+		for (uint32_t i = 0; i < n; i++)
+			c[i] = (ckv_copy){ .src = rnd(seed) % slots * len, .dst = dev + (uint64_t)i * len };
+		CHECK_RC(b->ops->gather_then(b, c, n, len, s, count_call, &calls));
+		queued++;
+		if (r % 7 == 0) {
+			CHECK_RC(b->ops->sync(b, st[(r >> 4) & 1]));
+			CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == queued);
+		}
+	}
+	CHECK_RC(b->ops->sync(b, st[0]));
+	CHECK_RC(b->ops->sync(b, st[1]));
+	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == queued);
+	CHECK(b->ops->gather_then(b, c, 1, len, st[0], NULL, NULL) == -EINVAL);
+	c[0].src = ARENA_BYTES;
+	CHECK(b->ops->gather_then(b, c, 1, len, st[0], count_call, &calls) == -EINVAL);
+	CHECK_RC(b->ops->sync(b, st[0]));
+	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == queued); /* a refused call queues nothing */
+	CHECK_CU(cudaStreamSynchronize(gs));
+	CHECK_CU(cudaEventDestroy(gev));
+	CHECK_CU(cudaStreamDestroy(gs));
+	b->ops->free(b, dev);
+	free(host);
+	free(c);
+	free(per);
+	free(src);
+}
+
 static void run_one(ckv_backend *b, const struct arena *a, cudaStream_t st[2], uint64_t *seed)
 {
 	int calls = 0;
@@ -548,12 +663,14 @@ static void run_one(ckv_backend *b, const struct arena *a, cudaStream_t st[2], u
 		ckv_cuda_get_gather_cfg(b, &def);
 		CHECK(def.overlap == 1);
 		test_gather_sets(b, a, st[0], seed);
-		test_overlap_order(b, a, st[0], seed);
+		test_overlap_order(b, a, st[0], false, seed);
+		test_overlap_order(b, a, st[0], true, seed);
 		cfg = def;
 		cfg.overlap = 0;
 		CHECK_RC(ckv_cuda_set_gather_cfg(b, &cfg));
 		test_gather_sets(b, a, st[0], seed);
-		test_overlap_order(b, a, st[0], seed);
+		test_overlap_order(b, a, st[0], false, seed);
+		test_overlap_order(b, a, st[0], true, seed);
 		cfg.overlap = 2;
 		CHECK(ckv_cuda_set_gather_cfg(b, &cfg) == -EINVAL);
 		CHECK_RC(ckv_cuda_set_gather_cfg(b, &def));
@@ -564,6 +681,7 @@ static void run_one(ckv_backend *b, const struct arena *a, cudaStream_t st[2], u
 	CHECK_RC(b->ops->sync(b, st[0]));
 	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == 1);
 	test_after_sync(b, st, seed);
+	test_gather_then(b, a, st, seed);
 	test_scatter(b, a, st[1], seed);
 }
 
