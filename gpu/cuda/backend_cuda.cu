@@ -37,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 
 #include <cuda_runtime.h>
@@ -96,7 +97,16 @@ static cudaLaunchConfig_t launch_cfg(dim3 grid, dim3 block, cudaStream_t s)
 /* ---- the backend -------------------------------------------------------- */
 
 enum {
-	GATHER_INLINE = 128,   /* copies passed as kernel parameters (2 KiB) */
+	/*
+	 * Copies passed as kernel parameters, in three sizes of parameter
+	 * block (2, 8 and 32 KiB: a launch copies the whole block, so a small
+	 * gather takes a small one). Past 4 KiB of parameters needs CUDA 12.1
+	 * (driver and runtime); before it, gathers of more than GATHER_INLINE
+	 * copies go through the ring.
+	 */
+	GATHER_INLINE = 128,
+	GATHER_INLINE_MID = 508,
+	GATHER_INLINE_MAX = 2044,
 	SCATTER_INLINE = 256,  /* source offsets passed as kernel parameters (2 KiB) */
 	RING_RECS = 1024,      /* reservations in flight at most */
 	FLAG_SLOTS = 256,      /* completion words (gather_then records) */
@@ -118,6 +128,7 @@ struct cuda_backend {
 	int sms;
 	bool ro_register; /* cudaDevAttrHostRegisterReadOnlySupported */
 	bool pdl;         /* programmatic dependent launch (compute capability 9.0+) */
+	uint32_t inline_limit; /* most copies the driver takes in kernel parameters */
 
 	/* set by register_arena before any gather, read-only afterwards */
 	void *arena_host;
@@ -181,6 +192,7 @@ struct after_rec {
 	struct after_rec *next;
 	cudaEvent_t ev;
 	int fslot;      /* this record's completion word, or -1 (events only) */
+	uint32_t fblocks; /* blocks counted in cnt_dev[fslot] so far (wraps) */
 	bool flagged;   /* this use waits for the word, not the event */
 	cudaStream_t stream;
 	void (*fn)(void *arg);
@@ -390,15 +402,22 @@ out_unlock:
 
 /* ---- gather ------------------------------------------------------------- */
 
-struct gather_params {
+struct gather_head {
 	uint64_t base;         /* copy i reads base + src: the arena's device view, or 0 */
-	const ckv_copy *descs; /* in the ring, or NULL: inl[] */
-	uint32_t *done_cnt;    /* with done_flag: blocks finished so far (0 at launch) */
-	uint32_t *done_flag;   /* set to 1 by the last block, or NULL */
+	const ckv_copy *descs; /* in the ring, or NULL: the parameters' inl[] */
+	uint32_t *done_cnt;    /* with done_flag: blocks finished, over every use of the word */
+	uint32_t *done_flag;   /* set to 1 by the block that brings done_cnt to done_at, or NULL */
+	uint32_t done_at;
 	uint32_t n;
 	uint32_t nvec; /* 16-byte vectors per copy */
-	ckv_copy inl[GATHER_INLINE];
 };
+
+template <int CAP> struct gather_params {
+	gather_head h;
+	ckv_copy inl[CAP];
+};
+static_assert(sizeof(gather_params<GATHER_INLINE>) <= 4096, "fits the 4 KiB of parameters");
+static_assert(sizeof(gather_params<GATHER_INLINE_MAX>) <= 32764, "fits CUDA 12.1's 32 KiB");
 
 /*
  * Programmatic dependent launch (sm_90+): trigger lets the next kernel of
@@ -430,24 +449,25 @@ __device__ __forceinline__ void pdl_wait(void)
  * loads out of L1. Launched overlapped (launch_gather), a thread's first
  * loads go out before it waits for the previous kernel, its stores after.
  */
-template <int U>
-__global__ void gather_kernel(const __grid_constant__ gather_params p)
+template <int U, int CAP>
+__global__ void gather_kernel(const __grid_constant__ gather_params<CAP> p)
 {
+	const gather_head &h = p.h;
 	const uint32_t step = blockDim.x;
 	bool waited = false;
 
 	pdl_trigger(); /* the next gather on the stream may start while this one runs */
-	for (uint32_t i = blockIdx.x; i < p.n; i += gridDim.x) {
-		const ckv_copy c = p.descs ? p.descs[i] : p.inl[i];
-		const uint4 *src = reinterpret_cast<const uint4 *>(p.base + c.src);
+	for (uint32_t i = blockIdx.x; i < h.n; i += gridDim.x) {
+		const ckv_copy c = h.descs ? h.descs[i] : p.inl[i];
+		const uint4 *src = reinterpret_cast<const uint4 *>(h.base + c.src);
 		uint4 *dst = static_cast<uint4 *>(c.dst);
 
-		for (uint32_t v = threadIdx.x; v < p.nvec; v += U * step) {
+		for (uint32_t v = threadIdx.x; v < h.nvec; v += U * step) {
 			uint4 r[U];
 
 #pragma unroll
 			for (int u = 0; u < U; u++)
-				if (v + u * step < p.nvec)
+				if (v + u * step < h.nvec)
 					r[u] = __ldg(src + v + u * step);
 			if (!waited) { /* first loads in flight; no store before the previous kernel is done */
 				pdl_wait();
@@ -455,35 +475,42 @@ __global__ void gather_kernel(const __grid_constant__ gather_params p)
 			}
 #pragma unroll
 			for (int u = 0; u < U; u++)
-				if (v + u * step < p.nvec)
+				if (v + u * step < h.nvec)
 					dst[v + u * step] = r[u];
 		}
 	}
-	if (p.done_flag) {
-		/* every thread of the block has loaded (and stored) its part */
+	if (h.done_flag) {
+		/*
+		 * Every thread of the block has its loads back (its stores used
+		 * them): the last block to get here tells the host that the
+		 * sources are read. No fence: the word promises nothing about
+		 * the stores, which the stream orders as usual, and a fence
+		 * here held back the next gather's stores (measured 15%).
+		 */
 		__syncthreads();
-		if (threadIdx.x == 0) {
-			__threadfence();
-			if (atomicAdd(p.done_cnt, 1u) == gridDim.x - 1) {
-				*p.done_cnt = 0; /* ready for the word's next use */
-				__threadfence_system();
-				*(volatile uint32_t *)p.done_flag = 1;
-			}
-		}
+		if (threadIdx.x == 0 && atomicAdd(h.done_cnt, 1u) + 1u == h.done_at)
+			*(volatile uint32_t *)h.done_flag = 1;
 	}
 }
 
-static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg,
-			 const gather_params *p, bool from_arena, cudaStream_t stream)
+/* Blocks of a gather of n copies. */
+static uint32_t gather_grid(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg, uint32_t n)
 {
-	uint64_t grid = p->n;
-	cudaError_t e;
+	uint64_t grid = n;
 
 	if (cfg->blocks_per_sm && grid > (uint64_t)cb->sms * cfg->blocks_per_sm)
 		grid = (uint64_t)cb->sms * cfg->blocks_per_sm;
 	if (grid > 0x7fffffff)
 		grid = 0x7fffffff; /* the loop over copies covers the rest */
-	cudaLaunchConfig_t lc = launch_cfg(dim3((unsigned)grid), dim3(cfg->threads), stream);
+	return (uint32_t)grid;
+}
+
+template <int CAP>
+static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg,
+			 const gather_params<CAP> *p, bool from_arena, cudaStream_t stream)
+{
+	cudaError_t e;
+	cudaLaunchConfig_t lc = launch_cfg(dim3(gather_grid(cb, cfg, p->h.n)), dim3(cfg->threads), stream);
 	cudaLaunchAttribute attr[1];
 
 	/*
@@ -493,7 +520,7 @@ static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cf
 	 * (it waits before its first store). Device sources may be what that
 	 * kernel writes, and ring descriptors come by a copy: ordinary launch.
 	 */
-	if (cb->pdl && cfg->overlap && from_arena && !p->descs) {
+	if (cb->pdl && cfg->overlap && from_arena && !p->h.descs) {
 		attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
 		attr[0].val.programmaticStreamSerializationAllowed = 1;
 		lc.attrs = attr;
@@ -502,65 +529,92 @@ static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cf
 
 	switch (cfg->unroll) {
 	case 1:
-		e = cudaLaunchKernelEx(&lc, gather_kernel<1>, *p);
+		e = cudaLaunchKernelEx(&lc, gather_kernel<1, CAP>, *p);
 		break;
 	case 2:
-		e = cudaLaunchKernelEx(&lc, gather_kernel<2>, *p);
+		e = cudaLaunchKernelEx(&lc, gather_kernel<2, CAP>, *p);
 		break;
 	case 8:
-		e = cudaLaunchKernelEx(&lc, gather_kernel<8>, *p);
+		e = cudaLaunchKernelEx(&lc, gather_kernel<8, CAP>, *p);
 		break;
 	default:
-		e = cudaLaunchKernelEx(&lc, gather_kernel<4>, *p);
+		e = cudaLaunchKernelEx(&lc, gather_kernel<4, CAP>, *p);
 		break;
 	}
 	return cu_rc(e, "cudaLaunchKernelEx(gather)");
 }
 
+/* n (<= CAP) copies described by desc(i) in the kernel parameters. */
+template <int CAP, typename Desc>
+static int launch_inline(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg,
+			 const gather_head *h, bool from_arena, cudaStream_t s, Desc desc)
+{
+	gather_params<CAP> p;
+
+	p.h = *h;
+	for (uint32_t i = 0; i < h->n; i++)
+		p.inl[i] = desc(i);
+	return launch_gather(cb, cfg, &p, from_arena, s);
+}
+
 /*
  * One launch for n copies described by desc(i) (a ckv_copy whose src is
- * relative to base): inline when they fit the kernel parameters, else
- * through the ring. from_arena: the sources are arena chunks (see
- * launch_gather).
+ * relative to base): inline when they fit the kernel parameters (the
+ * smallest block that holds them), else through the ring. from_arena: the
+ * sources are arena chunks (see launch_gather). r: the record whose word
+ * the kernel sets when done, or NULL.
  */
 template <typename Desc>
 static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena, uint32_t n,
-			 uint64_t len, cudaStream_t s, int fslot, Desc desc)
+			 uint64_t len, cudaStream_t s, struct after_rec *r, Desc desc)
 {
-	static_assert(sizeof(gather_params) <= 4096, "kernel parameters must fit 4 KiB");
 	ckv_cuda_gather_cfg cfg;
-	gather_params p;
+	gather_head h;
+	uint32_t inl;
 	dev_scope dev;
 	int rc = dev.enter(cb->device);
 
 	if (rc)
 		return rc;
-	p.base = base;
-	p.descs = NULL;
-	p.done_cnt = fslot >= 0 ? cb->cnt_dev + fslot : NULL;
-	p.done_flag = fslot >= 0 ? cb->flag_dev + fslot : NULL;
-	p.n = n;
-	p.nvec = (uint32_t)(len / 16);
+	h.base = base;
+	h.descs = NULL;
+	h.done_cnt = r ? cb->cnt_dev + r->fslot : NULL;
+	h.done_flag = r ? cb->flag_dev + r->fslot : NULL;
+	h.done_at = 0;
+	h.n = n;
+	h.nvec = (uint32_t)(len / 16);
 	pthread_mutex_lock(&cb->lock);
 	cfg = cb->cfg;
 	pthread_mutex_unlock(&cb->lock);
-	if (n <= GATHER_INLINE) {
-		for (uint32_t i = 0; i < n; i++)
-			p.inl[i] = desc(i);
-		return launch_gather(cb, &cfg, &p, from_arena, s);
-	}
-	return ring_launch(
-		cb, (uint64_t)n * sizeof(ckv_copy), s,
-		[&](unsigned char *slot) {
-			ckv_copy *d = (ckv_copy *)slot;
+	inl = cfg.inline_max && cfg.inline_max < cb->inline_limit ? cfg.inline_max : cb->inline_limit;
+	if (r)
+		h.done_at = r->fblocks + gather_grid(cb, &cfg, n);
+	if (n <= GATHER_INLINE && n <= inl) {
+		rc = launch_inline<GATHER_INLINE>(cb, &cfg, &h, from_arena, s, desc);
+	} else if (n <= GATHER_INLINE_MID && n <= inl) {
+		rc = launch_inline<GATHER_INLINE_MID>(cb, &cfg, &h, from_arena, s, desc);
+	} else if (n <= inl) {
+		rc = launch_inline<GATHER_INLINE_MAX>(cb, &cfg, &h, from_arena, s, desc);
+	} else {
+		gather_params<GATHER_INLINE> p; /* the head; the copies go through the ring */
 
-			for (uint32_t i = 0; i < n; i++)
-				d[i] = desc(i);
-		},
-		[&](unsigned char *dev_descs) {
-			p.descs = (const ckv_copy *)dev_descs;
-			return launch_gather(cb, &cfg, &p, from_arena, s);
-		});
+		p.h = h;
+		rc = ring_launch(
+			cb, (uint64_t)n * sizeof(ckv_copy), s,
+			[&](unsigned char *slot) {
+				ckv_copy *d = (ckv_copy *)slot;
+
+				for (uint32_t i = 0; i < n; i++)
+					d[i] = desc(i);
+			},
+			[&](unsigned char *dev_descs) {
+				p.h.descs = (const ckv_copy *)dev_descs;
+				return launch_gather(cb, &cfg, &p, from_arena, s);
+			});
+	}
+	if (rc == 0 && r)
+		r->fblocks = h.done_at; /* the word's counter reaches this once the kernel has run */
+	return rc;
 }
 
 static int gather_check(const struct cuda_backend *cb, const ckv_copy *c, uint32_t n, uint64_t len)
@@ -585,7 +639,7 @@ static int cuda_gather(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t l
 
 	if (rc || n == 0)
 		return rc;
-	return gather_launch(cb, (uintptr_t)cb->arena_dev, true, n, len, (cudaStream_t)stream, -1,
+	return gather_launch(cb, (uintptr_t)cb->arena_dev, true, n, len, (cudaStream_t)stream, NULL,
 			     [c](uint32_t i) { return c[i]; });
 }
 
@@ -600,7 +654,7 @@ static int cuda_gather_dev(ckv_backend *b, const void *const *src, void *const *
 			return -EINVAL;
 	if (n == 0)
 		return 0;
-	return gather_launch(cb_of(b), 0, false, n, len, (cudaStream_t)stream, -1, [src, dst](uint32_t i) {
+	return gather_launch(cb_of(b), 0, false, n, len, (cudaStream_t)stream, NULL, [src, dst](uint32_t i) {
 		ckv_copy c;
 
 		c.src = (uintptr_t)src[i];
@@ -745,6 +799,8 @@ static void *reaper_main(void *arg)
 	struct after_rec *r;
 
 	cudaSetDevice(cb->device);
+	/* the polls' short sleeps as asked, not stretched by the default 50 us slack */
+	prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
 	pthread_mutex_lock(&cb->rlock);
 	for (;;) {
 		while (!cb->rq_head && !cb->reaper_stop)
@@ -918,8 +974,10 @@ static int cuda_gather_then(ckv_backend *b, const ckv_copy *c, uint32_t n, uint6
 	r->flagged = true;
 	__atomic_store_n(&cb->flag_host[r->fslot], 0u, __ATOMIC_RELAXED);
 	rc = gather_launch(cb, (uintptr_t)cb->arena_dev, true, n, len, (cudaStream_t)stream,
-			   r->fslot, [c](uint32_t i) { return c[i]; });
+			   r, [c](uint32_t i) { return c[i]; });
 	if (rc) {
+		/* the kernel may have been launched (a failed ring commit): the word's count is unknown */
+		r->fslot = -1;
 		rec_put(cb, r);
 		return rc;
 	}
@@ -1417,7 +1475,8 @@ int ckv_cuda_set_gather_cfg(ckv_backend *b, const ckv_cuda_gather_cfg *cfg)
 		return -EINVAL;
 	if (cfg->unroll != 1 && cfg->unroll != 2 && cfg->unroll != 4 && cfg->unroll != 8)
 		return -EINVAL;
-	if (cfg->blocks_per_sm > 64 || cfg->overlap > 1 || cfg->ring_bytes < 4096)
+	if (cfg->blocks_per_sm > 64 || cfg->overlap > 1 || cfg->ring_bytes < 4096 ||
+	    cfg->inline_max > GATHER_INLINE_MAX)
 		return -EINVAL;
 	rc = dev.enter(cb->device);
 	if (rc)
@@ -1540,6 +1599,10 @@ extern "C" int ckv_backend_cuda(int device, ckv_backend **out)
 	if (rc)
 		goto out_free;
 	cb->pdl = attr >= 9;
+	/* kernel parameters past 4 KiB: CUDA 12.1+ in both the driver and this runtime */
+	cb->inline_limit = GATHER_INLINE;
+	if (cudaDriverGetVersion(&attr) == cudaSuccess && attr >= 12010 && CUDART_VERSION >= 12010)
+		cb->inline_limit = GATHER_INLINE_MAX;
 	cb->cfg.threads = 256;
 	cb->cfg.unroll = 4;
 	cb->cfg.blocks_per_sm = 0;

@@ -84,6 +84,13 @@ typedef struct ckv_cuda_gather_cfg {
 	 * as CUDA asks of every such kernel; ordinary launches are unaffected.
 	 */
 	uint32_t overlap;
+	/*
+	 * Most copies a gather passes in its kernel parameters (the rest go
+	 * through the descriptor ring, by a copy and an ordinary launch); 0:
+	 * as many as the driver takes (2044 with CUDA 12.1+, else 128). Tests
+	 * lower it to exercise the ring.
+	 */
+	uint32_t inline_max;
 } ckv_cuda_gather_cfg;
 
 void ckv_cuda_get_gather_cfg(ckv_backend *b, ckv_cuda_gather_cfg *cfg);

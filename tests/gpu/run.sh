@@ -47,11 +47,14 @@ run loader_daemon-cuda env CKV_TEST_BACKEND=cuda CKV_BUILD="$PWD/build" bats tes
 run test_hf env CKV_BUILD="$PWD/build" PYTHONPATH="$PWD/gpu/python" "${CKV_PYTHON:-python3}" tests/gpu/test_hf.py
 if [ $bench = 1 ]; then
 	run bench-gather build/bench-gather
-	# 8, 32 and 64 KiB chunks
+	# 8, 32 and 64 KiB chunks, one layer's set (10% of 16K tokens) a fetch;
+	# 8 KiB again with 25% (256 chunks a fetch)
 	for m in qwen2.5-0.5b qwen2.5-7b qwen2.5-14b; do
 		run "bench-loader-$m" build/bench-loader -m "$m" -r 5 --backend cuda "$(mktemp -d)"
 	done
-	for b in bench-gather bench-loader-qwen2.5-0.5b bench-loader-qwen2.5-7b bench-loader-qwen2.5-14b; do
+	run bench-loader-qwen2.5-0.5b-b25 build/bench-loader -m qwen2.5-0.5b -b 0.25 -r 5 --backend cuda "$(mktemp -d)"
+	for b in bench-gather bench-loader-qwen2.5-0.5b bench-loader-qwen2.5-0.5b-b25 bench-loader-qwen2.5-7b \
+		bench-loader-qwen2.5-14b; do
 		echo "== $b"
 		tail -n 15 "$out/$b.log"
 	done

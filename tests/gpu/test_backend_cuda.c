@@ -5,8 +5,8 @@
  * Arenas are memfds as the loader sees them: one reopened O_RDONLY through
  * /proc/self/fd and mapped PROT_READ (a daemon's arena, registered with
  * cudaHostRegisterReadOnly), one mapped read-write (the embedded engine's).
- * Random chunk sets of 8, 32 and 64 KiB (whole and halves, few enough to
- * ride in kernel parameters and many enough to need the descriptor ring) are
+ * Random chunk sets of 8, 32 and 64 KiB (whole and halves, in each size of
+ * kernel-parameter block and many enough to need the descriptor ring) are
  * gathered into poisoned device memory in shuffled order and compared byte
  * for byte with the arena; a 4 KiB ring with many gathers in flight on two
  * streams checks that ring space is reused only after its kernel ran;
@@ -131,7 +131,7 @@ static void test_gather_sets(ckv_backend *b, const struct arena *a, cudaStream_t
 			     uint64_t *seed)
 {
 	static const uint64_t sizes[] = { 8192, 32768, 65536, 16416 };
-	const uint32_t max_n = 600;
+	const uint32_t max_n = 2600;
 	unsigned char *dev, *host = malloc((size_t)max_n * 65536);
 	ckv_copy *c = malloc(max_n * sizeof(*c));
 	uint32_t *perm = malloc(max_n * sizeof(*perm));
@@ -142,10 +142,10 @@ static void test_gather_sets(ckv_backend *b, const struct arena *a, cudaStream_t
 		uint64_t cs = sizes[si], slots = ARENA_BYTES / cs;
 
 		for (int it = 0; it < 24; it++) {
-			/* both sides of the kernel-parameter limit (128 copies) */
-			uint32_t n = it % 2 ? 1 + (uint32_t)(rnd(seed) % 128)
-					    : 129 + (uint32_t)(rnd(seed) % (max_n - 128));
-			bool half = it % 4 >= 2;
+			/* each parameter block (up to 128, 508, 2044 copies) and the ring past it */
+			static const uint32_t lo[] = { 1, 129, 509, 2045 }, hi[] = { 128, 508, 2044, 2600 };
+			uint32_t n = lo[it % 4] + (uint32_t)(rnd(seed) % (hi[it % 4] - lo[it % 4] + 1));
+			bool half = it % 8 >= 4;
 			uint64_t len = half ? cs / 2 : cs;
 
 			CHECK_CU(cudaMemsetAsync(dev, POISON, (size_t)n * len, st));
@@ -235,7 +235,8 @@ static void test_overlap_order(ckv_backend *b, const struct arena *a, cudaStream
 }
 
 /*
- * A 4 KiB ring holds one 200-copy descriptor set (3.2 KiB) at a time, so
+ * With at most 128 copies in kernel parameters, 200-copy sets go through
+ * the ring. A 4 KiB ring holds one such descriptor set (3.2 KiB) at a time, so
  * each of these gathers must wait until the previous kernel has run before
  * its descriptors are staged: with a missing wait, a kernel would read the
  * next gather's descriptors and copy the wrong chunks. The caller's array is
@@ -257,6 +258,7 @@ static void test_ring_reuse(ckv_backend *b, const struct arena *a, cudaStream_t 
 	ckv_cuda_get_gather_cfg(b, &cfg);
 	small = cfg;
 	small.ring_bytes = 4096;
+	small.inline_max = 128;
 	CHECK_RC(ckv_cuda_set_gather_cfg(b, &small));
 	CHECK_RC(b->ops->alloc(b, total * len, (void **)&dev));
 	CHECK_CU(cudaMemset(dev, POISON, total * len));
@@ -661,8 +663,15 @@ static void run_one(ckv_backend *b, const struct arena *a, cudaStream_t st[2], u
 		ckv_cuda_gather_cfg def, cfg;
 
 		ckv_cuda_get_gather_cfg(b, &def);
-		CHECK(def.overlap == 1);
+		CHECK(def.overlap == 1 && def.inline_max == 0);
 		test_gather_sets(b, a, st[0], seed);
+		cfg = def;
+		cfg.inline_max = 128; /* every set past 128 copies through the ring */
+		CHECK_RC(ckv_cuda_set_gather_cfg(b, &cfg));
+		test_gather_sets(b, a, st[0], seed);
+		cfg.inline_max = 2045;
+		CHECK(ckv_cuda_set_gather_cfg(b, &cfg) == -EINVAL);
+		CHECK_RC(ckv_cuda_set_gather_cfg(b, &def));
 		test_overlap_order(b, a, st[0], false, seed);
 		test_overlap_order(b, a, st[0], true, seed);
 		cfg = def;
