@@ -18,7 +18,9 @@
  * one block per chunk.
  *
  * The copy descriptors (16 bytes each) reach the device as kernel
- * parameters when there are few, else through a ring: a pinned host
+ * parameters, in the smallest of three parameter blocks that holds them
+ * (2, 8 or 32 KiB: up to 2044 copies with CUDA 12.1+, 128 before), else
+ * through a ring: a pinned host
  * staging buffer and a device buffer of the same size, filled with
  * cudaMemcpyAsync on the gather's own stream just before the launch. A
  * ring reservation lives until its kernel has run; a CUDA event recorded
@@ -26,6 +28,11 @@
  * events of the reservations in it have completed. That is what lets a
  * caller enqueue many gathers on one or several streams and reuse its own
  * descriptor array at once, with no synchronisation of its own.
+ *
+ * Completion: after() records an event that the reaper thread polls;
+ * gather_then() instead hands the gather kernel a word in pinned host
+ * memory that its last block sets, so nothing is enqueued between two
+ * gathers and the reaper reads memory instead of calling the driver.
  *
  * Errors: every CUDA call goes through cu_rc(), the one adapter from
  * cudaError_t to a negative errno (-ENOMEM, -ENODEV, else -EIO); it logs

@@ -66,7 +66,7 @@ int ckv_cuda_scatter_paged(ckv_backend *b, const void *src_base, const uint64_t 
 /*
  * Shape of the gather kernel. The defaults are what tools/bench-gather
  * measured best (docs/BENCHMARKS.md); the bench sweeps them, tests shrink
- * the descriptor ring to force its reuse.
+ * the descriptor ring (and inline_max) to force its reuse.
  */
 typedef struct ckv_cuda_gather_cfg {
 	uint32_t threads;       /* per block: 64 .. 1024, a multiple of 32 */
