@@ -12,7 +12,7 @@ STORE=${CKV_DEMO_STORE:-$top/demo/store}
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-rm -rf "$STORE"
+rm -rf "$STORE" "$top/demo/export" # a run before this one left them
 mkdir -p "$(dirname "$STORE")"
 step "ckv init $STORE"
 "$CKV" init "$STORE"
