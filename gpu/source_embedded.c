@@ -172,7 +172,6 @@ static void eprefix_free(struct esource *es, struct eprefix *ep)
 		if (ep->dig[x].fd >= 0)
 			close(ep->dig[x].fd);
 	free(ep->dig);
-
 	free(ep->files);
 	free(ep->have);
 	pthread_mutex_destroy(&ep->lock);
@@ -428,7 +427,7 @@ static int es_cancel(ckv_source *s, void *handle, uint32_t pid, uint32_t layer,
 	struct esource *es = es_of(s);
 	struct getctx *g = handle;
 	ckv_chunk_ref *refs = NULL;
-	uint32_t *ch, m = 0;
+	uint32_t *ch, *at, m = 0;
 	uint8_t *sub_done;
 	size_t *ix;
 	int rc;
@@ -437,26 +436,26 @@ static int es_cancel(ckv_source *s, void *handle, uint32_t pid, uint32_t layer,
 	if (n == 0 || !g)
 		return 0;
 	/* the engine knows the get by its own indices; hits were never its */
-	ix = malloc((sizeof(*ix) + sizeof(*ch) + 1) * n);
+	ix = malloc((sizeof(*ix) + 2 * sizeof(*ch) + 1) * n);
 	if (!ix)
 		return -ENOMEM;
 	ch = (uint32_t *)(ix + n);
-	sub_done = (uint8_t *)(ch + n);
+	at = ch + n;
+	sub_done = (uint8_t *)(at + n);
 	for (uint32_t k = 0; k < n; k++) {
 		const uint32_t *o = bsearch(&idx[k], g->orig, g->n, sizeof(*o), orig_cmp);
 
 		if (!o)
 			continue;
 		ch[m] = chunks[k];
+		at[m] = k;
 		ix[m++] = (size_t)(o - g->orig);
 	}
 	rc = m ? pfx_refs(es, pid, layer, part, ch, m, &refs) : 0;
 	if (rc == 0 && m)
 		rc = ckv_engine_cancel(es->engine, refs, ix, m, es_get_cb, handle, sub_done);
-	if (rc == 0)
-		for (uint32_t k = 0, j = 0; k < n && j < m; k++)
-			if (bsearch(&idx[k], g->orig, g->n, sizeof(g->orig[0]), orig_cmp))
-				done[k] = sub_done[j++];
+	for (uint32_t j = 0; rc == 0 && j < m; j++)
+		done[at[j]] = sub_done[j];
 	free(refs);
 	free(ix);
 	return rc;
@@ -669,8 +668,7 @@ static int es_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sou
 	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
 	if (rc < 0)
 		return rc;
-	for (uint32_t i = 0; i < n; i++)
-		out[i] = ckv_engine_resident(es->engine, &refs[i]);
+	ckv_engine_resident_n(es->engine, refs, n, out);
 	free(refs);
 	return 0;
 }
