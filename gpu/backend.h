@@ -70,11 +70,10 @@ struct ckv_backend_ops {
 	int (*gather_dev)(ckv_backend *b, const void *const *src, void *const *dst, uint32_t n,
 			  uint64_t len, void *stream);
 	/*
-	 * Optional: gather (as above), then run fn(arg) as after() would once
-	 * the gather has executed. NULL: the loader calls gather and after.
-	 * CUDA: the kernel itself marks its completion, so no stream
-	 * operation comes between one gather and the next (an event recorded
-	 * there costs back-to-back gathers their overlap).
+	 * Gather (as above), then run fn(arg) as after() would once the
+	 * gather has read its sources. CUDA: the kernel itself marks its
+	 * completion, so no stream operation comes between one gather and the
+	 * next; the host backend gathers and runs fn at once.
 	 */
 	int (*gather_then)(ckv_backend *b, const ckv_copy *c, uint32_t n, uint64_t len, void *stream,
 			   void (*fn)(void *arg), void *arg);

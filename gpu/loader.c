@@ -1296,12 +1296,6 @@ int ckv_reljob_gather(struct reljob *j, const ckv_copy *cp, uint32_t n, uint64_t
 	ckv_backend *be = j->p->l->be;
 	int rc;
 
-	if (!be->ops->gather_then) {
-		rc = be->ops->gather(be, cp, n, len, stream);
-		if (rc == 0)
-			ckv_reljob_submit(j, stream);
-		return rc;
-	}
 	reljob_count(j->p, 1);
 	rc = be->ops->gather_then(be, cp, n, len, stream, reljob_fn, j);
 	if (rc < 0)

@@ -275,10 +275,10 @@ void ckv_reljob_submit(struct reljob *j, void *stream);
 void ckv_reljob_run(struct reljob *j);
 /*
  * Enqueue the gather of cp[0..n) (len bytes each) on stream and take the
- * job, to run once that gather has executed (backend->gather_then where
- * there is one, else gather and after): for a gather that is the last copy
- * the job's pins guard. On failure nothing was enqueued and the job is
- * still the caller's. Returns 0 or the backend's -errno.
+ * job, to run once that gather has executed (backend->gather_then): for a
+ * gather that is the last copy the job's pins guard. On failure nothing was
+ * enqueued and the job is still the caller's. Returns 0 or the backend's
+ * -errno.
  */
 int ckv_reljob_gather(struct reljob *j, const ckv_copy *cp, uint32_t n, uint64_t len, void *stream);
 
