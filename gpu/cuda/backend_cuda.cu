@@ -513,21 +513,22 @@ static uint32_t gather_grid(const struct cuda_backend *cb, const ckv_cuda_gather
 }
 
 template <int CAP>
-static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg,
-			 const gather_params<CAP> *p, bool from_arena, cudaStream_t stream)
+static int launch_gather(const ckv_cuda_gather_cfg *cfg, const gather_params<CAP> *p, uint32_t grid,
+			 bool pdl, cudaStream_t stream)
 {
 	cudaError_t e;
-	cudaLaunchConfig_t lc = launch_cfg(dim3(gather_grid(cb, cfg, p->h.n)), dim3(cfg->threads), stream);
+	cudaLaunchConfig_t lc = launch_cfg(dim3(grid), dim3(cfg->threads), stream);
 	cudaLaunchAttribute attr[1];
 
 	/*
-	 * From the arena (pinned, unchanging while the gather runs) with the
+	 * pdl: a gather from the arena with overlap on (gather_launch). From
+	 * the arena (pinned, unchanging while the gather runs) with the
 	 * descriptors in the kernel parameters, nothing it loads depends on
 	 * earlier work on the stream: let it overlap the previous kernel's end
 	 * (it waits before its first store). Device sources may be what that
 	 * kernel writes, and ring descriptors come by a copy: ordinary launch.
 	 */
-	if (cb->pdl && cfg->overlap && from_arena && !p->h.descs) {
+	if (pdl && !p->h.descs) {
 		attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
 		attr[0].val.programmaticStreamSerializationAllowed = 1;
 		lc.attrs = attr;
@@ -553,15 +554,15 @@ static int launch_gather(const struct cuda_backend *cb, const ckv_cuda_gather_cf
 
 /* n (<= CAP) copies described by desc(i) in the kernel parameters. */
 template <int CAP, typename Desc>
-static int launch_inline(const struct cuda_backend *cb, const ckv_cuda_gather_cfg *cfg,
-			 const gather_head *h, bool from_arena, cudaStream_t s, Desc desc)
+static int launch_inline(const ckv_cuda_gather_cfg *cfg, const gather_head *h, uint32_t grid,
+			 bool pdl, cudaStream_t s, Desc desc)
 {
 	gather_params<CAP> p;
 
 	p.h = *h;
 	for (uint32_t i = 0; i < h->n; i++)
 		p.inl[i] = desc(i);
-	return launch_gather(cb, cfg, &p, from_arena, s);
+	return launch_gather(cfg, &p, grid, pdl, s);
 }
 
 /*
@@ -577,7 +578,8 @@ static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena
 {
 	ckv_cuda_gather_cfg cfg;
 	gather_head h;
-	uint32_t inl;
+	uint32_t inl, grid;
+	bool pdl;
 	dev_scope dev;
 	int rc = dev.enter(cb->device);
 
@@ -594,14 +596,16 @@ static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena
 	cfg = cb->cfg;
 	pthread_mutex_unlock(&cb->lock);
 	inl = cfg.inline_max && cfg.inline_max < cb->inline_limit ? cfg.inline_max : cb->inline_limit;
+	grid = gather_grid(cb, &cfg, n);
+	pdl = cb->pdl && cfg.overlap && from_arena;
 	if (r)
-		h.done_at = r->fblocks + gather_grid(cb, &cfg, n);
+		h.done_at = r->fblocks + grid;
 	if (n <= GATHER_INLINE && n <= inl) {
-		rc = launch_inline<GATHER_INLINE>(cb, &cfg, &h, from_arena, s, desc);
+		rc = launch_inline<GATHER_INLINE>(&cfg, &h, grid, pdl, s, desc);
 	} else if (n <= GATHER_INLINE_MID && n <= inl) {
-		rc = launch_inline<GATHER_INLINE_MID>(cb, &cfg, &h, from_arena, s, desc);
+		rc = launch_inline<GATHER_INLINE_MID>(&cfg, &h, grid, pdl, s, desc);
 	} else if (n <= inl) {
-		rc = launch_inline<GATHER_INLINE_MAX>(cb, &cfg, &h, from_arena, s, desc);
+		rc = launch_inline<GATHER_INLINE_MAX>(&cfg, &h, grid, pdl, s, desc);
 	} else {
 		gather_params<GATHER_INLINE> p; /* the head; the copies go through the ring */
 
@@ -616,7 +620,7 @@ static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena
 			},
 			[&](unsigned char *dev_descs) {
 				p.h.descs = (const ckv_copy *)dev_descs;
-				return launch_gather(cb, &cfg, &p, from_arena, s);
+				return launch_gather(&cfg, &p, grid, pdl, s);
 			});
 	}
 	if (rc == 0 && r)
