@@ -399,12 +399,13 @@ static int wait_layer(ckv_pipeline *pl, uint32_t layer, int part)
 
 /* ---- identification -------------------------------------------------------- */
 
-/* Ask the prefix's digest thread for a layer's digests (counted once as read). */
+/* LAYER: whether a layer is a floor layer (its set known without identification). */
 static bool is_floor(const ckv_pipeline *pl, uint32_t layer)
 {
 	return pl->o.floor > 0 && pl->budgets[layer] <= pl->o.floor;
 }
 
+/* Ask the prefix's digest thread for a layer's digests (counted once as read). */
 static void digests_ahead(ckv_pipeline *pl, uint32_t layer)
 {
 	if (!pl->dig_ahead || layer >= pl->L || is_floor(pl, layer))
@@ -532,8 +533,9 @@ static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 	return 0;
 }
 
-static int select_digests(ckv_pipeline *pl, uint32_t layer, const float *query, double budget,
-			  uint32_t *out, uint32_t *nout)
+/* A layer's top chunks at budget by the pipeline's score (digest or key-copy) into out. */
+static int select_scored(ckv_pipeline *pl, uint32_t layer, const float *query, double budget,
+			 uint32_t *out, uint32_t *nout)
 {
 	int rc = pl->o.score == CKV_SCORE_KEYQ ? keyq_scores(pl, layer, query) :
 						 digest_scores(pl, layer, query);
@@ -1040,7 +1042,7 @@ int ckv_pipeline_layer_qk(ckv_pipeline *pl, uint32_t layer, const float *query,
 				if (rc == 0)
 					rc = reconcile(pl, layer, CKV_SRC_V, pl->cur, pl->ncur, true);
 			} else {
-				rc = select_digests(pl, layer, query, pl->o.budget, pl->cur, &pl->ncur);
+				rc = select_scored(pl, layer, query, pl->o.budget, pl->cur, &pl->ncur);
 				if (rc == 0 && ly->issued)
 					rc = reconcile(pl, layer, CKV_SRC_KV, pl->cur, pl->ncur, true);
 			}
@@ -1057,7 +1059,7 @@ int ckv_pipeline_layer_qk(ckv_pipeline *pl, uint32_t layer, const float *query,
 			nS = pl->nfset;
 		} else {
 			pl->st.identifications++;
-			rc = select_digests(pl, layer, query, pl->budgets[layer], pl->cur, &pl->ncur);
+			rc = select_scored(pl, layer, query, pl->budgets[layer], pl->cur, &pl->ncur);
 			pl->scored = rc == 0;
 			pl->cur_budget = pl->budgets[layer];
 			S = pl->cur;
@@ -1070,8 +1072,8 @@ int ckv_pipeline_layer_qk(ckv_pipeline *pl, uint32_t layer, const float *query,
 	case CKV_MODE_RERANK:
 	default:
 		pl->st.identifications++;
-		rc = select_digests(pl, layer, query, fmin(1.0, pl->o.budget * pl->o.rerank), pl->cand,
-				    &pl->ncand);
+		rc = select_scored(pl, layer, query, fmin(1.0, pl->o.budget * pl->o.rerank), pl->cand,
+				   &pl->ncand);
 		if (rc == 0)
 			rc = identify_from_keys(pl, layer, query, pl->cand, pl->ncand);
 		if (rc == 0)
