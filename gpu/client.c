@@ -1043,8 +1043,11 @@ static int r_keyq_r(ckv_source *s, uint32_t pid, uint32_t layer, struct ckv_keyq
 	}
 	rc = check_target(r, "keyq", pid, layer, NULL, 0, &hd, &m);
 	if (rc == 0) {
+		const struct rprefix *p;
+
 		pthread_mutex_lock(&r->lock);
-		kqc = pfx_find(r, pid) ? pfx_find(r, pid)->kq_chunk : 0;
+		p = pfx_find(r, pid);
+		kqc = p ? p->kq_chunk : 0;
 		pthread_mutex_unlock(&r->lock);
 	}
 	/* worst case per chunk: its codes at 4 bits, one part with its scales */

@@ -315,7 +315,7 @@ static void build_hostile(void)
 	base("stats"); put32(8, CKV_CTL_MAX_PAYLOAD + 1); bad("length 16 MiB + 1", EMSGSIZE);
 	base("stats"); put32(8, 0xffffffffu); bad("length 4 GiB - 1", EMSGSIZE);
 
-	/* HELLO */
+	/* KEYQ, KEYQ_OK */
 	base("keyq"); put32(P + 12, 0); bad("KEYQ count 0", EINVAL);
 	base("keyq"); put32(P + 8, 0xffffffffu); bad("KEYQ first + count overflows", EINVAL);
 	base("keyq"); mlen = P + 12; fix_len(); bad("KEYQ short", EBADMSG);
@@ -330,6 +330,8 @@ static void build_hostile(void)
 	base("keyq_ok"); put32(P + 24, 7); bad("KEYQ_OK part past the range", EINVAL);
 	base("keyq_ok"); put32(P + 12, 4); bad("KEYQ_OK codes past the payload", EBADMSG);
 	base("keyq_ok"); mlen -= 1; fix_len(); bad("KEYQ_OK codes short", EBADMSG);
+
+	/* HELLO */
 	base("hello"); put16(P, 0); mlen = P + 8; fix_len(); bad("HELLO nversions 0", EINVAL);
 	base("hello"); put16(P, 17); bad("HELLO nversions 17", EINVAL);
 	base("hello"); put16(P, 4); bad("HELLO nversions past the payload", EBADMSG);
