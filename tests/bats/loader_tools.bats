@@ -66,6 +66,7 @@ demo_store() {
 	assert_output_contains "| loader cold, all layers in flight"
 	assert_output_contains "| loader warm (arena hits)"
 	assert_output_contains "| loader warm, first pass after cold"
+	assert_output_contains "² steady state: 9 pairs of one warm pass then one copy of the same bytes"
 	assert_output_contains "warm hit path per layer ("
 	assert_output_contains "read amplification of the cold loader: 1.000"
 	assert_output_contains "identification per layer, 16 new tokens x 14 query heads"
