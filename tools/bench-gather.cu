@@ -8,12 +8,19 @@
  * reopened O_RDONLY through /proc/self/fd, mapped PROT_READ and registered
  * with cudaHostRegisterReadOnly. For chunk sizes 8, 32 and 64 KiB a random
  * set of distinct chunks totalling -t MiB is gathered into device memory,
- * checked byte for byte once, then timed with events (median of -r runs).
+ * checked byte for byte once, then timed with events (median of -r runs;
+ * gather against contiguous copy as the median of -r pairs' ratios, a copy
+ * then a gather, so that a slower stretch of the link hits both sides).
  * -s also sweeps the kernel's shape (threads, loads in flight, grid) and
  * prints which was fastest. A second table moves the same sets in gathers
  * of -l copies each (one layer's chunk set, as the loader issues them),
  * back to back on one stream, with ordinary launches and with each gather
  * overlapping the end of the one before (programmatic dependent launch).
+ * -x adds what bounds the gather: the same 8 and 64 KiB sets read from
+ * other kinds of host memory (anonymous memory on transparent huge pages,
+ * hugetlbfs pages when the system has them reserved) and by other means (a
+ * TMA bulk-copy kernel; the copy engines through cudaMemcpyBatchAsync),
+ * each beside a contiguous copy from the same memory.
  *
  * Exit status: 0 ok, 1 failure (also: no CUDA device), 2 usage.
  */
@@ -129,11 +136,38 @@ struct timing {
 };
 
 /*
- * Median of reps event-timed runs of fn (after two untimed warm-ups). A
- * 2 ms spin kernel ahead of each run keeps the stream busy while the host
+ * One event-timed run of fn: device seconds and host seconds spent in fn().
+ * A 2 ms spin kernel ahead of it keeps the stream busy while the host
  * enqueues, so the events time the device work, not the host's preparation
  * (which a pipelined loader overlaps with earlier work; reported apart).
  */
+template <typename Fn>
+static std::pair<double, double> time_once(ckv_backend *b, cudaStream_t st, cudaEvent_t e0,
+					   cudaEvent_t e1, Fn &fn)
+{
+	float ms;
+
+	DIE_RC(b->ops->compute(b, 0.002, st));
+	DIE_CU(cudaEventRecord(e0, st));
+	double h0 = now_s();
+
+	fn();
+	double h = now_s() - h0;
+
+	DIE_CU(cudaEventRecord(e1, st));
+	DIE_CU(cudaEventSynchronize(e1));
+	DIE_CU(cudaEventElapsedTime(&ms, e0, e1));
+	return { ms * 1e-3, h };
+}
+
+static timing summary(std::vector<double> &t, std::vector<double> &h)
+{
+	std::sort(t.begin(), t.end());
+	std::sort(h.begin(), h.end());
+	return { t[t.size() / 2], t.front(), t.back(), h[h.size() / 2] };
+}
+
+/* Median of reps runs of fn (after two untimed warm-ups). */
 template <typename Fn>
 static timing time_runs(ckv_backend *b, cudaStream_t st, int reps, Fn fn)
 {
@@ -146,35 +180,298 @@ static timing time_runs(ckv_backend *b, cudaStream_t st, int reps, Fn fn)
 		fn();
 	DIE_CU(cudaStreamSynchronize(st));
 	for (int i = 0; i < reps; i++) {
-		float ms;
+		std::pair<double, double> r = time_once(b, st, e0, e1, fn);
 
-		DIE_RC(b->ops->compute(b, 0.002, st));
-		DIE_CU(cudaEventRecord(e0, st));
-		double h0 = now_s();
-
-		fn();
-		h.push_back(now_s() - h0);
-		DIE_CU(cudaEventRecord(e1, st));
-		DIE_CU(cudaEventSynchronize(e1));
-		DIE_CU(cudaEventElapsedTime(&ms, e0, e1));
-		t.push_back(ms * 1e-3);
+		t.push_back(r.first);
+		h.push_back(r.second);
 	}
 	DIE_CU(cudaEventDestroy(e0));
 	DIE_CU(cudaEventDestroy(e1));
-	std::sort(t.begin(), t.end());
-	std::sort(h.begin(), h.end());
-	return { t[t.size() / 2], t.front(), t.back(), h[h.size() / 2] };
+	return summary(t, h);
+}
+
+struct paired {
+	timing a, b;
+	double ratio; /* median over the pairs of time(a) / time(b) */
+};
+
+/*
+ * reps pairs, a run of fa then a run of fb: a stretch of slower link (the
+ * lent machines' PCIe is not always theirs alone) hits both sides of a
+ * pair, and the ratio is the median of the pairs' ratios.
+ */
+template <typename Fa, typename Fb>
+static paired time_pairs(ckv_backend *b, cudaStream_t st, int reps, Fa fa, Fb fb)
+{
+	cudaEvent_t e0, e1;
+	std::vector<double> ta, ha, tb, hb, q;
+
+	DIE_CU(cudaEventCreate(&e0));
+	DIE_CU(cudaEventCreate(&e1));
+	for (int i = 0; i < 2; i++) {
+		fa();
+		fb();
+	}
+	DIE_CU(cudaStreamSynchronize(st));
+	for (int i = 0; i < reps; i++) {
+		std::pair<double, double> x = time_once(b, st, e0, e1, fa);
+		std::pair<double, double> y = time_once(b, st, e0, e1, fb);
+
+		ta.push_back(x.first);
+		ha.push_back(x.second);
+		tb.push_back(y.first);
+		hb.push_back(y.second);
+		q.push_back(x.first / y.first);
+	}
+	DIE_CU(cudaEventDestroy(e0));
+	DIE_CU(cudaEventDestroy(e1));
+	std::sort(q.begin(), q.end());
+	return { summary(ta, ha), summary(tb, hb), q[q.size() / 2] };
+}
+
+/* ---- -x: what bounds the gather ------------------------------------------ */
+
+/*
+ * The backend kernel's shape (256 threads, 4 16-byte loads in flight each,
+ * one block per chunk), reading chunk i from base + src[i] into dst + i * cs:
+ * a reference that can point at any mapped host memory.
+ */
+__global__ void x_ldg_kernel(const unsigned char *base, const uint64_t *src, unsigned char *dst,
+			     uint32_t cs)
+{
+	const uint4 *s = reinterpret_cast<const uint4 *>(base + src[blockIdx.x]);
+	uint4 *d = reinterpret_cast<uint4 *>(dst + (uint64_t)blockIdx.x * cs);
+	const uint32_t nvec = cs / 16, step = blockDim.x;
+
+	for (uint32_t v = threadIdx.x; v < nvec; v += 4 * step) {
+		uint4 r[4];
+
+#pragma unroll
+		for (int u = 0; u < 4; u++)
+			if (v + u * step < nvec)
+				r[u] = __ldg(s + v + u * step);
+#pragma unroll
+		for (int u = 0; u < 4; u++)
+			if (v + u * step < nvec)
+				d[v + u * step] = r[u];
+	}
+}
+
+/*
+ * The same with the Hopper TMA unit: one thread per block moves its chunk
+ * host -> shared memory (cp.async.bulk, completion on an mbarrier) ->
+ * device memory (cp.async.bulk), 8 KiB pieces. sm_90 only.
+ */
+__global__ void x_tma_kernel(const unsigned char *base, const uint64_t *src, unsigned char *dst,
+			     uint32_t cs)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	extern __shared__ __align__(128) unsigned char buf[];
+	__shared__ __align__(8) uint64_t bar;
+	const uint32_t sbuf = (uint32_t)__cvta_generic_to_shared(buf);
+	const uint32_t sbar = (uint32_t)__cvta_generic_to_shared(&bar);
+	const unsigned char *s = base + src[blockIdx.x];
+	uint32_t done = 0;
+
+	if (threadIdx.x != 0)
+		return;
+	asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sbar));
+	asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+	asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sbar), "r"(cs)
+		     : "memory");
+	for (uint32_t o = 0; o < cs; o += 8192)
+		asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+			     "[%0], [%1], %2, [%3];" ::"r"(sbuf + o),
+			     "l"(s + o), "r"(cs - o < 8192 ? cs - o : 8192u), "r"(sbar)
+			     : "memory");
+	while (!done)
+		asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], 0; "
+			     "selp.u32 %0, 1, 0, q; }"
+			     : "=r"(done)
+			     : "r"(sbar)
+			     : "memory");
+	asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
+			     dst + (uint64_t)blockIdx.x * cs),
+		     "r"(sbuf), "r"(cs)
+		     : "memory");
+	asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+	asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
+}
+
+struct x_source {
+	const char *name;
+	unsigned char *host; /* NULL: not available here (why) */
+	char why[96];
+	bool own;            /* mapped and registered here */
+};
+
+/* Anonymous memory of bytes, hugetlb (MAP_HUGETLB) or THP (madvise), registered. */
+static void x_map(x_source *x, uint64_t bytes, bool hugetlb)
+{
+	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | (hugetlb ? MAP_HUGETLB : 0), -1, 0);
+
+	x->host = NULL;
+	if (p == MAP_FAILED) {
+		snprintf(x->why, sizeof(x->why), "%s (no huge pages reserved? vm.nr_hugepages)",
+			 strerror(errno));
+		return;
+	}
+	if (!hugetlb && madvise(p, bytes, MADV_HUGEPAGE)) {
+		snprintf(x->why, sizeof(x->why), "madvise(MADV_HUGEPAGE): %s", strerror(errno));
+		munmap(p, bytes);
+		return;
+	}
+	fill_random((unsigned char *)p, bytes, 5);
+	if (cudaHostRegister(p, bytes, cudaHostRegisterMapped) != cudaSuccess) {
+		(void)cudaGetLastError();
+		snprintf(x->why, sizeof(x->why), "cudaHostRegister failed");
+		munmap(p, bytes);
+		return;
+	}
+	x->host = (unsigned char *)p;
+	x->own = true;
+}
+
+/* Kernel launches of n chunks with a 2D grid when n exceeds one dimension's limit: chunked. */
+template <typename K>
+static void x_launch(K kern, const unsigned char *dbase, const uint64_t *dsrc, unsigned char *dst,
+		     uint64_t n, uint32_t cs, uint32_t threads, size_t smem, cudaStream_t st)
+{
+	for (uint64_t i = 0; i < n; i += 65535) {
+		uint32_t k = (uint32_t)std::min<uint64_t>(65535, n - i);
+
+		kern<<<k, threads, smem, st>>>(dbase, dsrc + i, dst + i * cs, cs);
+	}
+	DIE_CU(cudaGetLastError());
+}
+
+static void ceiling_table(ckv_backend *b, cudaStream_t st, int reps, const unsigned char *arena,
+			  uint64_t arena_bytes, uint64_t total, unsigned char *dst, int cc_major)
+{
+	static const uint32_t xs[] = { 8192, 65536 };
+	x_source src[3] = { { "arena: memfd, 4 KiB pages, read-only", (unsigned char *)arena, "", false },
+			    { "anonymous, transparent huge pages", NULL, "", false },
+			    { "anonymous, hugetlbfs 2 MiB pages", NULL, "", false } };
+	unsigned char *check = (unsigned char *)malloc(total);
+	uint64_t *dsrc;
+	uint64_t seed = 11;
+
+	x_map(&src[1], arena_bytes, false);
+	x_map(&src[2], arena_bytes, true);
+	DIE_CU(cudaMalloc(&dsrc, sizeof(uint64_t) * (total / 8192)));
+	printf("\nwhat bounds the gather (-x): the same random chunk sets over %llu MiB of each kind "
+	       "of host memory, GB/s and the ratio to a contiguous copy from that memory (median of "
+	       "pairs, a copy then the other; device "
+	       "time, median of %d)\n| memory | chunk | contiguous copy | gather kernel | TMA "
+	       "bulk-copy kernel | copy engines: cudaMemcpyBatchAsync (host time a copy) |\n"
+	       "|---|---|---|---|---|---|\n",
+	       (unsigned long long)(arena_bytes >> 20), reps);
+	for (x_source &x : src) {
+		unsigned char *dbase;
+
+		if (!x.host) {
+			printf("| %s | - | not available: %s | | | |\n", x.name, x.why);
+			continue;
+		}
+		DIE_CU(cudaHostGetDevicePointer((void **)&dbase, x.host, 0));
+		for (uint32_t cs : xs) {
+			const uint64_t n = total / cs, slots = arena_bytes / cs;
+			std::vector<uint64_t> perm(slots), so(n);
+
+			for (uint64_t i = 0; i < slots; i++)
+				perm[i] = i;
+			for (uint64_t i = 0; i < n; i++) {
+				std::swap(perm[i], perm[i + splitmix(&seed) % (slots - i)]);
+				so[i] = perm[i] * cs;
+			}
+			DIE_CU(cudaMemcpy(dsrc, so.data(), sizeof(uint64_t) * n, cudaMemcpyHostToDevice));
+
+			auto contig_fn = [&] {
+				DIE_CU(cudaMemcpyAsync(dst, x.host, total, cudaMemcpyHostToDevice, st));
+			};
+			auto checked = [&](const char *what) {
+				DIE_CU(cudaStreamSynchronize(st));
+				DIE_CU(cudaMemcpy(check, dst, total, cudaMemcpyDeviceToHost));
+				for (uint64_t i = 0; i < n; i++)
+					if (memcmp(check + i * cs, x.host + so[i], cs)) {
+						fprintf(stderr, "bench-gather: -x %s: chunk %llu differs\n",
+							what, (unsigned long long)i);
+						exit(1);
+					}
+			};
+			DIE_CU(cudaMemsetAsync(dst, 0xa5, total, st));
+			x_launch(x_ldg_kernel, dbase, dsrc, dst, n, cs, 256, 0, st);
+			checked("gather kernel");
+			paired g = time_pairs(b, st, reps, contig_fn, [&] {
+				x_launch(x_ldg_kernel, dbase, dsrc, dst, n, cs, 256, 0, st);
+			});
+			timing contig = g.a;
+
+			printf("| %s | %u KiB | %.1f | %.1f (%.3f) |", x.name, cs >> 10,
+			       total / contig.median / 1e9, total / g.b.median / 1e9, g.ratio);
+			if (cc_major >= 9) {
+				DIE_CU(cudaFuncSetAttribute(x_tma_kernel,
+							    cudaFuncAttributeMaxDynamicSharedMemorySize,
+							    (int)cs));
+				DIE_CU(cudaMemsetAsync(dst, 0xa5, total, st));
+				x_launch(x_tma_kernel, dbase, dsrc, dst, n, cs, 32, cs, st);
+				checked("TMA kernel");
+				paired t = time_pairs(b, st, reps, contig_fn, [&] {
+					x_launch(x_tma_kernel, dbase, dsrc, dst, n, cs, 32, cs, st);
+				});
+				printf(" %.1f (%.3f) |", total / t.b.median / 1e9, t.ratio);
+			} else {
+				printf(" needs sm_90 |");
+			}
+#if CUDART_VERSION >= 12080
+			{
+				/* a slice: the driver prepares each copy on the host */
+				const uint64_t nb = std::min<uint64_t>(n, 2048);
+				std::vector<void *> dv(nb);
+				std::vector<const void *> sv(nb);
+				std::vector<size_t> lv(nb, cs);
+				cudaMemcpyAttributes at = {};
+				size_t ai = 0;
+
+				at.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+				for (uint64_t i = 0; i < nb; i++) {
+					dv[i] = dst + i * cs;
+					sv[i] = x.host + so[i];
+				}
+				timing m = time_runs(b, st, std::min(reps, 5), [&] {
+					DIE_CU(cudaMemcpyBatchAsync(dv.data(), sv.data(), lv.data(), nb, &at,
+								    &ai, 1, st));
+				});
+				printf(" %.1f (%.3f; %.2f us) |\n", nb * cs / m.median / 1e9,
+				       contig.median / (m.median * (double)n / nb), m.host / nb * 1e6);
+			}
+#else
+			printf(" needs CUDA 12.8 |\n");
+#endif
+			fflush(stdout);
+		}
+	}
+	for (x_source &x : src)
+		if (x.own) {
+			DIE_CU(cudaHostUnregister(x.host));
+			munmap(x.host, arena_bytes);
+		}
+	DIE_CU(cudaFree(dsrc));
+	free(check);
 }
 
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: bench-gather [-a ARENA_MIB] [-t TOTAL_MIB] [-r REPS] [-d DEVICE] [-l COPIES] [-s]\n"
+	fprintf(f, "usage: bench-gather [-a ARENA_MIB] [-t TOTAL_MIB] [-r REPS] [-d DEVICE] [-l COPIES] [-s] [-x]\n"
 		   "  -a  arena size (default 8192 MiB; a read-only memfd mapping)\n"
 		   "  -t  bytes gathered per run (default 512 MiB)\n"
 		   "  -r  timed runs per figure, median reported (default 15)\n"
 		   "  -d  CUDA device (default 0)\n"
 		   "  -l  copies per gather in the per-layer table (default 103: 10%% of 1,024 chunks)\n"
 		   "  -s  also sweep the gather kernel's shape\n"
+		   "  -x  also measure what bounds the gather: other host memory, TMA, copy engines\n"
 		   "  -h  this help, -V version\n");
 }
 
@@ -183,9 +480,9 @@ int main(int argc, char **argv)
 	uint64_t arena_mib = 8192, total_mib = 512;
 	int reps = 15, device = 0, opt, count = 0;
 	uint32_t per_launch = 103;
-	bool sweep = false;
+	bool sweep = false, ceiling = false;
 
-	while ((opt = getopt(argc, argv, "a:t:r:d:l:shV")) != -1) {
+	while ((opt = getopt(argc, argv, "a:t:r:d:l:sxhV")) != -1) {
 		switch (opt) {
 		case 'a':
 			arena_mib = strtoull(optarg, NULL, 10);
@@ -204,6 +501,9 @@ int main(int argc, char **argv)
 			break;
 		case 's':
 			sweep = true;
+			break;
+		case 'x':
+			ceiling = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -299,7 +599,7 @@ int main(int argc, char **argv)
 	double contig_s[3];
 
 	printf("| chunk | chunks | one contiguous pinned copy | per-chunk cudaMemcpyAsync | gather "
-	       "kernel (min-max) | gather / contiguous | host time of a gather call |\n"
+	       "kernel (min-max) | gather / contiguous (median of pairs) | host time of a gather call |\n"
 	       "|---|---|---|---|---|---|---|\n");
 	for (int si = 0; si < 3; si++) {
 		const uint64_t cs = sizes[si], n = total / cs, slots = arena_bytes / cs;
@@ -327,24 +627,22 @@ int main(int argc, char **argv)
 			}
 		}
 
-		timing contig = time_runs(b, st, reps, [&] {
-			DIE_CU(cudaMemcpyAsync(dst, pinned, total, cudaMemcpyHostToDevice, st));
-		});
+		paired pg = time_pairs(
+			b, st, reps,
+			[&] { DIE_CU(cudaMemcpyAsync(dst, pinned, total, cudaMemcpyHostToDevice, st)); },
+			[&] { DIE_RC(b->ops->gather(b, c.data(), (uint32_t)n, cs, st)); });
+		timing contig = pg.a, gather = pg.b;
 		timing per_chunk = time_runs(b, st, std::min(reps, 5), [&] {
 			for (uint64_t i = 0; i < n; i++)
 				DIE_CU(cudaMemcpyAsync(dst + i * cs, ro + c[i].src, cs,
 						       cudaMemcpyHostToDevice, st));
-		});
-		timing gather = time_runs(b, st, reps, [&] {
-			DIE_RC(b->ops->gather(b, c.data(), (uint32_t)n, cs, st));
 		});
 		snprintf(line[si], sizeof(line[si]),
 			 "| %llu KiB | %llu | %.1f GB/s | %.1f GB/s | %.1f GB/s (%.1f-%.1f) | **%.2f** | "
 			 "%.0f us |",
 			 (unsigned long long)cs >> 10, (unsigned long long)n, total / contig.median / 1e9,
 			 total / per_chunk.median / 1e9, total / gather.median / 1e9,
-			 total / gather.max / 1e9, total / gather.min / 1e9,
-			 contig.median / gather.median, gather.host * 1e6);
+			 total / gather.max / 1e9, total / gather.min / 1e9, pg.ratio, gather.host * 1e6);
 		printf("%s\n", line[si]);
 		fflush(stdout);
 		contig_s[si] = contig.median;
@@ -397,6 +695,8 @@ int main(int argc, char **argv)
 		DIE_RC(ckv_cuda_set_gather_cfg(b, &def));
 	}
 
+	if (ceiling)
+		ceiling_table(b, st, reps, ro, arena_bytes, total, dst, prop.major);
 	if (sweep) {
 		static const uint32_t threads[] = { 128, 256, 512 }, unroll[] = { 2, 4, 8 },
 				      bps[] = { 0, 4, 8, 16 };

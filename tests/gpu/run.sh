@@ -1,7 +1,7 @@
 #!/bin/bash
 # Everything that needs a GPU, in one go (run it on the GPU machine):
 #   tests/gpu/run.sh        build, CUDA unit tests, loader tests on the CUDA backend
-#   tests/gpu/run.sh -b     ... and the GPU benchmarks (bench-gather, bench-loader)
+#   tests/gpu/run.sh -b     ... and the GPU benchmarks (bench-gather -x, bench-loader)
 #   tests/gpu/run.sh -b -f  ... and bench-fs (minutes: 10,000 prefixes)
 # Writes logs to $OUT (or ./build/gpu-run) and prints a summary last.
 set -u
@@ -46,7 +46,7 @@ for t in build/tests/test_loader_*; do run "$(basename "$t")-cuda" env CKV_TEST_
 run loader_daemon-cuda env CKV_TEST_BACKEND=cuda CKV_BUILD="$PWD/build" bats tests/bats/loader_daemon.bats
 run test_hf env CKV_BUILD="$PWD/build" PYTHONPATH="$PWD/gpu/python" "${CKV_PYTHON:-python3}" tests/gpu/test_hf.py
 if [ $bench = 1 ]; then
-	run bench-gather build/bench-gather
+	run bench-gather build/bench-gather -x
 	# 8, 32 and 64 KiB chunks, one layer's set (10% of 16K tokens) a fetch;
 	# 8 KiB again with 25% (256 chunks a fetch)
 	for m in qwen2.5-0.5b qwen2.5-7b qwen2.5-14b; do
@@ -56,7 +56,7 @@ if [ $bench = 1 ]; then
 	for b in bench-gather bench-loader-qwen2.5-0.5b bench-loader-qwen2.5-0.5b-b25 bench-loader-qwen2.5-7b \
 		bench-loader-qwen2.5-14b; do
 		echo "== $b"
-		tail -n 15 "$out/$b.log"
+		tail -n "$([ $b = bench-gather ] && echo 32 || echo 15)" "$out/$b.log"
 	done
 fi
 if [ $fsb = 1 ]; then
