@@ -656,8 +656,10 @@ int main(int argc, char **argv)
 		printf("\ngathers of %u copies each, back to back on one stream (GB/s, median of %d; "
 		       "overlapped: each gather may start while the previous one ends; the default "
 		       "is %s)\n| chunk | gathers | ordinary launches | overlapped | overlapped, "
-		       "persistent grid 4/SM | overlapped, an event recorded after each | best / one "
-		       "contiguous copy |\n|---|---|---|---|---|---|---|\n",
+		       "persistent grid 4/SM | overlapped, an event recorded after each | overlapped, "
+		       "each forked off the stream to one of 2 streams in turn (events), joined at the "
+		       "end | the same, 4 streams | best / one contiguous copy |\n"
+		       "|---|---|---|---|---|---|---|---|---|\n",
 		       per_launch, reps, def.overlap ? "overlapped" : "ordinary");
 		for (int si = 0; si < 3; si++) {
 			std::vector<ckv_copy> &c = sets[si];
@@ -666,23 +668,39 @@ int main(int argc, char **argv)
 
 			printf("| %llu KiB | %llu |", (unsigned long long)sizes[si] >> 10,
 			       (unsigned long long)launches);
-			std::vector<cudaEvent_t> ev(launches);
+			std::vector<cudaEvent_t> ev(launches), fork(launches);
+			cudaStream_t side[4];
 
 			for (cudaEvent_t &x : ev)
 				DIE_CU(cudaEventCreateWithFlags(&x, cudaEventDisableTiming));
-			for (int k = 0; k < 4; k++) {
+			for (cudaEvent_t &x : fork)
+				DIE_CU(cudaEventCreateWithFlags(&x, cudaEventDisableTiming));
+			for (cudaStream_t &x : side)
+				DIE_CU(cudaStreamCreateWithFlags(&x, cudaStreamNonBlocking));
+			for (int k = 0; k < 6; k++) {
+				int nside = k == 4 ? 2 : k == 5 ? 4 : 0;
+
 				cfg = def;
 				cfg.overlap = k > 0;
 				cfg.blocks_per_sm = k == 2 ? 4 : 0;
 				DIE_RC(ckv_cuda_set_gather_cfg(b, &cfg));
 				timing g = time_runs(b, st, reps, [&] {
 					for (uint64_t i = 0, j = 0; i < n; i += per_launch, j++) {
+						cudaStream_t gs = st;
+
+						if (nside) { /* forked off st, joined back below */
+							gs = side[j % nside];
+							DIE_CU(cudaEventRecord(fork[j], st));
+							DIE_CU(cudaStreamWaitEvent(gs, fork[j], 0));
+						}
 						DIE_RC(b->ops->gather(b, c.data() + i,
 								      (uint32_t)std::min<uint64_t>(per_launch, n - i),
-								      sizes[si], st));
-						if (k == 3)
-							DIE_CU(cudaEventRecord(ev[j], st));
+								      sizes[si], gs));
+						if (k >= 3)
+							DIE_CU(cudaEventRecord(ev[j], gs));
 					}
+					for (uint64_t j = 0; nside && j < launches; j++)
+						DIE_CU(cudaStreamWaitEvent(st, ev[j], 0));
 				});
 				printf(" %.1f |", total / g.median / 1e9);
 				best = std::max(best, total / g.median / 1e9);
@@ -691,6 +709,10 @@ int main(int argc, char **argv)
 			fflush(stdout);
 			for (cudaEvent_t x : ev)
 				DIE_CU(cudaEventDestroy(x));
+			for (cudaEvent_t x : fork)
+				DIE_CU(cudaEventDestroy(x));
+			for (cudaStream_t x : side)
+				DIE_CU(cudaStreamDestroy(x));
 		}
 		DIE_RC(ckv_cuda_set_gather_cfg(b, &def));
 	}
