@@ -223,6 +223,8 @@ void ckv_keyq_scales(const ckv_geom *g, const double *sum, const double *sumsq, 
 /* Codes of one chunk (ckv_keyq_chunk_bytes of them) from its keys. bits 1-4. */
 void ckv_keyq_encode(const ckv_geom *g, unsigned bits, const uint16_t *scales, const void *chunk,
 		     uint32_t valid, uint8_t *codes);
+/* The 2^bits levels a code decodes to (times sd, plus mu): lv[0 .. 2^bits). bits 1-4. */
+void ckv_keyq_levels(unsigned bits, float *lv);
 /* The keys a chunk's codes stand for: out [kv_heads][chunk_tokens][head_dim] fp32. */
 void ckv_keyq_decode(const ckv_geom *g, unsigned bits, const uint16_t *scales,
 		     const uint8_t *codes, float *out);

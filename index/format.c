@@ -454,6 +454,12 @@ static float keyq_level(unsigned bits, unsigned code)
 	}
 }
 
+void ckv_keyq_levels(unsigned bits, float *lv)
+{
+	for (unsigned i = 0; i < (1u << bits); i++)
+		lv[i] = keyq_level(bits, i);
+}
+
 void ckv_keyq_free(struct ckv_keyq *k)
 {
 	if (!k)
@@ -655,8 +661,7 @@ void ckv_keyq_decode(const ckv_geom *g, unsigned bits, const uint16_t *scales,
 	unsigned mask = (1u << bits) - 1;
 	float lv[16];
 
-	for (unsigned i = 0; i < (1u << bits); i++)
-		lv[i] = keyq_level(bits, i);
+	ckv_keyq_levels(bits, lv);
 	/* per (head, dimension): its scales once, then its c elements */
 	for (uint32_t h = 0; h < g->kv_heads; h++)
 		for (uint32_t d = 0; d < D; d++) {
