@@ -29,6 +29,23 @@ typedef struct ckv_copy {
 	void *dst;    /* destination (device memory for CUDA) */
 } ckv_copy;
 
+/*
+ * One layer's key copy (keyq.bin, docs/FORMAT.md) in backend memory, for
+ * keyq_scores: chunk j's codes at codes + j * per decode as
+ * mu + sd * levels[code] with mu and sd from its part's scales.
+ */
+typedef struct ckv_keyq_dev {
+	const uint8_t *codes;   /* [m][per] */
+	const uint16_t *scales; /* [parts][2][kv_heads][head_dim] bf16: mu then sd */
+	const uint32_t *part;   /* [m]: the part whose scales chunk j uses */
+	uint64_t per;           /* code bytes per chunk */
+	unsigned bits;          /* 1-4 */
+	float levels[16];       /* ckv_keyq_levels(bits) */
+	uint32_t m;             /* chunks */
+	uint32_t tokens;        /* valid key slots: the last chunk may be partial */
+	uint32_t kv_heads, head_dim, chunk_tokens;
+} ckv_keyq_dev;
+
 struct ckv_backend_ops {
 	const char *name; /* "host", "cuda" */
 	/* Make the arena readable by the copy engine; once per loader. */
@@ -53,6 +70,15 @@ struct ckv_backend_ops {
 	int (*digest_scores)(ckv_backend *b, const float *q, uint32_t q_tokens, uint32_t q_heads,
 			     const float *dig, uint32_t m, uint32_t kv_heads, uint32_t head_dim,
 			     float *scores, void *stream);
+	/*
+	 * Optional: chunk scores by attention mass over a key copy, what
+	 * ckv_keyq_mass_cpu computes (gpu/select.c): q fp32
+	 * [q_tokens][q_heads][head_dim], keys fp32 [q_tokens][kv_heads][head_dim]
+	 * or NULL, scores [m] and the arrays of k, all in backend memory. NULL
+	 * where backend memory is host memory: the loader scores on the CPU.
+	 */
+	int (*keyq_scores)(ckv_backend *b, const ckv_keyq_dev *k, const float *q, const float *keys,
+			   uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream);
 	/*
 	 * Replay `seconds` of compute on the stream (benchmarks: per-layer
 	 * compute measured on the real model, replayed so that I/O overlap is

@@ -229,6 +229,15 @@ int ckv_key_scores(const ckv_shape *sh, const void *keys, uint64_t stride,
  */
 int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
 		    uint32_t q_tokens, uint32_t q_heads, float *scores);
+/*
+ * The same through the backend (CUDA: on the device): query, keys (or
+ * NULL) and scores [m] in backend memory; the layer's key copy is uploaded
+ * to backend memory the prefix keeps. Runs on stream and returns once
+ * scores are written (the stream is synchronized). The host backend scores
+ * on the CPU (ckv_keyq_scores).
+ */
+int ckv_keyq_scores_device(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
+			   uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream);
 
 /*
  * Top ceil(budget * m) chunks by score, always keeping chunk 0 (attention

@@ -604,6 +604,8 @@ void ckv_prefix_close(ckv_prefix *p)
 	l->src->ops->close(l->src, p->pid);
 	if (p->dig_dev)
 		l->be->ops->free(l->be, p->dig_dev);
+	if (p->kq_dev)
+		l->be->ops->free(l->be, p->kq_dev);
 	for (uint32_t x = 0; x < p->shape.layers; x++)
 		free(p->dig[x].data);
 	free(p->dig);

@@ -121,6 +121,8 @@ struct ckv_prefix {
 	/* ckv_digest_scores_device: digests of one layer in backend memory */
 	float *dig_dev;
 	uint64_t dig_dev_bytes;
+	void *kq_dev;              /* ckv_keyq_scores_device: a layer's key copy in backend memory */
+	uint64_t kq_dev_bytes;
 	/*
 	 * Digest cache: dig_lock protects dig[], the queue, dig_bytes,
 	 * dig_stamp, dig_stop; the worker (dig_thread) loads queued layers
@@ -307,6 +309,15 @@ void ckv_pipeline_get_xstats(const ckv_pipeline *pl, struct ckv_pipeline_xstats 
  * Attention-mass scores of a layer's chunks from its key copy (ckvgpu.h,
  * ckv_keyq_scores): 0, or -ENOMEM.
  */
+/*
+ * What ckv_keyq_mass_cpu computes, on the backend (which must have
+ * keyq_scores): query, keys (or NULL) and scores in backend memory; the
+ * first sh->chunks chunks of kq are uploaded to the prefix's buffer. Runs on
+ * stream and synchronizes it. Errors are set on the loader.
+ */
+int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq *kq,
+		      const float *query, const float *keys, uint32_t q_tokens, uint32_t q_heads,
+		      float *scores, void *stream);
 int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const float *query,
 		      const float *keys, uint32_t q_tokens, uint32_t q_heads, float *scores);
 /* Digest scores of one layer from host digests: the CPU reference. */

@@ -42,6 +42,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -104,6 +105,8 @@ struct ckv_pipeline {
 	bool dig_ahead;      /* read digests ahead (digest identifications, prefetch on) */
 	struct preq *radd;   /* [m] scratch of req_issue */
 	float *scores;       /* [m] */
+	void *kq_mem;        /* backend memory of device key-copy scoring: query, keys, scores */
+	uint64_t kq_mem_bytes;
 	uint8_t *khost;      /* [half_bytes]: a tier chunk's K, for exact scores on a device backend */
 	uint32_t depth;
 	void **buf;          /* [depth] backend memory, rows * chunk_bytes each */
@@ -514,6 +517,49 @@ static int identify_from_keys(ckv_pipeline *pl, uint32_t layer, const float *que
 }
 
 /* Key-copy scores (CKV_SCORE_KEYQ) of a layer into pl->scores. */
+/*
+ * Key-copy scores on a device backend: the (host) query and new keys go to
+ * backend memory, the scores come back to pl->scores. On the pipeline's
+ * stream, which ckv_keyq_mass_dev synchronizes.
+ */
+static int keyq_scores_dev(ckv_pipeline *pl, const struct ckv_keyq *kq, const float *query)
+{
+	ckv_backend *be = pl->l->be;
+	uint64_t nq = (uint64_t)pl->o.q_tokens * pl->o.q_heads * pl->sh.head_dim * sizeof(float);
+	uint64_t nk = pl->keys ? (uint64_t)pl->o.q_tokens * pl->sh.kv_heads * pl->sh.head_dim *
+					 sizeof(float) : 0;
+	uint64_t ns = (uint64_t)pl->m * sizeof(float), need = nq + nk + ns;
+	uint8_t *mem;
+	int rc;
+
+	if (pl->kq_mem_bytes < need) {
+		void *d = NULL;
+
+		if (pl->kq_mem)
+			be->ops->free(be, pl->kq_mem);
+		pl->kq_mem = NULL;
+		pl->kq_mem_bytes = 0;
+		rc = be->ops->alloc(be, need, &d);
+		if (rc < 0)
+			return ckv_lerr(pl->l, rc, "cannot allocate %llu bytes of %s memory",
+					(unsigned long long)need, be->ops->name);
+		pl->kq_mem = d;
+		pl->kq_mem_bytes = need;
+	}
+	mem = pl->kq_mem;
+	rc = be->ops->from_host(be, mem, query, nq);
+	if (rc == 0 && nk)
+		rc = be->ops->from_host(be, mem + nq, pl->keys, nk);
+	if (rc < 0)
+		return ckv_lerr(pl->l, rc, "cannot copy the query to %s memory", be->ops->name);
+	rc = ckv_keyq_mass_dev(pl->p, &pl->sh, kq, (const float *)mem,
+			       nk ? (const float *)(mem + nq) : NULL, pl->o.q_tokens, pl->o.q_heads,
+			       (float *)(mem + nq + nk), pl->o.stream);
+	if (rc == 0)
+		rc = be->ops->to_host(be, pl->scores, mem + nq + nk, ns);
+	return rc;
+}
+
 static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 {
 	struct ckv_keyq kq;
@@ -525,11 +571,20 @@ static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 	pl->xst.dig_read++;
 	pl->xst.dig_wait_s += ckv_now() - t0;
 	pl->st.bytes_digest += ckv_prefix_keyq_bytes(pl->p, &kq);
-	rc = ckv_keyq_mass_cpu(&pl->sh, &kq, query, pl->keys, pl->o.q_tokens, pl->o.q_heads,
-			       pl->scores);
+	if (pl->l->be->ops->keyq_scores)
+		rc = keyq_scores_dev(pl, &kq, query);
+	else
+		rc = ckv_keyq_mass_cpu(&pl->sh, &kq, query, pl->keys, pl->o.q_tokens, pl->o.q_heads,
+				       pl->scores);
 	ckv_keyq_free(&kq);
-	if (rc < 0)
+	if (rc == -ENOMEM)
 		return ckv_lerr(pl->l, rc, "pipeline: key-copy scores of layer %u: out of memory", layer);
+	if (rc < 0) {
+		char msg[320];
+
+		snprintf(msg, sizeof(msg), "%s", ckv_loader_error(pl->l));
+		return ckv_lerr(pl->l, rc, "pipeline: layer %u: %s", layer, msg);
+	}
 	return 0;
 }
 
@@ -705,6 +760,8 @@ void ckv_pipeline_close(ckv_pipeline *pl)
 	for (uint32_t s = 0; pl->buf && s < pl->depth; s++)
 		if (pl->buf[s])
 			l->be->ops->free(l->be, pl->buf[s]);
+	if (pl->kq_mem)
+		l->be->ops->free(l->be, pl->kq_mem);
 	for (uint32_t s = 0; pl->vchunks && s < pl->depth; s++)
 		free(pl->vchunks[s]);
 	for (int x = 0; x <= NPARTS; x++) {

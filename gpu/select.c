@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -178,7 +179,7 @@ static int check_query(ckv_prefix *p, uint32_t layer, const void *query, uint32_
 	const ckv_shape *sh = &p->shape;
 
 	if (!query || !scores)
-		return ckv_lerr(p->l, -EINVAL, "digest scores: query and scores are required");
+		return ckv_lerr(p->l, -EINVAL, "scores: query and scores are required");
 	if (layer >= sh->layers)
 		return ckv_lerr(p->l, -EINVAL, "layer %u: the prefix has %u layers", layer, sh->layers);
 	if (q_tokens == 0 || q_heads == 0 || q_heads % sh->kv_heads)
@@ -678,5 +679,123 @@ int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const flo
 	ckv_keyq_free(&kq);
 	if (rc < 0)
 		return ckv_lerr(p->l, rc, "key-copy scores of layer %u: out of memory", layer);
+	return 0;
+}
+
+/* The prefix's backend buffer for a key copy: at least bytes (grown, contents lost). */
+static int kq_dev_reserve(ckv_prefix *p, uint64_t bytes)
+{
+	ckv_backend *be = p->l->be;
+	void *d = NULL;
+	int rc;
+
+	if (p->kq_dev_bytes >= bytes)
+		return 0;
+	if (p->kq_dev)
+		be->ops->free(be, p->kq_dev);
+	p->kq_dev = NULL;
+	p->kq_dev_bytes = 0;
+	rc = be->ops->alloc(be, bytes, &d);
+	if (rc < 0)
+		return ckv_lerr(p->l, rc, "key-copy scores: cannot allocate %llu bytes of %s memory",
+				(unsigned long long)bytes, be->ops->name);
+	p->kq_dev = d;
+	p->kq_dev_bytes = bytes;
+	return 0;
+}
+
+int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq *kq,
+		      const float *query, const float *keys, uint32_t q_tokens, uint32_t q_heads,
+		      float *scores, void *stream)
+{
+	ckv_backend *be = p->l->be;
+	ckv_keyq_dev k;
+	ckv_geom g;
+	uint64_t HD, nsc, o_sc, o_part, bytes;
+	uint32_t *part;
+	int rc;
+
+	if (!be->ops->keyq_scores)
+		return ckv_lerr(p->l, -ENOTSUP, "the %s backend has no key-copy scoring", be->ops->name);
+	memset(&g, 0, sizeof(g));
+	g.kv_heads = sh->kv_heads;
+	g.head_dim = sh->head_dim;
+	g.chunk_tokens = sh->chunk_tokens;
+	if (kq->nparts == 0 || kq->first[0] != 0 || kq->first[kq->nparts] < sh->chunks ||
+	    kq->per != ckv_keyq_chunk_bytes(&g, kq->bits))
+		return ckv_lerr(p->l, -EPROTO, "the key copy does not cover the prefix's %u chunks",
+				sh->chunks);
+	/* codes, then the scales, then each chunk's part, 16-byte aligned */
+	HD = (uint64_t)sh->kv_heads * sh->head_dim;
+	nsc = (uint64_t)kq->nparts * 2 * HD;
+	o_sc = ((uint64_t)sh->chunks * kq->per + 15) & ~15ull;
+	o_part = (o_sc + nsc * sizeof(uint16_t) + 15) & ~15ull;
+	bytes = o_part + (uint64_t)sh->chunks * sizeof(uint32_t);
+	part = malloc(sizeof(*part) * (sh->chunks ? sh->chunks : 1));
+	if (!part)
+		return ckv_lerr(p->l, -ENOMEM, "key-copy scores: out of memory");
+	for (uint32_t x = 0; x < kq->nparts; x++)
+		for (uint32_t j = kq->first[x]; j < kq->first[x + 1] && j < sh->chunks; j++)
+			part[j] = x;
+	rc = kq_dev_reserve(p, bytes);
+	/* the previous call synchronized its stream: the buffer is free */
+	if (rc == 0)
+		rc = be->ops->from_host(be, p->kq_dev, kq->codes, (uint64_t)sh->chunks * kq->per);
+	if (rc == 0)
+		rc = be->ops->from_host(be, (uint8_t *)p->kq_dev + o_sc, kq->scales,
+					nsc * sizeof(uint16_t));
+	if (rc == 0)
+		rc = be->ops->from_host(be, (uint8_t *)p->kq_dev + o_part, part,
+					(uint64_t)sh->chunks * sizeof(uint32_t));
+	free(part);
+	if (rc == 0) {
+		memset(&k, 0, sizeof(k));
+		k.codes = p->kq_dev;
+		k.scales = (const uint16_t *)((uint8_t *)p->kq_dev + o_sc);
+		k.part = (const uint32_t *)((uint8_t *)p->kq_dev + o_part);
+		k.per = kq->per;
+		k.bits = kq->bits;
+		ckv_keyq_levels(kq->bits, k.levels);
+		k.m = sh->chunks;
+		k.tokens = sh->tokens;
+		k.kv_heads = sh->kv_heads;
+		k.head_dim = sh->head_dim;
+		k.chunk_tokens = sh->chunk_tokens;
+		rc = be->ops->keyq_scores(be, &k, query, keys, q_tokens, q_heads, scores, stream);
+	}
+	if (rc == 0)
+		rc = be->ops->sync(be, stream);
+	if (rc < 0)
+		return ckv_lerr(p->l, rc, "key-copy scores on the %s backend failed: %s", be->ops->name,
+				strerror(-rc));
+	return 0;
+}
+
+int ckv_keyq_scores_device(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
+			   uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
+{
+	struct ckv_keyq kq;
+	int rc;
+
+	if (!p)
+		return -EINVAL;
+	rc = check_query(p, layer, query, q_tokens, q_heads, scores);
+	if (rc == 0)
+		rc = ckv_prefix_keyq(p, layer, &kq);
+	if (rc < 0)
+		return rc;
+	if (p->l->be->ops->keyq_scores)
+		rc = ckv_keyq_mass_dev(p, &p->shape, &kq, query, keys, q_tokens, q_heads, scores, stream);
+	else /* backend memory is host memory */
+		rc = ckv_keyq_mass_cpu(&p->shape, &kq, query, keys, q_tokens, q_heads, scores);
+	ckv_keyq_free(&kq);
+	if (rc == -ENOMEM)
+		return ckv_lerr(p->l, rc, "key-copy scores of layer %u: out of memory", layer);
+	if (rc < 0) { /* the error names what failed; say which layer */
+		char msg[320];
+
+		snprintf(msg, sizeof(msg), "%s", ckv_loader_error(p->l));
+		return ckv_lerr(p->l, rc, "layer %u: %s", layer, msg);
+	}
 	return 0;
 }

@@ -43,7 +43,8 @@
  * Identification cost, per layer (median of R, random queries and keys of
  * --score-tokens new tokens, --q-per-kv query heads per kv head): scores
  * from the key digests (ckv_digest_scores) and by attention mass over the
- * 3-bit key copy (ckv_keyq_scores), beside the time the cold loader took
+ * 3-bit key copy (ckv_keyq_scores; with CUDA also ckv_keyq_scores_device,
+ * query and keys in device memory), beside the time the cold loader took
  * per layer: what an identification costs next to the I/O it decides.
  *
  * Exit status: 0 ok, 1 failure, 2 usage.
@@ -633,18 +634,30 @@ static int score_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, doub
 	uint32_t T = b->o.score_tokens, qh = b->g.kv_heads * b->o.q_per_kv, D = b->g.head_dim;
 	float *q = malloc(sizeof(float) * T * qh * D), *k = malloc(sizeof(float) * T * b->g.kv_heads * D);
 	float *sc = malloc(sizeof(float) * b->mchunks);
-	double td[MAX_RUNS], tk[MAX_RUNS], dig, kq;
+	double td[MAX_RUNS], tk[MAX_RUNS], tkd[MAX_RUNS], dig, kq, kqd = 0;
 	uint64_t x = 0x9e3779b97f4a7c15ull;
+	size_t nq = (size_t)T * qh * D, nk = (size_t)T * b->g.kv_heads * D;
+	bool dev = ckv_loader_backend(l) == CKV_BACKEND_CUDA;
+	void *qd = NULL, *kd = NULL, *sd = NULL;
 	int rc = 0;
 
 	if (!q || !k || !sc) {
 		rc = fail("out of memory");
 		goto out;
 	}
-	for (size_t i = 0; i < (size_t)T * qh * D; i++)
+	for (size_t i = 0; i < nq; i++)
 		q[i] = rnd(&x);
-	for (size_t i = 0; i < (size_t)T * b->g.kv_heads * D; i++)
+	for (size_t i = 0; i < nk; i++)
 		k[i] = rnd(&x);
+	/* the device scorer's inputs and output in device memory, as an engine has them */
+	if (dev && (ckv_loader_alloc(l, nq * sizeof(float), &qd) < 0 ||
+		    ckv_loader_alloc(l, nk * sizeof(float), &kd) < 0 ||
+		    ckv_loader_alloc(l, (uint64_t)b->mchunks * sizeof(float), &sd) < 0 ||
+		    ckv_loader_from_host(l, qd, q, nq * sizeof(float)) < 0 ||
+		    ckv_loader_from_host(l, kd, k, nk * sizeof(float)) < 0)) {
+		rc = fail("device memory for the scores: %s", ckv_loader_error(l));
+		goto out;
+	}
 	for (int r = 0; r < b->o.runs && rc == 0; r++) {
 		uint32_t layer = (uint32_t)r % b->L;
 		double t0 = now_s();
@@ -660,11 +673,19 @@ static int score_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, doub
 			break;
 		}
 		tk[r] = now_s() - t0;
+		t0 = now_s();
+		if (dev && ckv_keyq_scores_device(p, layer, qd, kd, T, qh, sd, NULL) < 0) {
+			rc = fail("key-copy scores on the device: %s", ckv_loader_error(l));
+			break;
+		}
+		tkd[r] = now_s() - t0;
 	}
 	if (rc)
 		goto out;
 	dig = median(td, b->o.runs);
 	kq = median(tk, b->o.runs);
+	if (dev)
+		kqd = median(tkd, b->o.runs);
 	printf("identification per layer, %u new tokens x %u query heads, %u chunks (median of %d):\n",
 	       T, qh, b->mchunks, b->o.runs);
 	printf("| %-38s | %9s | %-22s |\n", "what", "time ms", "ratio");
@@ -678,8 +699,19 @@ static int score_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, doub
 		snprintf(rk, sizeof(rk), "%.3f of a fetch", kq / layer_s);
 		printf("| %-38s | %9.3f | %-22s |\n", "digest scores (digest.bin)", dig * 1e3, rd);
 		printf("| %-38s | %9.3f | %-22s |\n", "key-copy mass scores (keyq.bin)", kq * 1e3, rk);
+		if (dev) {
+			snprintf(rk, sizeof(rk), "%.3f of a fetch", kqd / layer_s);
+			printf("| %-38s | %9.3f | %-22s |\n", "key-copy mass scores, on the GPU", kqd * 1e3,
+			       rk);
+		}
 	}
 out:
+	if (qd)
+		ckv_loader_free(l, qd);
+	if (kd)
+		ckv_loader_free(l, kd);
+	if (sd)
+		ckv_loader_free(l, sd);
 	free(q);
 	free(k);
 	free(sc);

@@ -1234,6 +1234,213 @@ static int cuda_digest_scores(ckv_backend *b, const float *q, uint32_t q_tokens,
 	return rc ? rc : rc2;
 }
 
+/* ---- attention mass over the key copy ------------------------------------ */
+
+/*
+ * The steps of ckv_keyq_mass_cpu (gpu/select.c), on the device:
+ *   keyq_lse_kernel   one block per (chunk j, kv head h): the chunk's keys of
+ *                     that head decoded into shared memory, then for every
+ *                     query row of the head (token t, query head of the
+ *                     group) the log-sum-exp of q . k / sqrt(D) over the
+ *                     chunk's valid slots -> clse[h][row][j];
+ *   keyq_row_kernel   one block per (row, h): the row's log-sum-exp over
+ *                     every chunk and, with keys, the new tokens up to its
+ *                     own -> lse[h][row];
+ *   keyq_mass_kernel  one thread per chunk: sum over rows of
+ *                     exp(clse - lse), in double as on the CPU.
+ * The sums run in another order than the CPU's, so the scores agree to
+ * rounding, not bit for bit (tests/gpu/test_loader_gpu.c compares them).
+ */
+#define KQ_THREADS 128
+
+__device__ __forceinline__ float bf16_f32(uint16_t h)
+{
+	return __uint_as_float((uint32_t)h << 16);
+}
+
+/* lanes per row: the chunk's slots rounded up to a power of two (<= 32) */
+__global__ void keyq_lse_kernel(const ckv_keyq_dev k, const float *__restrict__ q, uint32_t q_heads,
+				uint32_t rows, uint32_t lanes, float inv, float *__restrict__ clse)
+{
+	extern __shared__ float ks[]; /* [c][D + 1]: the padding keeps slots in distinct banks */
+	const uint32_t j = blockIdx.x, h = blockIdx.y, D = k.head_dim, c = k.chunk_tokens;
+	const uint32_t g = q_heads / k.kv_heads, stride = D + 1;
+	const uint64_t HD = (uint64_t)k.kv_heads * D, lo = (uint64_t)j * c;
+	const uint8_t *codes = k.codes + (uint64_t)j * k.per;
+	const uint16_t *sc = k.scales + (uint64_t)k.part[j] * 2 * HD + (uint64_t)h * D;
+	const uint32_t valid = lo + c <= k.tokens ? c : k.tokens > lo ? (uint32_t)(k.tokens - lo) : 0;
+	const unsigned mask = (1u << k.bits) - 1;
+
+	for (uint32_t e = threadIdx.x; e < c * D; e += blockDim.x) {
+		const uint32_t t = e / D, d = e - t * D;
+		const uint64_t i = ((uint64_t)h * c + t) * D + d, bit = i * k.bits, byte = bit >> 3;
+		const unsigned v = codes[byte] | (byte + 1 < k.per ? (unsigned)codes[byte + 1] << 8 : 0u);
+
+		ks[t * stride + d] = bf16_f32(sc[d]) + bf16_f32(sc[HD + d]) * k.levels[(v >> (bit & 7)) & mask];
+	}
+	__syncthreads();
+
+	const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, per_warp = 32 / lanes;
+	const uint32_t sub = lane / lanes, s = lane % lanes;
+
+	for (uint32_t r0 = warp * per_warp; r0 < rows; r0 += (blockDim.x / 32) * per_warp) {
+		const uint32_t r = r0 + sub;
+		float x = -INFINITY;
+
+		if (r < rows && s < valid) {
+			const float *qr = q + ((uint64_t)(r / g) * q_heads + (uint64_t)h * g + r % g) * D;
+			const float *kr = ks + s * stride;
+			float dot = 0;
+
+			for (uint32_t d = 0; d < D; d++)
+				dot += __ldg(qr + d) * kr[d];
+			x = dot * inv;
+		}
+		/* log-sum-exp over the group's lanes (every lane takes part in the shuffles) */
+		float mx = x;
+
+		for (uint32_t o = lanes / 2; o; o >>= 1)
+			mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+		float e = x == -INFINITY ? 0.0f : expf(x - mx);
+
+		for (uint32_t o = lanes / 2; o; o >>= 1)
+			e += __shfl_xor_sync(0xffffffffu, e, o);
+		if (s == 0 && r < rows)
+			clse[((uint64_t)h * rows + r) * k.m + j] = valid ? mx + logf(e) : -INFINITY;
+	}
+}
+
+__device__ double block_reduce(double v, bool max, double *red)
+{
+	for (int o = 16; o; o >>= 1) {
+		double w = __shfl_xor_sync(0xffffffffu, v, o);
+
+		v = max ? fmax(v, w) : v + w;
+	}
+	if (threadIdx.x % 32 == 0)
+		red[threadIdx.x / 32] = v;
+	__syncthreads();
+	v = red[0];
+	for (uint32_t w = 1; w < blockDim.x / 32; w++)
+		v = max ? fmax(v, red[w]) : v + red[w];
+	__syncthreads(); /* red is reused */
+	return v;
+}
+
+/* The new token tt's key of head h against row r's query, scaled. */
+__device__ float keyq_suffix(const float *qr, const float *keys, uint32_t tt, uint32_t H,
+			     uint32_t h, uint32_t D, float inv)
+{
+	const float *kk = keys + ((uint64_t)tt * H + h) * D;
+	float dot = 0;
+
+	for (uint32_t d = 0; d < D; d++)
+		dot += __ldg(qr + d) * __ldg(kk + d);
+	return dot * inv;
+}
+
+__global__ void keyq_row_kernel(const float *__restrict__ clse, const float *__restrict__ q,
+				const float *__restrict__ keys, uint32_t q_heads, uint32_t rows,
+				uint32_t m, uint32_t H, uint32_t D, float inv, float *__restrict__ lse)
+{
+	__shared__ double red[32];
+	const uint32_t r = blockIdx.x, h = blockIdx.y, g = q_heads / H, tok = r / g;
+	const float *cl = clse + ((uint64_t)h * rows + r) * m;
+	const float *qr = q + ((uint64_t)tok * q_heads + (uint64_t)h * g + r % g) * D;
+	const uint32_t nsuf = keys ? tok + 1 : 0;
+	double mx = -INFINITY, tot = 0;
+
+	for (uint32_t j = threadIdx.x; j < m; j += blockDim.x)
+		mx = fmax(mx, (double)cl[j]);
+	for (uint32_t t = threadIdx.x; t < nsuf; t += blockDim.x)
+		mx = fmax(mx, (double)keyq_suffix(qr, keys, t, H, h, D, inv));
+	mx = block_reduce(mx, true, red);
+	if (mx == -INFINITY) { /* no valid slot anywhere: the row adds nothing */
+		if (threadIdx.x == 0)
+			lse[(uint64_t)h * rows + r] = INFINITY;
+		return;
+	}
+	for (uint32_t j = threadIdx.x; j < m; j += blockDim.x)
+		tot += exp((double)cl[j] - mx);
+	for (uint32_t t = threadIdx.x; t < nsuf; t += blockDim.x)
+		tot += exp((double)keyq_suffix(qr, keys, t, H, h, D, inv) - mx);
+	tot = block_reduce(tot, false, red);
+	if (threadIdx.x == 0)
+		lse[(uint64_t)h * rows + r] = (float)(mx + log(tot));
+}
+
+__global__ void keyq_mass_kernel(const float *__restrict__ clse, const float *__restrict__ lse,
+				 uint32_t nrows, uint32_t m, float *__restrict__ scores)
+{
+	const uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
+	double acc = 0;
+
+	if (j >= m)
+		return;
+	for (uint32_t x = 0; x < nrows; x++)
+		acc += exp((double)clse[(uint64_t)x * m + j] - (double)lse[x]);
+	scores[j] = (float)acc;
+}
+
+static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *q, const float *keys,
+			    uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
+{
+	struct cuda_backend *cb = cb_of(b);
+	cudaStream_t s = (cudaStream_t)stream;
+	uint32_t H, D, c, lanes = 1;
+	uint64_t rows, cells;
+	float *scratch = NULL, inv;
+	size_t smem;
+	dev_scope dev;
+	int rc;
+
+	if (!k || !q || !scores || !k->codes || !k->scales || !k->part)
+		return -EINVAL;
+	H = k->kv_heads;
+	D = k->head_dim;
+	c = k->chunk_tokens;
+	if (!H || !D || !c || !q_heads || q_heads % H || !q_tokens || k->bits < 1 || k->bits > 4)
+		return -EINVAL;
+	if (c > 32 || H > 65535)
+		return -ENOTSUP; /* one lane a slot; one grid row a head */
+	if (k->m == 0)
+		return 0;
+	while (lanes < c)
+		lanes *= 2;
+	rows = (uint64_t)q_tokens * (q_heads / H);
+	cells = (uint64_t)H * rows;
+	smem = (size_t)c * (D + 1) * sizeof(float);
+	if (rows > 0x7fffffff || smem > 48 * 1024 || cells * k->m > (1ull << 40))
+		return -EOVERFLOW;
+	rc = dev.enter(cb->device);
+	if (rc)
+		return rc;
+	inv = (float)(1.0 / sqrt((double)D));
+	rc = CU(cudaMallocAsync((void **)&scratch, (cells * k->m + cells) * sizeof(float), s));
+	if (rc)
+		return rc;
+
+	float *clse = scratch, *lse = scratch + cells * k->m;
+	cudaLaunchConfig_t lc = launch_cfg(dim3(k->m, H), dim3(KQ_THREADS), s);
+
+	lc.dynamicSmemBytes = smem;
+	rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_kernel, *k, q, q_heads, (uint32_t)rows, lanes, inv,
+				   clse));
+	if (rc == 0) {
+		lc = launch_cfg(dim3((unsigned)rows, H), dim3(256), s);
+		rc = CU(cudaLaunchKernelEx(&lc, keyq_row_kernel, (const float *)clse, q, keys, q_heads,
+					   (uint32_t)rows, k->m, H, D, inv, lse));
+	}
+	if (rc == 0) {
+		lc = launch_cfg(dim3((k->m + 255) / 256), dim3(256), s);
+		rc = CU(cudaLaunchKernelEx(&lc, keyq_mass_kernel, (const float *)clse,
+					   (const float *)lse, (uint32_t)cells, k->m, scores));
+	}
+	int rc2 = CU(cudaFreeAsync(scratch, s));
+
+	return rc ? rc : rc2;
+}
+
 /* ---- compute replay ----------------------------------------------------- */
 
 /*
@@ -1553,6 +1760,7 @@ static const struct ckv_backend_ops cuda_ops = {
 	/* .to_host = */ cuda_to_host,
 	/* .from_host = */ cuda_from_host,
 	/* .digest_scores = */ cuda_digest_scores,
+	/* .keyq_scores = */ cuda_keyq_scores,
 	/* .compute = */ cuda_compute,
 	/* .gather_dev = */ cuda_gather_dev,
 	/* .gather_then = */ cuda_gather_then,

@@ -112,6 +112,24 @@ for layer in range(sh.layers):
     assert 0 in sel and sh.chunks - 1 in sel
     assert len(sel & planted) >= 0.95 * len(planted), (layer, len(sel & planted), len(planted))
 
+# key-copy mass scores: each query row's weights sum to one over the prefix (less with the
+# new tokens' keys); a CUDA query on the CUDA backend is scored on the device, to rounding alike
+for layer in range(sh.layers):
+    rng = np.random.default_rng(100 + layer)
+    q = rng.standard_normal((3, 2 * sh.kv_heads, sh.head_dim)).astype(np.float32)
+    k = rng.standard_normal((3, sh.kv_heads, sh.head_dim)).astype(np.float32)
+    kc = host(p.keyq_scores(layer, torch.from_numpy(q) if have_torch else q))
+    kk = host(p.keyq_scores(layer, torch.from_numpy(q) if have_torch else q,
+                            torch.from_numpy(k) if have_torch else k))
+    assert abs(float(np.sum(kc)) - q.shape[0] * q.shape[1]) < 1e-2, float(np.sum(kc))
+    assert 0 < float(np.sum(kk)) < float(np.sum(kc))
+    if cuda:
+        kd = p.keyq_scores(layer, torch.from_numpy(q).cuda())
+        kdk = p.keyq_scores(layer, torch.from_numpy(q).cuda(), torch.from_numpy(k).cuda())
+        assert kd.is_cuda and kdk.is_cuda
+        assert np.allclose(host(kd), kc, rtol=1e-3, atol=1e-6)
+        assert np.allclose(host(kdk), kk, rtol=1e-3, atol=1e-6)
+
 # the pipeline, every mode: views hold the exported bytes of ascending chunk ids
 qh = 2 * sh.kv_heads
 queries = [np.random.default_rng(l).standard_normal((2, qh, sh.head_dim)).astype(np.float32)

@@ -45,6 +45,10 @@ for t in build/tests/gpu/*; do run "$(basename "$t")" "$t"; done
 for t in build/tests/test_loader_*; do run "$(basename "$t")-cuda" env CKV_TEST_BACKEND=cuda "$t"; done
 run loader_daemon-cuda env CKV_TEST_BACKEND=cuda CKV_BUILD="$PWD/build" bats tests/bats/loader_daemon.bats
 run test_hf env CKV_BUILD="$PWD/build" PYTHONPATH="$PWD/gpu/python" "${CKV_PYTHON:-python3}" tests/gpu/test_hf.py
+# the Python binding on CUDA tensors; a bats skip (no torch with CUDA, no xxhash) reports as a skip
+run loader_python-cuda env CKV_BUILD="$PWD/build" bash -c \
+	'out=$(bats -f "CUDA backend" tests/bats/loader_python.bats 2>&1); rc=$?; echo "$out"
+	[ $rc -ne 0 ] && exit $rc; ! echo "$out" | grep -q "# skip" || exit 77'
 if [ $bench = 1 ]; then
 	run bench-gather build/bench-gather -x
 	# 8, 32 and 64 KiB chunks, one layer's set (10% of 16K tokens) a fetch;

@@ -3,8 +3,8 @@
  * GPU): fetches of every part into device memory on a non-default stream
  * equal the exported bytes; every pipeline mode's views on the device equal
  * the host backend's views (same chunk ids, same bytes); the GPU tier serves
- * a second pass device to device; digest scores on the device equal the
- * CPU's. (The unit tests tests/unit/test_loader_*.c also run on CUDA with
+ * a second pass device to device; digest scores and key-copy mass scores
+ * on the device equal the CPU's. (The unit tests tests/unit/test_loader_*.c also run on CUDA with
  * CKV_TEST_BACKEND=cuda.)
  */
 #include <cuda_runtime.h>
@@ -215,6 +215,66 @@ static void check_digests(const struct tstore *t, cudaStream_t stream)
 	ckv_loader_close(l);
 }
 
+/*
+ * Key-copy mass scores on the device against the CPU's, a Qwen2.5-7B-like
+ * head layout (4 kv heads of 128, 7 query heads each, 16 new tokens),
+ * with and without the new tokens' keys.
+ */
+static void check_keyq(cudaStream_t stream)
+{
+	struct tstore t;
+	ckv_loader *l;
+	ckv_prefix *p;
+	ckv_shape sh;
+	uint64_t seed = 9;
+	const uint32_t T = 16, qh = 28;
+	float *q, *k, *qd, *kd, *sd, *cpu, *dev;
+	size_t nq, nk;
+	double worst = 0;
+
+	tstore_make(&t, "fp16", 3, 4, 128, 1500, 2100);
+	l = open_backend(t.dir, CKV_BACKEND_CUDA, 0);
+	CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+	ckv_prefix_shape(p, &sh);
+	nq = (size_t)T * qh * sh.head_dim;
+	nk = (size_t)T * sh.kv_heads * sh.head_dim;
+	q = tl_query(&seed, T, qh, sh.head_dim);
+	k = tl_query(&seed, T, sh.kv_heads, sh.head_dim);
+	cpu = malloc(sizeof(float) * sh.chunks);
+	dev = malloc(sizeof(float) * sh.chunks);
+	CHECK(cpu && dev);
+	CHECK(cudaMalloc((void **)&qd, nq * sizeof(float)) == cudaSuccess);
+	CHECK(cudaMalloc((void **)&kd, nk * sizeof(float)) == cudaSuccess);
+	CHECK(cudaMalloc((void **)&sd, sh.chunks * sizeof(float)) == cudaSuccess);
+	CHECK(cudaMemcpy(qd, q, nq * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
+	CHECK(cudaMemcpy(kd, k, nk * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
+	for (uint32_t layer = 0; layer < sh.layers; layer++)
+		for (int with = 0; with < 2; with++) {
+			CHECK_RC(ckv_keyq_scores(p, layer, q, with ? k : NULL, T, qh, cpu), l);
+			CHECK_RC(ckv_keyq_scores_device(p, layer, qd, with ? kd : NULL, T, qh, sd, stream), l);
+			CHECK(cudaMemcpy(dev, sd, sh.chunks * sizeof(float), cudaMemcpyDeviceToHost) ==
+			      cudaSuccess);
+			for (uint32_t j = 0; j < sh.chunks; j++) {
+				double err = fabs((double)dev[j] - cpu[j]) / (fabs(cpu[j]) + 1e-6);
+
+				CHECK(err <= 1e-3);
+				worst = err > worst ? err : worst;
+			}
+		}
+	printf("keyq scores on the device: %u chunks, worst relative difference to the CPU %.2e\n",
+	       sh.chunks, worst);
+	cudaFree(qd);
+	cudaFree(kd);
+	cudaFree(sd);
+	free(q);
+	free(k);
+	free(cpu);
+	free(dev);
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+	tstore_free(&t);
+}
+
 int main(void)
 {
 	struct tstore t;
@@ -238,6 +298,7 @@ int main(void)
 	check_modes(&t, stream);
 	check_digests(&t, stream);
 	tstore_free(&t);
+	check_keyq(stream);
 	cudaStreamDestroy(stream);
 	printf("ok\n");
 	return 0;

@@ -74,6 +74,41 @@ static ckv_shape used_shape(const struct ctx *x, const struct pcase *c)
 	return sh;
 }
 
+/*
+ * Key-copy scores over the part sh of the prefix, computed where the
+ * pipeline computes them: on the CPU with the host backend, with the
+ * backend's kernels on CUDA (the same floats as the pipeline's; the CPU's
+ * agree only to rounding, which can reorder a near tie).
+ */
+static void ref_keyq(struct ctx *x, const ckv_shape *sh, uint32_t layer, float *sc)
+{
+	struct ckv_keyq kq;
+	const float *k = x->k[layer];
+
+	CHECK_RC(ckv_prefix_keyq(x->ref, layer, &kq), x->refl);
+	if (ckv_loader_backend(x->refl) == CKV_BACKEND_CUDA) {
+		uint64_t nq = (uint64_t)QT * x->qh * sh->head_dim * sizeof(float);
+		uint64_t nk = (uint64_t)QT * sh->kv_heads * sh->head_dim * sizeof(float);
+		void *qd, *kd, *sd;
+
+		CHECK_RC(ckv_loader_alloc(x->refl, nq, &qd), x->refl);
+		CHECK_RC(ckv_loader_alloc(x->refl, nk, &kd), x->refl);
+		CHECK_RC(ckv_loader_alloc(x->refl, sh->chunks * sizeof(float), &sd), x->refl);
+		CHECK_RC(ckv_loader_from_host(x->refl, qd, x->q[layer], nq), x->refl);
+		if (k)
+			CHECK_RC(ckv_loader_from_host(x->refl, kd, k, nk), x->refl);
+		CHECK_RC(ckv_keyq_mass_dev(x->ref, sh, &kq, qd, k ? kd : NULL, QT, x->qh, sd, NULL),
+			 x->refl);
+		CHECK_RC(ckv_loader_to_host(x->refl, sc, sd, sh->chunks * sizeof(float)), x->refl);
+		ckv_loader_free(x->refl, qd);
+		ckv_loader_free(x->refl, kd);
+		ckv_loader_free(x->refl, sd);
+	} else {
+		CHECK(ckv_keyq_mass_cpu(sh, &kq, x->q[layer], k, QT, x->qh, sc) == 0);
+	}
+	ckv_keyq_free(&kq);
+}
+
 /* The set a mode must pick for a layer (PERIOD: the period's first layer's). */
 static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, uint32_t *out)
 {
@@ -111,16 +146,8 @@ static uint32_t ref_set(struct ctx *x, const struct pcase *c, uint32_t layer, ui
 				out[n++] = j;
 			break;
 		}
-		if (c->score == CKV_SCORE_KEYQ && c->tokens) {
-			/* attention mass over the used part only */
-			struct ckv_keyq kq;
-
-			CHECK_RC(ckv_prefix_keyq(x->ref, layer, &kq), x->refl);
-			CHECK(ckv_keyq_mass_cpu(&sh, &kq, x->q[layer], x->k[layer], QT, x->qh, sc) == 0);
-			ckv_keyq_free(&kq);
-		} else if (c->score == CKV_SCORE_KEYQ)
-			CHECK_RC(ckv_keyq_scores(x->ref, layer, x->q[layer], x->k[layer], QT, x->qh, sc),
-				 x->refl);
+		if (c->score == CKV_SCORE_KEYQ)
+			ref_keyq(x, &sh, layer, sc); /* attention mass over the used part */
 		else
 			CHECK_RC(ckv_digest_scores(x->ref, layer, x->q[layer], QT, x->qh, sc), x->refl);
 		k = ckv_select_topk(sc, m, sched_budget(c, layer), out);
@@ -378,6 +405,84 @@ static void run_all(const char *dtype, uint32_t layers, uint32_t kv, uint32_t D)
  * handle reads none (bytes_digest 0, every identification from the cache)
  * and selects the same chunks; a fresh handle reads them again.
  */
+/*
+ * ckv_keyq_scores_device: query, keys and scores in backend memory. On the
+ * host backend it is the CPU scorer (the same floats); on CUDA
+ * (CKV_TEST_BACKEND=cuda) the device kernels, equal to rounding. Two
+ * segments (two sets of scales) and a partial last chunk; with and without
+ * the new tokens' keys; bad input refused.
+ */
+static void check_keyq_device(void)
+{
+	struct tstore t;
+	ckv_loader *l;
+	ckv_prefix *p;
+	ckv_shape sh;
+	uint64_t seed = 17;
+	const uint32_t T = 5, qh = 6; /* 3 query heads per kv head */
+
+	tstore_make(&t, "bf16", 4, 2, 64, 700, 1000);
+	l = tl_loader(t.dir, 64 << 20, 0);
+	CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+	ckv_prefix_shape(p, &sh);
+	CHECK(sh.tokens % sh.chunk_tokens != 0);
+
+	size_t nq = (size_t)T * qh * sh.head_dim, nk = (size_t)T * sh.kv_heads * sh.head_dim;
+	float *q = tl_query(&seed, T, qh, sh.head_dim), *k = tl_query(&seed, T, sh.kv_heads, sh.head_dim);
+	float *cpu = malloc(sizeof(float) * sh.chunks), *got = malloc(sizeof(float) * sh.chunks);
+	void *qd, *kd, *sd;
+	bool exact = ckv_loader_backend(l) == CKV_BACKEND_HOST;
+	double worst = 0;
+
+	CHECK(cpu && got);
+	CHECK_RC(ckv_loader_alloc(l, nq * sizeof(float), &qd), l);
+	CHECK_RC(ckv_loader_alloc(l, nk * sizeof(float), &kd), l);
+	CHECK_RC(ckv_loader_alloc(l, sh.chunks * sizeof(float), &sd), l);
+	CHECK_RC(ckv_loader_from_host(l, qd, q, nq * sizeof(float)), l);
+	CHECK_RC(ckv_loader_from_host(l, kd, k, nk * sizeof(float)), l);
+	for (uint32_t layer = 0; layer < sh.layers; layer++)
+		for (int with = 0; with < 2; with++) {
+			double sum = 0;
+
+			CHECK_RC(ckv_keyq_scores(p, layer, q, with ? k : NULL, T, qh, cpu), l);
+			CHECK_RC(ckv_keyq_scores_device(p, layer, qd, with ? kd : NULL, T, qh, sd, NULL), l);
+			CHECK_RC(ckv_loader_to_host(l, got, sd, sh.chunks * sizeof(float)), l);
+			for (uint32_t j = 0; j < sh.chunks; j++) {
+				double err = fabs((double)got[j] - cpu[j]) / (fabs(cpu[j]) + 1e-6);
+
+				sum += got[j];
+				if (exact)
+					CHECK(got[j] == cpu[j]);
+				else
+					CHECK(err <= 1e-3);
+				worst = err > worst ? err : worst;
+			}
+			/* every row's weights sum to 1: over the prefix alone, or shared with the new keys */
+			if (!with)
+				CHECK(fabs(sum - (double)T * qh) <= 1e-3 * T * qh);
+			else
+				CHECK(sum < (double)T * qh && sum > 0);
+		}
+	/* bad input: nothing computed, the reason named */
+	CHECK(ckv_keyq_scores_device(p, 0, qd, NULL, T, 5, sd, NULL) == -EINVAL);
+	CHECK(strstr(ckv_loader_error(l), "multiple of the 2 kv heads"));
+	CHECK(ckv_keyq_scores_device(p, 0, NULL, NULL, T, qh, sd, NULL) == -EINVAL);
+	CHECK(ckv_keyq_scores_device(p, sh.layers, qd, NULL, T, qh, sd, NULL) == -EINVAL);
+	CHECK(ckv_keyq_scores_device(NULL, 0, qd, NULL, T, qh, sd, NULL) == -EINVAL);
+	printf("keyq scores through the %s backend: worst relative difference to the CPU %.2e\n",
+	       exact ? "host" : "cuda", worst);
+	ckv_loader_free(l, qd);
+	ckv_loader_free(l, kd);
+	ckv_loader_free(l, sd);
+	free(q);
+	free(k);
+	free(cpu);
+	free(got);
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+	tstore_free(&t);
+}
+
 static void check_digest_cache(void)
 {
 	struct tstore t;
@@ -609,6 +714,7 @@ int main(void)
 	run_all("fp16", 9, 4, 32);
 	check_errors();
 	check_digest_cache();
+	check_keyq_device();
 	printf("ok\n");
 	return 0;
 }

@@ -134,6 +134,8 @@ _SIGNATURES = {
                                       _F32P]),
     "ckv_keyq_scores": (ctypes.c_int, [_P, ctypes.c_uint32, _F32P, _F32P, ctypes.c_uint32,
                                        ctypes.c_uint32, _F32P]),
+    "ckv_keyq_scores_device": (ctypes.c_int, [_P, ctypes.c_uint32, _P, _P, ctypes.c_uint32,
+                                              ctypes.c_uint32, _P, _P]),
     "ckv_select_topk": (ctypes.c_int, [_F32P, ctypes.c_uint32, ctypes.c_double, _U32P]),
     "ckv_pipeline_open": (ctypes.c_int, [_P, ctypes.POINTER(_PipelineOpts), ctypes.POINTER(_P)]),
     "ckv_pipeline_layer": (ctypes.c_int, [_P, ctypes.c_uint32, _F32P, ctypes.POINTER(_LayerView)]),
@@ -531,12 +533,34 @@ class Prefix:
                                              out.ctypes.data_as(_F32P)))
         return torch.from_numpy(out) if _is_torch(query) else out
 
-    def keyq_scores(self, layer, query, keys=None):
+    def keyq_scores(self, layer, query, keys=None, stream=None):
         """Attention mass of every chunk of a layer over the store's low-bit key copy
         (ckv_keyq_scores): query [q_tokens][q_heads][head_dim], keys (the new tokens'
-        post-RoPE keys) [q_tokens][kv_heads][head_dim] or None. Scored on the CPU."""
+        post-RoPE keys) [q_tokens][kv_heads][head_dim] or None. A CUDA tensor query on
+        the CUDA backend is scored on the device (returns a CUDA tensor; keys, if given,
+        must be on the same device); otherwise on the CPU."""
         lib = self._l._lib
         sh = self.shape
+        if _is_torch(query) and query.is_cuda and self._l.backend == "cuda":
+            q = query.detach().to(torch.float32).contiguous()
+            if q.dim() != 3 or q.shape[2] != sh.head_dim:
+                raise ValueError(f"query: expected [q_tokens][q_heads][{sh.head_dim}], got {tuple(q.shape)}")
+            k, kp = None, None
+            if keys is not None:
+                if not (_is_torch(keys) and keys.device == q.device):
+                    raise ValueError("keys: expected a tensor on the query's device")
+                k = keys.detach().to(torch.float32).contiguous()
+                if tuple(k.shape) != (q.shape[0], sh.kv_heads, sh.head_dim):
+                    raise ValueError(f"keys: expected {(q.shape[0], sh.kv_heads, sh.head_dim)}, "
+                                     f"got {tuple(k.shape)}")
+                kp = k.data_ptr()
+            out = torch.empty(sh.chunks, dtype=torch.float32, device=q.device)
+            if stream is None:
+                stream = torch.cuda.current_stream()
+            self._l._check(lib.ckv_keyq_scores_device(self.handle, layer, q.data_ptr(), kp,
+                                                      q.shape[0], q.shape[1], out.data_ptr(),
+                                                      _stream_ptr(stream)))
+            return out
         q, qp, qs = _f32_host(query, "query")
         if len(qs) != 3 or qs[2] != sh.head_dim:
             raise ValueError(f"query: expected [q_tokens][q_heads][{sh.head_dim}], got {qs}")
