@@ -717,6 +717,10 @@ int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq 
 
 	if (!be->ops->keyq_scores)
 		return ckv_lerr(p->l, -ENOTSUP, "the %s backend has no key-copy scoring", be->ops->name);
+	if (sh->chunk_tokens > CKV_KEYQ_DEV_MAX_CHUNK)
+		return ckv_lerr(p->l, -ENOTSUP,
+				"the %s backend scores chunks of at most %u tokens; these have %u",
+				be->ops->name, CKV_KEYQ_DEV_MAX_CHUNK, sh->chunk_tokens);
 	memset(&g, 0, sizeof(g));
 	g.kv_heads = sh->kv_heads;
 	g.head_dim = sh->head_dim;

@@ -1238,7 +1238,7 @@ static int cuda_digest_scores(ckv_backend *b, const float *q, uint32_t q_tokens,
 
 /*
  * The steps of ckv_keyq_mass_cpu (gpu/select.c), on the device:
- *   keyq_lse_kernel   one block per (chunk j, kv head h): the chunk's keys of
+ *   keyq_lse_*kernel  one block per (chunk j, kv head h): the chunk's keys of
  *                     that head decoded into shared memory, then for every
  *                     query row of the head (token t, query head of the
  *                     group) the log-sum-exp of q . k / sqrt(D) over the
@@ -1258,17 +1258,16 @@ __device__ __forceinline__ float bf16_f32(uint16_t h)
 	return __uint_as_float((uint32_t)h << 16);
 }
 
-/* lanes per row: the chunk's slots rounded up to a power of two (<= 32) */
-__global__ void keyq_lse_kernel(const ckv_keyq_dev k, const float *__restrict__ q, uint32_t q_heads,
-				uint32_t rows, uint32_t lanes, float inv, float *__restrict__ clse)
+/*
+ * Chunk j's keys of head h as the copy gives them back, into ks[c][D + 1]
+ * (the padding keeps the slots in distinct banks); the chunk's valid slots.
+ */
+__device__ uint32_t keyq_decode(const ckv_keyq_dev &k, uint32_t j, uint32_t h, float *ks)
 {
-	extern __shared__ float ks[]; /* [c][D + 1]: the padding keeps slots in distinct banks */
-	const uint32_t j = blockIdx.x, h = blockIdx.y, D = k.head_dim, c = k.chunk_tokens;
-	const uint32_t g = q_heads / k.kv_heads, stride = D + 1;
+	const uint32_t D = k.head_dim, c = k.chunk_tokens, stride = D + 1;
 	const uint64_t HD = (uint64_t)k.kv_heads * D, lo = (uint64_t)j * c;
 	const uint8_t *codes = k.codes + (uint64_t)j * k.per;
 	const uint16_t *sc = k.scales + (uint64_t)k.part[j] * 2 * HD + (uint64_t)h * D;
-	const uint32_t valid = lo + c <= k.tokens ? c : k.tokens > lo ? (uint32_t)(k.tokens - lo) : 0;
 	const unsigned mask = (1u << k.bits) - 1;
 
 	for (uint32_t e = threadIdx.x; e < c * D; e += blockDim.x) {
@@ -1279,6 +1278,79 @@ __global__ void keyq_lse_kernel(const ckv_keyq_dev k, const float *__restrict__ 
 		ks[t * stride + d] = bf16_f32(sc[d]) + bf16_f32(sc[HD + d]) * k.levels[(v >> (bit & 7)) & mask];
 	}
 	__syncthreads();
+	return lo + c <= k.tokens ? c : k.tokens > lo ? (uint32_t)(k.tokens - lo) : 0;
+}
+
+/*
+ * Chunks of 4, 8, 16 or 32 slots (G = c / 4 threads a row tile): each
+ * thread computes 4 rows x 4 slots, so a d step is 8 loads for 16
+ * multiply-adds; the G threads of a tile then reduce each row's slots.
+ */
+template <int G>
+__global__ void keyq_lse_tiled_kernel(const ckv_keyq_dev k, const float *__restrict__ q,
+				      uint32_t q_heads, uint32_t rows, float inv, float *__restrict__ clse)
+{
+	extern __shared__ float ks[];
+	const uint32_t j = blockIdx.x, h = blockIdx.y, D = k.head_dim, stride = D + 1;
+	const uint32_t g = q_heads / k.kv_heads, valid = keyq_decode(k, j, h, ks);
+	const uint32_t sg = threadIdx.x % G, tiles = blockDim.x / G;
+	const float *kp = ks + sg * 4 * stride;
+
+	/* the same trip count for every thread: the shuffles below need whole warps */
+	for (uint32_t base = 0; base < rows; base += tiles * 4) {
+		const uint32_t r0 = base + threadIdx.x / G * 4;
+		const float *qp[4];
+		float acc[4][4] = {};
+
+		for (int i = 0; i < 4; i++) {
+			uint32_t r = r0 + i < rows ? r0 + i : rows - 1;
+
+			qp[i] = q + ((uint64_t)(r / g) * q_heads + (uint64_t)h * g + r % g) * D;
+		}
+		for (uint32_t d = 0; d < D; d++) {
+			float qv[4], kv[4];
+
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				qv[i] = __ldg(qp[i] + d);
+#pragma unroll
+			for (int s = 0; s < 4; s++)
+				kv[s] = kp[s * stride + d];
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+#pragma unroll
+				for (int s = 0; s < 4; s++)
+					acc[i][s] += qv[i] * kv[s];
+		}
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			float x[4], mx = -INFINITY, e = 0;
+
+#pragma unroll
+			for (int s = 0; s < 4; s++) {
+				x[s] = sg * 4 + s < valid ? acc[i][s] * inv : -INFINITY;
+				mx = fmaxf(mx, x[s]);
+			}
+			for (int o = G / 2; o; o >>= 1)
+				mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+#pragma unroll
+			for (int s = 0; s < 4; s++)
+				e += x[s] == -INFINITY ? 0.0f : expf(x[s] - mx);
+			for (int o = G / 2; o; o >>= 1)
+				e += __shfl_xor_sync(0xffffffffu, e, o);
+			if (sg == 0 && r0 + i < rows)
+				clse[((uint64_t)h * rows + r0 + i) * k.m + j] = valid ? mx + logf(e) : -INFINITY;
+		}
+	}
+}
+
+/* Any chunk size up to 32: a lane a slot (lanes: c rounded up to a power of two). */
+__global__ void keyq_lse_kernel(const ckv_keyq_dev k, const float *__restrict__ q, uint32_t q_heads,
+				uint32_t rows, uint32_t lanes, float inv, float *__restrict__ clse)
+{
+	extern __shared__ float ks[];
+	const uint32_t j = blockIdx.x, h = blockIdx.y, D = k.head_dim;
+	const uint32_t g = q_heads / k.kv_heads, stride = D + 1, valid = keyq_decode(k, j, h, ks);
 
 	const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, per_warp = 32 / lanes;
 	const uint32_t sub = lane / lanes, s = lane % lanes;
@@ -1401,7 +1473,7 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 	c = k->chunk_tokens;
 	if (!H || !D || !c || !q_heads || q_heads % H || !q_tokens || k->bits < 1 || k->bits > 4)
 		return -EINVAL;
-	if (c > 32 || H > 65535)
+	if (c > CKV_KEYQ_DEV_MAX_CHUNK || H > 65535)
 		return -ENOTSUP; /* one lane a slot; one grid row a head */
 	if (k->m == 0)
 		return 0;
@@ -1424,8 +1496,27 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 	cudaLaunchConfig_t lc = launch_cfg(dim3(k->m, H), dim3(KQ_THREADS), s);
 
 	lc.dynamicSmemBytes = smem;
-	rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_kernel, *k, q, q_heads, (uint32_t)rows, lanes, inv,
-				   clse));
+	switch (c) {
+	case 4:
+		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<1>, *k, q, q_heads, (uint32_t)rows,
+					   inv, clse));
+		break;
+	case 8:
+		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<2>, *k, q, q_heads, (uint32_t)rows,
+					   inv, clse));
+		break;
+	case 16:
+		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<4>, *k, q, q_heads, (uint32_t)rows,
+					   inv, clse));
+		break;
+	case 32:
+		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<8>, *k, q, q_heads, (uint32_t)rows,
+					   inv, clse));
+		break;
+	default:
+		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_kernel, *k, q, q_heads, (uint32_t)rows, lanes,
+					   inv, clse));
+	}
 	if (rc == 0) {
 		lc = launch_cfg(dim3((unsigned)rows, H), dim3(256), s);
 		rc = CU(cudaLaunchKernelEx(&lc, keyq_row_kernel, (const float *)clse, q, keys, q_heads,

@@ -322,6 +322,100 @@ static void keyq_ref(const ckv_shape *sh, const struct ckv_keyq *kq, const float
 	free(lg);
 }
 
+/* The CUDA backend where a GPU answers (else NULL): the device scorer is checked against the CPU's. */
+static ckv_backend *keyq_cuda(void)
+{
+	static ckv_backend *be;
+	static bool tried;
+
+	if (!tried) {
+		tried = true;
+		if (ckv_backend_cuda(0, &be) < 0)
+			be = NULL;
+	}
+	return be;
+}
+
+/*
+ * The backend's keyq_scores on kq (uploaded here) against the CPU's scores
+ * cpu: equal to rounding; chunks of more than 32 slots refused with
+ * -ENOTSUP. Returns the worst relative difference, or -1 without a GPU.
+ */
+static double keyq_device(const ckv_shape *sh, const struct ckv_keyq *kq, const float *q,
+			  const float *nk, uint32_t T, uint32_t qh, const float *cpu)
+{
+	ckv_backend *be = keyq_cuda();
+	uint32_t m = sh->chunks, HD = sh->kv_heads * sh->head_dim;
+	uint64_t nq = (uint64_t)T * qh * sh->head_dim * 4, nn = (uint64_t)T * HD * 4;
+	uint64_t nsc = (uint64_t)kq->nparts * 2 * HD * 2;
+	uint32_t *part = malloc(sizeof(*part) * m);
+	float *got = malloc(sizeof(float) * m);
+	void *codes, *scales, *pd, *qd, *nd, *sd;
+	ckv_keyq_dev k = { 0 };
+	double worst = 0;
+	int rc;
+
+	CHECK(part && got);
+	if (!be) {
+		free(part);
+		free(got);
+		return -1;
+	}
+	for (uint32_t x = 0; x < kq->nparts; x++)
+		for (uint32_t j = kq->first[x]; j < kq->first[x + 1]; j++)
+			part[j] = x;
+	CHECK(be->ops->alloc(be, kq->per * m, &codes) == 0);
+	CHECK(be->ops->alloc(be, nsc, &scales) == 0);
+	CHECK(be->ops->alloc(be, 4ull * m, &pd) == 0);
+	CHECK(be->ops->alloc(be, nq, &qd) == 0);
+	CHECK(be->ops->alloc(be, nn, &nd) == 0);
+	CHECK(be->ops->alloc(be, 4ull * m, &sd) == 0);
+	CHECK(be->ops->from_host(be, codes, kq->codes, kq->per * m) == 0);
+	CHECK(be->ops->from_host(be, scales, kq->scales, nsc) == 0);
+	CHECK(be->ops->from_host(be, pd, part, 4ull * m) == 0);
+	CHECK(be->ops->from_host(be, qd, q, nq) == 0);
+	if (nk)
+		CHECK(be->ops->from_host(be, nd, nk, nn) == 0);
+	k.codes = codes;
+	k.scales = scales;
+	k.part = pd;
+	k.per = kq->per;
+	k.bits = kq->bits;
+	ckv_keyq_levels(kq->bits, k.levels);
+	k.m = m;
+	k.tokens = sh->tokens;
+	k.kv_heads = sh->kv_heads;
+	k.head_dim = sh->head_dim;
+	k.chunk_tokens = sh->chunk_tokens;
+	rc = be->ops->keyq_scores(be, &k, qd, nk ? nd : NULL, T, qh, sd, NULL);
+	if (sh->chunk_tokens > 32) {
+		CHECK(rc == -ENOTSUP);
+	} else {
+		CHECK(rc == 0 && be->ops->sync(be, NULL) == 0);
+		CHECK(be->ops->to_host(be, got, sd, 4ull * m) == 0);
+		for (uint32_t j = 0; j < m; j++) {
+			double err = fabs((double)got[j] - cpu[j]) / (fabs(cpu[j]) + 1e-6);
+
+			if (err > 1e-3)
+				fprintf(stderr, "keyq on the device, chunk %u: %g, the CPU %g\n", j, got[j], cpu[j]);
+			CHECK(err <= 1e-3);
+			worst = err > worst ? err : worst;
+		}
+	}
+	/* bad input: query heads not a multiple of the kv heads */
+	if (sh->kv_heads > 1)
+		CHECK(be->ops->keyq_scores(be, &k, qd, NULL, T, sh->kv_heads + 1, sd, NULL) == -EINVAL);
+	be->ops->free(be, codes);
+	be->ops->free(be, scales);
+	be->ops->free(be, pd);
+	be->ops->free(be, qd);
+	be->ops->free(be, nd);
+	be->ops->free(be, sd);
+	free(part);
+	free(got);
+	return worst;
+}
+
 static void check_keyq_mass(void)
 {
 	static const struct {
@@ -346,7 +440,7 @@ static void check_keyq_mass(void)
 		float *keys = tl_query(&seed, m * sh.chunk_tokens, sh.kv_heads, sh.head_dim); /* [m][chunk] */
 		float *q = tl_query(&seed, T, qh, sh.head_dim), *nk = tl_query(&seed, T, sh.kv_heads, sh.head_dim);
 		float *got = malloc(sizeof(float) * m);
-		double *want = malloc(sizeof(double) * m), worst = 0;
+		double *want = malloc(sizeof(double) * m), worst = 0, dev, dworst = -1;
 
 		sh.chunks = m;
 		kq.per = ckv_keyq_chunk_bytes(&geo, kq.bits);
@@ -398,14 +492,22 @@ static void check_keyq_mass(void)
 					fprintf(stderr, "keyq case %zu chunk %u: %g, want %g\n", ci, j, got[j], want[j]);
 				CHECK(err <= 2e-4);
 			}
+			dev = keyq_device(&sh, &kq, q, with ? nk : NULL, T, qh, got);
+			dworst = dev > dworst ? dev : dworst;
 			/* every query row's weights sum to 1 over the prefix alone */
 			if (!with)
 				CHECK(fabs(total - (double)T * qh) < 1e-3 * T * qh);
 			else
 				CHECK(total < (double)T * qh);
 		}
-		printf("keyq mass: H %u D %u c %u, %u tokens in %u parts, %u x %u queries: worst relative error %.2e\n",
+		printf("keyq mass: H %u D %u c %u, %u tokens in %u parts, %u x %u queries: worst relative error %.2e",
 		       sh.kv_heads, sh.head_dim, sh.chunk_tokens, sh.tokens, np, T, qh, worst);
+		if (dworst < 0)
+			printf("; no GPU: the device scorer not compared\n");
+		else if (sh.chunk_tokens > 32)
+			printf("; the device scorer refuses chunks of %u slots\n", sh.chunk_tokens);
+		else
+			printf("; the device scorer's worst relative difference to it %.2e\n", dworst);
 		ckv_keyq_free(&kq);
 		free(keys);
 		free(q);
