@@ -1246,8 +1246,9 @@ static int cuda_digest_scores(ckv_backend *b, const float *q, uint32_t q_tokens,
  *   keyq_row_kernel   one block per (row, h): the row's log-sum-exp over
  *                     every chunk and, with keys, the new tokens up to its
  *                     own -> lse[h][row];
- *   keyq_mass_kernel  one thread per chunk: sum over rows of
- *                     exp(clse - lse), in double as on the CPU.
+ *   keyq_mass_kernel  per chunk: the sum over rows of exp(clse - lse), in
+ *                     double as on the CPU, in a fixed order (the same
+ *                     floats every run).
  * The sums run in another order than the CPU's, so the scores agree to
  * rounding, not bit for bit (tests/gpu/test_loader_gpu.c compares them).
  */
@@ -1282,48 +1283,62 @@ __device__ uint32_t keyq_decode(const ckv_keyq_dev &k, uint32_t j, uint32_t h, f
 }
 
 /*
- * Chunks of 4, 8, 16 or 32 slots (G = c / 4 threads a row tile): each
- * thread computes 4 rows x 4 slots, so a d step is 8 loads for 16
- * multiply-adds; the G threads of a tile then reduce each row's slots.
+ * Chunks of 16 or 32 slots (G = c / 4 threads a row tile, 4 rows x 4 slots
+ * a thread). The block's rows go in passes of tiles * 4; each pass stages
+ * its queries in shared memory KQ_DB dimensions at a time (coalesced
+ * loads), so that a d step is 8 conflict-free shared loads for 16
+ * multiply-adds. The G threads of a tile then reduce each row's slots.
  */
+#define KQ_DB 32
+
 template <int G>
 __global__ void keyq_lse_tiled_kernel(const ckv_keyq_dev k, const float *__restrict__ q,
 				      uint32_t q_heads, uint32_t rows, float inv, float *__restrict__ clse)
 {
-	extern __shared__ float ks[];
+	extern __shared__ float ks[]; /* [c][D + 1] keys, then [pass rows][KQ_DB + 1] queries */
 	const uint32_t j = blockIdx.x, h = blockIdx.y, D = k.head_dim, stride = D + 1;
 	const uint32_t g = q_heads / k.kv_heads, valid = keyq_decode(k, j, h, ks);
-	const uint32_t sg = threadIdx.x % G, tiles = blockDim.x / G;
+	const uint32_t sg = threadIdx.x % G, tiles = blockDim.x / G, prow = tiles * 4;
+	const uint32_t tr = threadIdx.x / G * 4; /* the thread's first row in a pass */
 	const float *kp = ks + sg * 4 * stride;
+	float *qs = ks + k.chunk_tokens * stride;
 
 	/* the same trip count for every thread: the shuffles below need whole warps */
-	for (uint32_t base = 0; base < rows; base += tiles * 4) {
-		const uint32_t r0 = base + threadIdx.x / G * 4;
-		const float *qp[4];
+	for (uint32_t base = 0; base < rows; base += prow) {
 		float acc[4][4] = {};
 
-		for (int i = 0; i < 4; i++) {
-			uint32_t r = r0 + i < rows ? r0 + i : rows - 1;
+		for (uint32_t d0 = 0; d0 < D; d0 += KQ_DB) {
+			const uint32_t db = D - d0 < KQ_DB ? D - d0 : KQ_DB;
 
-			qp[i] = q + ((uint64_t)(r / g) * q_heads + (uint64_t)h * g + r % g) * D;
-		}
-		for (uint32_t d = 0; d < D; d++) {
-			float qv[4], kv[4];
+			__syncthreads(); /* the previous block of queries is used up */
+			for (uint32_t e = threadIdx.x; e < prow * db; e += blockDim.x) {
+				const uint32_t rr = e / db, dd = e - rr * db, r = base + rr;
+
+				qs[rr * (KQ_DB + 1) + dd] =
+					r < rows ? __ldg(q + ((uint64_t)(r / g) * q_heads + (uint64_t)h * g +
+							      r % g) * D + d0 + dd) :
+						   0.0f;
+			}
+			__syncthreads();
+			for (uint32_t dd = 0; dd < db; dd++) {
+				float qv[4], kv[4];
 
 #pragma unroll
-			for (int i = 0; i < 4; i++)
-				qv[i] = __ldg(qp[i] + d);
-#pragma unroll
-			for (int s = 0; s < 4; s++)
-				kv[s] = kp[s * stride + d];
-#pragma unroll
-			for (int i = 0; i < 4; i++)
+				for (int i = 0; i < 4; i++)
+					qv[i] = qs[(tr + i) * (KQ_DB + 1) + dd];
 #pragma unroll
 				for (int s = 0; s < 4; s++)
-					acc[i][s] += qv[i] * kv[s];
+					kv[s] = kp[s * stride + d0 + dd];
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+#pragma unroll
+					for (int s = 0; s < 4; s++)
+						acc[i][s] += qv[i] * kv[s];
+			}
 		}
 #pragma unroll
 		for (int i = 0; i < 4; i++) {
+			const uint32_t r = base + tr + i;
 			float x[4], mx = -INFINITY, e = 0;
 
 #pragma unroll
@@ -1338,8 +1353,8 @@ __global__ void keyq_lse_tiled_kernel(const ckv_keyq_dev k, const float *__restr
 				e += x[s] == -INFINITY ? 0.0f : expf(x[s] - mx);
 			for (int o = G / 2; o; o >>= 1)
 				e += __shfl_xor_sync(0xffffffffu, e, o);
-			if (sg == 0 && r0 + i < rows)
-				clse[((uint64_t)h * rows + r0 + i) * k.m + j] = valid ? mx + logf(e) : -INFINITY;
+			if (sg == 0 && r < rows)
+				clse[((uint64_t)h * rows + r) * k.m + j] = valid ? mx + logf(e) : -INFINITY;
 		}
 	}
 }
@@ -1441,17 +1456,24 @@ __global__ void keyq_row_kernel(const float *__restrict__ clse, const float *__r
 		lse[(uint64_t)h * rows + r] = (float)(mx + log(tot));
 }
 
+/* Blocks of 32 chunks x 8 row slices; the slices' sums are added in a fixed order. */
 __global__ void keyq_mass_kernel(const float *__restrict__ clse, const float *__restrict__ lse,
 				 uint32_t nrows, uint32_t m, float *__restrict__ scores)
 {
-	const uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
+	__shared__ double part[8][32];
+	const uint32_t lane = threadIdx.x % 32, w = threadIdx.x / 32, j = blockIdx.x * 32 + lane;
 	double acc = 0;
 
-	if (j >= m)
-		return;
-	for (uint32_t x = 0; x < nrows; x++)
-		acc += exp((double)clse[(uint64_t)x * m + j] - (double)lse[x]);
-	scores[j] = (float)acc;
+	if (j < m)
+		for (uint32_t x = w; x < nrows; x += 8)
+			acc += exp((double)clse[(uint64_t)x * m + j] - (double)lse[x]);
+	part[w][lane] = acc;
+	__syncthreads();
+	if (w == 0 && j < m) {
+		for (int y = 1; y < 8; y++)
+			acc += part[y][lane];
+		scores[j] = (float)acc;
+	}
 }
 
 static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *q, const float *keys,
@@ -1462,7 +1484,7 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 	uint32_t H, D, c, lanes = 1;
 	uint64_t rows, cells;
 	float *scratch = NULL, inv;
-	size_t smem;
+	size_t smem, tiled;
 	dev_scope dev;
 	int rc;
 
@@ -1495,25 +1517,18 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 	float *clse = scratch, *lse = scratch + cells * k->m;
 	cudaLaunchConfig_t lc = launch_cfg(dim3(k->m, H), dim3(KQ_THREADS), s);
 
-	lc.dynamicSmemBytes = smem;
-	switch (c) {
-	case 4:
-		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<1>, *k, q, q_heads, (uint32_t)rows,
-					   inv, clse));
-		break;
-	case 8:
-		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<2>, *k, q, q_heads, (uint32_t)rows,
-					   inv, clse));
-		break;
-	case 16:
-		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<4>, *k, q, q_heads, (uint32_t)rows,
-					   inv, clse));
-		break;
-	case 32:
-		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<8>, *k, q, q_heads, (uint32_t)rows,
-					   inv, clse));
-		break;
-	default:
+	/* 16- and 32-token chunks tiled (their queries staged too), others a lane a slot */
+	tiled = (c == 16 || c == 32) ? smem + (size_t)(KQ_THREADS / (c / 4)) * 4 * (KQ_DB + 1) * sizeof(float) : 0;
+	if (tiled && tiled <= 48 * 1024) {
+		lc.dynamicSmemBytes = tiled;
+		if (c == 16)
+			rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<4>, *k, q, q_heads,
+						   (uint32_t)rows, inv, clse));
+		else
+			rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_tiled_kernel<8>, *k, q, q_heads,
+						   (uint32_t)rows, inv, clse));
+	} else {
+		lc.dynamicSmemBytes = smem;
 		rc = CU(cudaLaunchKernelEx(&lc, keyq_lse_kernel, *k, q, q_heads, (uint32_t)rows, lanes,
 					   inv, clse));
 	}
@@ -1523,7 +1538,7 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 					   (uint32_t)rows, k->m, H, D, inv, lse));
 	}
 	if (rc == 0) {
-		lc = launch_cfg(dim3((k->m + 255) / 256), dim3(256), s);
+		lc = launch_cfg(dim3((k->m + 31) / 32), dim3(256), s);
 		rc = CU(cudaLaunchKernelEx(&lc, keyq_mass_kernel, (const float *)clse,
 					   (const float *)lse, (uint32_t)cells, k->m, scores));
 	}

@@ -425,6 +425,8 @@ static void check_keyq_mass(void)
 		{ 3, 24, 512, 1300, 2, 3, 6 },   /* chunks longer than a slot block */
 		{ 1, 8, 7, 50, 3, 5, 1 },        /* odd chunk, three segments' scales */
 		{ 4, 32, 16, 8192, 2, 64, 28 },  /* enough work for several threads */
+		{ 2, 64, 32, 700, 2, 3, 4 },     /* 32-token chunks (the device's other tiled case) */
+		{ 2, 16, 8, 300, 2, 2, 4 },      /* 8-token chunks (the device's lane-a-slot kernel) */
 	};
 	uint64_t seed = 77;
 
