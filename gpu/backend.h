@@ -34,7 +34,11 @@ typedef struct ckv_copy {
  * keyq_scores: chunk j's codes at codes + j * per decode as
  * mu + sd * levels[code] with mu and sd from its part's scales.
  */
-#define CKV_KEYQ_DEV_MAX_CHUNK 32 /* keyq_scores: a lane a slot; longer chunks -ENOTSUP */
+/*
+ * keyq_scores takes a lane a slot: longer chunks get -ENOTSUP, as does a
+ * chunk's head too large for shared memory.
+ */
+#define CKV_KEYQ_DEV_MAX_CHUNK 32
 typedef struct ckv_keyq_dev {
 	const uint8_t *codes;   /* [m][per] */
 	const uint16_t *scales; /* [parts][2][kv_heads][head_dim] bf16: mu then sd */

@@ -574,7 +574,7 @@ static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 	rc = -ENOTSUP;
 	if (pl->l->be->ops->keyq_scores && pl->sh.chunk_tokens <= CKV_KEYQ_DEV_MAX_CHUNK)
 		rc = keyq_scores_dev(pl, &kq, query);
-	if (rc == -ENOTSUP) /* a backend without a scorer, or chunks it does not take */
+	if (rc == -ENOTSUP) /* a backend without a scorer, or a shape it does not take */
 		rc = ckv_keyq_mass_cpu(&pl->sh, &kq, query, pl->keys, pl->o.q_tokens, pl->o.q_heads,
 				       pl->scores);
 	ckv_keyq_free(&kq);

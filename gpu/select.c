@@ -719,7 +719,8 @@ int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq 
 		return ckv_lerr(p->l, -ENOTSUP, "the %s backend has no key-copy scoring", be->ops->name);
 	if (sh->chunk_tokens > CKV_KEYQ_DEV_MAX_CHUNK)
 		return ckv_lerr(p->l, -ENOTSUP,
-				"the %s backend scores chunks of at most %u tokens; these have %u",
+				"the %s backend scores chunks of at most %u tokens; these have %u "
+				"(ckv_keyq_scores scores them on the CPU)",
 				be->ops->name, CKV_KEYQ_DEV_MAX_CHUNK, sh->chunk_tokens);
 	memset(&g, 0, sizeof(g));
 	g.kv_heads = sh->kv_heads;
@@ -769,6 +770,11 @@ int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq 
 	}
 	if (rc == 0)
 		rc = be->ops->sync(be, stream);
+	if (rc == -ENOTSUP)
+		return ckv_lerr(p->l, rc,
+				"the %s backend cannot score chunks of %u tokens of head_dim %u "
+				"(ckv_keyq_scores scores them on the CPU)",
+				be->ops->name, sh->chunk_tokens, sh->head_dim);
 	if (rc < 0)
 		return ckv_lerr(p->l, rc, "key-copy scores on the %s backend failed: %s", be->ops->name,
 				strerror(-rc));

@@ -1504,7 +1504,9 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 	rows = (uint64_t)q_tokens * (q_heads / H);
 	cells = (uint64_t)H * rows;
 	smem = (size_t)c * (D + 1) * sizeof(float);
-	if (rows > 0x7fffffff || smem > 48 * 1024 || cells * k->m > (1ull << 40))
+	if (smem > 48 * 1024)
+		return -ENOTSUP; /* a chunk's keys of one head must fit shared memory */
+	if (rows > 0x7fffffff || cells * k->m > (1ull << 40))
 		return -EOVERFLOW;
 	rc = dev.enter(cb->device);
 	if (rc)
