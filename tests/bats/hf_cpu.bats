@@ -64,6 +64,20 @@ print("full", r["loader:full@1"]["delta_pct"] == 0.0)' "$BATS_TEST_TMPDIR/q.json
 	assert_output_contains "full True"
 }
 
+@test "hf: tools/quality ttft with key-copy scores (stand-in model, host backend)" {
+	run lpy "$CKV_SRC/tools/quality" ttft --stand-in --device cpu --backend host --prefix 96 \
+		--suffix 16 --budgets 0.25 --ttft-modes layer --score keyq --reps 1 \
+		--store "$BATS_TEST_TMPDIR/t" --out "$BATS_TEST_TMPDIR/t.json" --md "$BATS_TEST_TMPDIR/t.md"
+	echo "$output"
+	assert_success
+	run cat "$BATS_TEST_TMPDIR/t.md"
+	assert_output_contains "| Re-Prefill | layer, score=keyq | 25% | cold |"
+	assert_output_contains "| Re-Prefill | layer, score=keyq | 25% | warm |"
+	run lpy "$CKV_SRC/tools/quality" ttft --stand-in --score bogus --store "$BATS_TEST_TMPDIR/t"
+	assert_failure
+	assert_output_contains "invalid choice: 'bogus'"
+}
+
 @test "hf: a cache saved through a mount's import/ area is found by the loader" {
 	fs_require
 	"$CKV" init "$BATS_TEST_TMPDIR/s" >/dev/null
