@@ -464,7 +464,8 @@ static void ceiling_table(ckv_backend *b, cudaStream_t st, int reps, const unsig
 
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: bench-gather [-a ARENA_MIB] [-t TOTAL_MIB] [-r REPS] [-d DEVICE] [-l COPIES] [-s] [-x]\n"
+	fprintf(f, "usage: bench-gather [-a ARENA_MIB] [-t TOTAL_MIB] [-r REPS] [-d DEVICE] [-l COPIES]"
+		   " [-s] [-x]\n"
 		   "  -a  arena size (default 8192 MiB; a read-only memfd mapping)\n"
 		   "  -t  bytes gathered per run (default 512 MiB)\n"
 		   "  -r  timed runs per figure, median reported (default 15)\n"

@@ -1476,8 +1476,9 @@ __global__ void keyq_mass_kernel(const float *__restrict__ clse, const float *__
 	}
 }
 
-static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *q, const float *keys,
-			    uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
+static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *q,
+			    const float *keys, uint32_t q_tokens, uint32_t q_heads, float *scores,
+			    void *stream)
 {
 	struct cuda_backend *cb = cb_of(b);
 	cudaStream_t s = (cudaStream_t)stream;
@@ -1520,7 +1521,9 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 	cudaLaunchConfig_t lc = launch_cfg(dim3(k->m, H), dim3(KQ_THREADS), s);
 
 	/* 16- and 32-token chunks tiled (their queries staged too), others a lane a slot */
-	tiled = (c == 16 || c == 32) ? smem + (size_t)(KQ_THREADS / (c / 4)) * 4 * (KQ_DB + 1) * sizeof(float) : 0;
+	tiled = 0;
+	if (c == 16 || c == 32) /* the keys, then a pass's queries: KQ_THREADS / (c / 4) tiles of 4 rows */
+		tiled = smem + (size_t)(KQ_THREADS / (c / 4)) * 4 * (KQ_DB + 1) * sizeof(float);
 	if (tiled && tiled <= 48 * 1024) {
 		lc.dynamicSmemBytes = tiled;
 		if (c == 16)
