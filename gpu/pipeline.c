@@ -516,7 +516,6 @@ static int identify_from_keys(ckv_pipeline *pl, uint32_t layer, const float *que
 	return 0;
 }
 
-/* Key-copy scores (CKV_SCORE_KEYQ) of a layer into pl->scores. */
 /*
  * Key-copy scores on a device backend: the (host) query and new keys go to
  * backend memory, the scores come back to pl->scores. On the pipeline's
@@ -560,6 +559,7 @@ static int keyq_scores_dev(ckv_pipeline *pl, const struct ckv_keyq *kq, const fl
 	return rc;
 }
 
+/* Key-copy scores (CKV_SCORE_KEYQ) of a layer into pl->scores. */
 static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 {
 	struct ckv_keyq kq;
