@@ -483,6 +483,71 @@ static void check_keyq_device(void)
 	tstore_free(&t);
 }
 
+/*
+ * 64-token chunks: more than the device key-copy scorer takes. On CUDA
+ * ckv_keyq_scores_device refuses them with a message and a keyq pipeline
+ * scores on the CPU; on the host backend both are the CPU scorer. Either
+ * way each layer's view holds the top chunks of ckv_keyq_scores.
+ */
+static void check_keyq_long_chunks(void)
+{
+	struct tstore t;
+	ckv_loader *l;
+	ckv_prefix *p;
+	ckv_pipeline *pl;
+	ckv_shape sh;
+	uint64_t seed = 23;
+	const uint32_t qh = 4;
+	ckv_pipeline_opts o = { .mode = CKV_MODE_LAYER, .budget = 0.3, .q_heads = qh, .q_tokens = 1,
+				.score = CKV_SCORE_KEYQ, .no_prefetch = true };
+	float *q, *sc;
+	uint32_t *want;
+	void *qd, *sd;
+	int rc;
+
+	tstore_make_c(&t, "bf16", 3, 2, 32, 500, 900, 64);
+	l = tl_loader(t.dir, 64 << 20, 0);
+	CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+	ckv_prefix_shape(p, &sh);
+	CHECK(sh.chunk_tokens == 64);
+	q = tl_query(&seed, 1, qh, sh.head_dim);
+	sc = malloc(sizeof(float) * sh.chunks);
+	want = malloc(sizeof(uint32_t) * sh.chunks);
+	CHECK(sc && want);
+	CHECK_RC(ckv_loader_alloc(l, (uint64_t)qh * sh.head_dim * sizeof(float), &qd), l);
+	CHECK_RC(ckv_loader_alloc(l, sh.chunks * sizeof(float), &sd), l);
+	CHECK_RC(ckv_loader_from_host(l, qd, q, (uint64_t)qh * sh.head_dim * sizeof(float)), l);
+	rc = ckv_keyq_scores_device(p, 0, qd, NULL, 1, qh, sd, NULL);
+	if (ckv_loader_backend(l) == CKV_BACKEND_CUDA) {
+		CHECK(rc == -ENOTSUP);
+		CHECK(strstr(ckv_loader_error(l), "at most 32 tokens; these have 64"));
+	} else {
+		CHECK_RC(rc, l);
+	}
+	CHECK_RC(ckv_pipeline_open(p, &o, &pl), l);
+	for (uint32_t layer = 0; layer < sh.layers; layer++) {
+		ckv_layer_view v;
+		int n;
+
+		CHECK_RC(ckv_keyq_scores(p, layer, q, NULL, 1, qh, sc), l);
+		n = ckv_select_topk(sc, sh.chunks, o.budget, want);
+		CHECK(n > 0);
+		CHECK_RC(ckv_pipeline_layer(pl, layer, q, &v), l);
+		CHECK(v.nchunks == (uint32_t)n && memcmp(v.chunks, want, sizeof(*want) * n) == 0);
+	}
+	printf("keyq with 64-token chunks on the %s backend: the CPU's selections\n",
+	       ckv_loader_backend(l) == CKV_BACKEND_CUDA ? "cuda" : "host");
+	ckv_pipeline_close(pl);
+	ckv_loader_free(l, qd);
+	ckv_loader_free(l, sd);
+	free(q);
+	free(sc);
+	free(want);
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+	tstore_free(&t);
+}
+
 static void check_digest_cache(void)
 {
 	struct tstore t;
@@ -715,6 +780,7 @@ int main(void)
 	check_errors();
 	check_digest_cache();
 	check_keyq_device();
+	check_keyq_long_chunks();
 	printf("ok\n");
 	return 0;
 }

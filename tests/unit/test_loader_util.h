@@ -137,10 +137,12 @@ static inline int tl_fill(void *arg, uint32_t l, uint32_t first, uint32_t count,
 
 /*
  * A store with a prefix of n1 tokens and its extension to n2 tokens (two
- * segments), the extension exported; layer files kept in memory.
+ * segments) in chunks of `chunk` tokens, the extension exported; layer
+ * files kept in memory. tstore_make: 16-token chunks.
  */
-static inline void tstore_make(struct tstore *t, const char *dtype, uint32_t layers,
-			       uint32_t kv_heads, uint32_t head_dim, uint32_t n1, uint32_t n2)
+static inline void tstore_make_c(struct tstore *t, const char *dtype, uint32_t layers,
+				 uint32_t kv_heads, uint32_t head_dim, uint32_t n1, uint32_t n2,
+				 uint32_t chunk)
 {
 	ckv_store *s;
 	ckv_err e;
@@ -158,7 +160,7 @@ static inline void tstore_make(struct tstore *t, const char *dtype, uint32_t lay
 	t->g.layers = layers;
 	t->g.kv_heads = kv_heads;
 	t->g.head_dim = head_dim;
-	t->g.chunk_tokens = 16;
+	t->g.chunk_tokens = chunk;
 	CHECK(ckv_geom_init(&t->g, &e) == 0);
 	for (uint32_t i = 0; i < n2; i++)
 		tok[i] = (uint32_t)(tl_mix(i) % 150000);
@@ -176,7 +178,7 @@ static inline void tstore_make(struct tstore *t, const char *dtype, uint32_t lay
 	ckv_hash_hex(&t->parent, t->parent_hex);
 	ckv_hash_hex(&t->child, t->child_hex);
 	t->child_tokens = n2;
-	t->child_chunks = ckv_chunks_for(n2, 16);
+	t->child_chunks = ckv_chunks_for(n2, chunk);
 	t->layer = calloc(layers, sizeof(*t->layer));
 	CHECK(t->layer);
 	for (uint32_t l = 0; l < layers; l++) {
@@ -193,6 +195,12 @@ static inline void tstore_make(struct tstore *t, const char *dtype, uint32_t lay
 		close(fd);
 	}
 	free(tok);
+}
+
+static inline void tstore_make(struct tstore *t, const char *dtype, uint32_t layers,
+			       uint32_t kv_heads, uint32_t head_dim, uint32_t n1, uint32_t n2)
+{
+	tstore_make_c(t, dtype, layers, kv_heads, head_dim, n1, n2, 16);
 }
 
 /* Expected bytes of chunk j of layer l, part (KV whole, K or V half). */
