@@ -1414,7 +1414,7 @@ __device__ double block_reduce(double v, bool max, double *red)
 	return v;
 }
 
-/* The new token tt's key of head h against row r's query, scaled. */
+/* The new token tt's key of head h against row r's query, scaled; one thread. */
 __device__ float keyq_suffix(const float *qr, const float *keys, uint32_t tt, uint32_t H,
 			     uint32_t h, uint32_t D, float inv)
 {
@@ -1426,10 +1426,17 @@ __device__ float keyq_suffix(const float *qr, const float *keys, uint32_t tt, ui
 	return dot * inv;
 }
 
+/*
+ * suf_smem: the row's logits on the new tokens' keys are computed once, a
+ * warp a key (coalesced loads), into shared memory of q_tokens floats;
+ * else (too many new tokens for it) by each thread, twice.
+ */
 __global__ void keyq_row_kernel(const float *__restrict__ clse, const float *__restrict__ q,
 				const float *__restrict__ keys, uint32_t q_heads, uint32_t rows,
-				uint32_t m, uint32_t H, uint32_t D, float inv, float *__restrict__ lse)
+				uint32_t m, uint32_t H, uint32_t D, float inv, bool suf_smem,
+				float *__restrict__ lse)
 {
+	extern __shared__ float suf[];
 	__shared__ double red[32];
 	const uint32_t r = blockIdx.x, h = blockIdx.y, g = q_heads / H, tok = r / g;
 	const float *cl = clse + ((uint64_t)h * rows + r) * m;
@@ -1437,10 +1444,26 @@ __global__ void keyq_row_kernel(const float *__restrict__ clse, const float *__r
 	const uint32_t nsuf = keys ? tok + 1 : 0;
 	double mx = -INFINITY, tot = 0;
 
+	if (suf_smem && nsuf) {
+		const uint32_t lane = threadIdx.x % 32, nw = blockDim.x / 32;
+
+		for (uint32_t t = threadIdx.x / 32; t < nsuf; t += nw) { /* the same t across a warp */
+			const float *kk = keys + ((uint64_t)t * H + h) * D;
+			float dot = 0;
+
+			for (uint32_t d = lane; d < D; d += 32)
+				dot += __ldg(qr + d) * __ldg(kk + d);
+			for (int o = 16; o; o >>= 1)
+				dot += __shfl_xor_sync(0xffffffffu, dot, o);
+			if (lane == 0)
+				suf[t] = dot * inv;
+		}
+		__syncthreads();
+	}
 	for (uint32_t j = threadIdx.x; j < m; j += blockDim.x)
 		mx = fmax(mx, (double)cl[j]);
 	for (uint32_t t = threadIdx.x; t < nsuf; t += blockDim.x)
-		mx = fmax(mx, (double)keyq_suffix(qr, keys, t, H, h, D, inv));
+		mx = fmax(mx, (double)(suf_smem ? suf[t] : keyq_suffix(qr, keys, t, H, h, D, inv)));
 	mx = block_reduce(mx, true, red);
 	if (mx == -INFINITY) { /* no valid slot anywhere: the row adds nothing */
 		if (threadIdx.x == 0)
@@ -1450,7 +1473,7 @@ __global__ void keyq_row_kernel(const float *__restrict__ clse, const float *__r
 	for (uint32_t j = threadIdx.x; j < m; j += blockDim.x)
 		tot += exp((double)cl[j] - mx);
 	for (uint32_t t = threadIdx.x; t < nsuf; t += blockDim.x)
-		tot += exp((double)keyq_suffix(qr, keys, t, H, h, D, inv) - mx);
+		tot += exp((double)(suf_smem ? suf[t] : keyq_suffix(qr, keys, t, H, h, D, inv)) - mx);
 	tot = block_reduce(tot, false, red);
 	if (threadIdx.x == 0)
 		lse[(uint64_t)h * rows + r] = (float)(mx + log(tot));
@@ -1538,9 +1561,12 @@ static int cuda_keyq_scores(ckv_backend *b, const ckv_keyq_dev *k, const float *
 					   inv, clse));
 	}
 	if (rc == 0) {
+		bool suf_smem = keys && (uint64_t)q_tokens * sizeof(float) <= 32 * 1024;
+
 		lc = launch_cfg(dim3((unsigned)rows, H), dim3(256), s);
+		lc.dynamicSmemBytes = suf_smem ? q_tokens * sizeof(float) : 0;
 		rc = CU(cudaLaunchKernelEx(&lc, keyq_row_kernel, (const float *)clse, q, keys, q_heads,
-					   (uint32_t)rows, k->m, H, D, inv, lse));
+					   (uint32_t)rows, k->m, H, D, inv, suf_smem, lse));
 	}
 	if (rc == 0) {
 		lc = launch_cfg(dim3((k->m + 31) / 32), dim3(256), s);

@@ -427,6 +427,7 @@ static void check_keyq_mass(void)
 		{ 4, 32, 16, 8192, 2, 64, 28 },  /* enough work for several threads */
 		{ 2, 64, 32, 700, 2, 3, 4 },     /* 32-token chunks (the device's other tiled case) */
 		{ 2, 16, 8, 300, 2, 2, 4 },      /* 8-token chunks (the device's lane-a-slot kernel) */
+		{ 1, 8, 16, 64, 1, 8200, 1 },    /* more new keys than the device keeps in shared memory */
 	};
 	uint64_t seed = 77;
 
