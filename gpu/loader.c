@@ -81,6 +81,28 @@ int ckv_lerr(const ckv_loader *l, int rc, const char *fmt, ...)
 	return rc;
 }
 
+int ckv_backend_reserve(ckv_loader *l, void **buf, uint64_t *have, uint64_t need,
+			const char *what)
+{
+	ckv_backend *be = l->be;
+	void *d = NULL;
+	int rc;
+
+	if (*have >= need)
+		return 0;
+	if (*buf)
+		be->ops->free(be, *buf);
+	*buf = NULL;
+	*have = 0;
+	rc = be->ops->alloc(be, need, &d);
+	if (rc < 0)
+		return ckv_lerr(l, rc, "%s: cannot allocate %llu bytes of %s memory", what,
+				(unsigned long long)need, be->ops->name);
+	*buf = d;
+	*have = need;
+	return 0;
+}
+
 const char *ckv_loader_error(const ckv_loader *l)
 {
 	const char *m;

@@ -119,7 +119,7 @@ struct ckv_prefix {
 	pthread_cond_t jobs_cv;
 	uint32_t jobs;           /* jobs_lock */
 	/* ckv_digest_scores_device: digests of one layer in backend memory */
-	float *dig_dev;
+	void *dig_dev;
 	uint64_t dig_dev_bytes;
 	void *kq_dev;              /* ckv_keyq_scores_device: a layer's key copy in backend memory */
 	uint64_t kq_dev_bytes;
@@ -141,6 +141,13 @@ struct ckv_prefix {
 
 /* Set this thread's message for l and return rc (a negative errno). */
 int ckv_lerr(const ckv_loader *l, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/*
+ * Backend memory *buf of at least need bytes (*have: its size), grown by
+ * freeing and allocating (contents lost): the scratch buffers the scorers
+ * keep between calls. what names the user in the error message.
+ */
+int ckv_backend_reserve(ckv_loader *l, void **buf, uint64_t *have, uint64_t need,
+			const char *what);
 
 /* Bytes of one chunk request of a part. */
 static inline uint64_t ckv_part_bytes(const ckv_shape *sh, enum ckv_source_part part)

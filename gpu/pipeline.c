@@ -531,20 +531,10 @@ static int keyq_scores_dev(ckv_pipeline *pl, const struct ckv_keyq *kq, const fl
 	uint8_t *mem;
 	int rc;
 
-	if (pl->kq_mem_bytes < need) {
-		void *d = NULL;
-
-		if (pl->kq_mem)
-			be->ops->free(be, pl->kq_mem);
-		pl->kq_mem = NULL;
-		pl->kq_mem_bytes = 0;
-		rc = be->ops->alloc(be, need, &d);
-		if (rc < 0)
-			return ckv_lerr(pl->l, rc, "cannot allocate %llu bytes of %s memory",
-					(unsigned long long)need, be->ops->name);
-		pl->kq_mem = d;
-		pl->kq_mem_bytes = need;
-	}
+	rc = ckv_backend_reserve(pl->l, &pl->kq_mem, &pl->kq_mem_bytes, need,
+				 "pipeline: key-copy scores");
+	if (rc < 0)
+		return rc;
 	mem = pl->kq_mem;
 	rc = be->ops->from_host(be, mem, query, nq);
 	if (rc == 0 && nk)

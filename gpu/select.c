@@ -232,21 +232,10 @@ int ckv_digest_scores_device(ckv_prefix *p, uint32_t layer, const float *query,
 	if (rc < 0)
 		return rc;
 	bytes = (uint64_t)p->shape.chunks * p->shape.kv_heads * p->shape.head_dim * sizeof(float);
-	if (p->dig_dev_bytes < bytes) {
-		void *d = NULL;
-
-		if (p->dig_dev)
-			be->ops->free(be, p->dig_dev);
-		p->dig_dev = NULL;
-		p->dig_dev_bytes = 0;
-		rc = be->ops->alloc(be, bytes, &d);
-		if (rc < 0) {
-			ckv_prefix_digests_put(p, layer);
-			return ckv_lerr(l, rc, "digest scores: cannot allocate %llu bytes of %s memory",
-					(unsigned long long)bytes, be->ops->name);
-		}
-		p->dig_dev = d;
-		p->dig_dev_bytes = bytes;
+	rc = ckv_backend_reserve(l, &p->dig_dev, &p->dig_dev_bytes, bytes, "digest scores");
+	if (rc < 0) {
+		ckv_prefix_digests_put(p, layer);
+		return rc;
 	}
 	/* the previous call synchronized its stream: the buffer is free */
 	rc = be->ops->from_host(be, p->dig_dev, dig, bytes);
@@ -682,28 +671,6 @@ int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const flo
 	return 0;
 }
 
-/* The prefix's backend buffer for a key copy: at least bytes (grown, contents lost). */
-static int kq_dev_reserve(ckv_prefix *p, uint64_t bytes)
-{
-	ckv_backend *be = p->l->be;
-	void *d = NULL;
-	int rc;
-
-	if (p->kq_dev_bytes >= bytes)
-		return 0;
-	if (p->kq_dev)
-		be->ops->free(be, p->kq_dev);
-	p->kq_dev = NULL;
-	p->kq_dev_bytes = 0;
-	rc = be->ops->alloc(be, bytes, &d);
-	if (rc < 0)
-		return ckv_lerr(p->l, rc, "key-copy scores: cannot allocate %llu bytes of %s memory",
-				(unsigned long long)bytes, be->ops->name);
-	p->kq_dev = d;
-	p->kq_dev_bytes = bytes;
-	return 0;
-}
-
 int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq *kq,
 		      const float *query, const float *keys, uint32_t q_tokens, uint32_t q_heads,
 		      float *scores, void *stream)
@@ -742,7 +709,7 @@ int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq 
 	for (uint32_t x = 0; x < kq->nparts; x++)
 		for (uint32_t j = kq->first[x]; j < kq->first[x + 1] && j < sh->chunks; j++)
 			part[j] = x;
-	rc = kq_dev_reserve(p, bytes);
+	rc = ckv_backend_reserve(p->l, &p->kq_dev, &p->kq_dev_bytes, bytes, "key-copy scores");
 	/* the previous call synchronized its stream: the buffer is free */
 	if (rc == 0)
 		rc = be->ops->from_host(be, p->kq_dev, kq->codes, (uint64_t)sh->chunks * kq->per);
