@@ -319,12 +319,13 @@ void ckv_pipeline_get_xstats(const ckv_pipeline *pl, struct ckv_pipeline_xstats 
 /*
  * What ckv_keyq_mass_cpu computes, on the backend (which must have
  * keyq_scores): query, keys (or NULL) and scores in backend memory; the
- * first sh->chunks chunks of kq are uploaded to the prefix's buffer. Runs on
- * stream and synchronizes it. Errors are set on the loader.
+ * first sh->chunks chunks of kq (layer's) are uploaded to the prefix's
+ * buffer. Runs on stream and synchronizes it. Errors, naming the layer, are
+ * set on the loader.
  */
-int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq *kq,
-		      const float *query, const float *keys, uint32_t q_tokens, uint32_t q_heads,
-		      float *scores, void *stream);
+int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
+		      const struct ckv_keyq *kq, const float *query, const float *keys,
+		      uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream);
 int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const float *query,
 		      const float *keys, uint32_t q_tokens, uint32_t q_heads, float *scores);
 /* Digest scores of one layer from host digests: the CPU reference. */

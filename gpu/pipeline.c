@@ -42,7 +42,6 @@
  */
 #include <errno.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -521,7 +520,8 @@ static int identify_from_keys(ckv_pipeline *pl, uint32_t layer, const float *que
  * backend memory, the scores come back to pl->scores. On the pipeline's
  * stream, which ckv_keyq_mass_dev synchronizes.
  */
-static int keyq_scores_dev(ckv_pipeline *pl, const struct ckv_keyq *kq, const float *query)
+static int keyq_scores_dev(ckv_pipeline *pl, uint32_t layer, const struct ckv_keyq *kq,
+			   const float *query)
 {
 	ckv_backend *be = pl->l->be;
 	uint64_t nq = (uint64_t)pl->o.q_tokens * pl->o.q_heads * pl->sh.head_dim * sizeof(float);
@@ -540,8 +540,9 @@ static int keyq_scores_dev(ckv_pipeline *pl, const struct ckv_keyq *kq, const fl
 	if (rc == 0 && nk)
 		rc = be->ops->from_host(be, mem + nq, pl->keys, nk);
 	if (rc < 0)
-		return ckv_lerr(pl->l, rc, "cannot copy the query to %s memory", be->ops->name);
-	rc = ckv_keyq_mass_dev(pl->p, &pl->sh, kq, (const float *)mem,
+		return ckv_lerr(pl->l, rc, "pipeline: layer %u: cannot copy the query to %s memory",
+				layer, be->ops->name);
+	rc = ckv_keyq_mass_dev(pl->p, layer, &pl->sh, kq, (const float *)mem,
 			       nk ? (const float *)(mem + nq) : NULL, pl->o.q_tokens, pl->o.q_heads,
 			       (float *)(mem + nq + nk), pl->o.stream);
 	if (rc == 0)
@@ -562,21 +563,17 @@ static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 	pl->xst.dig_wait_s += ckv_now() - t0;
 	pl->st.bytes_digest += ckv_prefix_keyq_bytes(pl->p, &kq);
 	rc = -ENOTSUP;
-	if (pl->l->be->ops->keyq_scores && pl->sh.chunk_tokens <= CKV_KEYQ_DEV_MAX_CHUNK)
-		rc = keyq_scores_dev(pl, &kq, query);
-	if (rc == -ENOTSUP) /* a backend without a scorer, or a shape it does not take */
+	if (pl->l->be->ops->keyq_scores)
+		rc = keyq_scores_dev(pl, layer, &kq, query); /* its errors name the layer */
+	if (rc == -ENOTSUP) { /* a backend without a scorer, or a shape it does not take */
 		rc = ckv_keyq_mass_cpu(&pl->sh, &kq, query, pl->keys, pl->o.q_tokens, pl->o.q_heads,
 				       pl->scores);
-	ckv_keyq_free(&kq);
-	if (rc == -ENOMEM)
-		return ckv_lerr(pl->l, rc, "pipeline: key-copy scores of layer %u: out of memory", layer);
-	if (rc < 0) {
-		char msg[320];
-
-		snprintf(msg, sizeof(msg), "%s", ckv_loader_error(pl->l));
-		return ckv_lerr(pl->l, rc, "pipeline: layer %u: %s", layer, msg);
+		if (rc < 0)
+			ckv_lerr(pl->l, rc, "pipeline: key-copy scores of layer %u: out of memory",
+				 layer);
 	}
-	return 0;
+	ckv_keyq_free(&kq);
+	return rc < 0 ? rc : 0;
 }
 
 /* A layer's top chunks at budget by the pipeline's score (digest or key-copy) into out. */

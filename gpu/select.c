@@ -14,7 +14,6 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -651,29 +650,10 @@ int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const floa
 	return rc;
 }
 
-int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
-		    uint32_t q_tokens, uint32_t q_heads, float *scores)
-{
-	struct ckv_keyq kq;
-	int rc;
 
-	if (!p)
-		return -EINVAL;
-	rc = check_query(p, layer, query, q_tokens, q_heads, scores);
-	if (rc == 0)
-		rc = ckv_prefix_keyq(p, layer, &kq);
-	if (rc < 0)
-		return rc;
-	rc = ckv_keyq_mass_cpu(&p->shape, &kq, query, keys, q_tokens, q_heads, scores);
-	ckv_keyq_free(&kq);
-	if (rc < 0)
-		return ckv_lerr(p->l, rc, "key-copy scores of layer %u: out of memory", layer);
-	return 0;
-}
-
-int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq *kq,
-		      const float *query, const float *keys, uint32_t q_tokens, uint32_t q_heads,
-		      float *scores, void *stream)
+int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
+		      const struct ckv_keyq *kq, const float *query, const float *keys,
+		      uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
 {
 	ckv_backend *be = p->l->be;
 	ckv_keyq_dev k;
@@ -683,20 +663,21 @@ int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq 
 	int rc;
 
 	if (!be->ops->keyq_scores)
-		return ckv_lerr(p->l, -ENOTSUP, "the %s backend has no key-copy scoring", be->ops->name);
+		return ckv_lerr(p->l, -ENOTSUP, "layer %u: the %s backend has no key-copy scoring",
+				layer, be->ops->name);
 	if (sh->chunk_tokens > CKV_KEYQ_DEV_MAX_CHUNK)
 		return ckv_lerr(p->l, -ENOTSUP,
-				"the %s backend scores chunks of at most %u tokens; these have %u "
-				"(ckv_keyq_scores scores them on the CPU)",
-				be->ops->name, CKV_KEYQ_DEV_MAX_CHUNK, sh->chunk_tokens);
+				"layer %u: the %s backend scores chunks of at most %u tokens; these "
+				"have %u (ckv_keyq_scores scores them on the CPU)",
+				layer, be->ops->name, CKV_KEYQ_DEV_MAX_CHUNK, sh->chunk_tokens);
 	memset(&g, 0, sizeof(g));
 	g.kv_heads = sh->kv_heads;
 	g.head_dim = sh->head_dim;
 	g.chunk_tokens = sh->chunk_tokens;
 	if (kq->nparts == 0 || kq->first[0] != 0 || kq->first[kq->nparts] < sh->chunks ||
 	    kq->per != ckv_keyq_chunk_bytes(&g, kq->bits))
-		return ckv_lerr(p->l, -EPROTO, "the key copy does not cover the prefix's %u chunks",
-				sh->chunks);
+		return ckv_lerr(p->l, -EPROTO, "layer %u: the key copy does not cover the prefix's %u chunks",
+				layer, sh->chunks);
 	/* codes, then the scales, then each chunk's part, 16-byte aligned */
 	HD = (uint64_t)sh->kv_heads * sh->head_dim;
 	nsc = (uint64_t)kq->nparts * 2 * HD;
@@ -705,7 +686,7 @@ int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq 
 	bytes = o_part + (uint64_t)sh->chunks * sizeof(uint32_t);
 	part = malloc(sizeof(*part) * (sh->chunks ? sh->chunks : 1));
 	if (!part)
-		return ckv_lerr(p->l, -ENOMEM, "key-copy scores: out of memory");
+		return ckv_lerr(p->l, -ENOMEM, "key-copy scores of layer %u: out of memory", layer);
 	for (uint32_t x = 0; x < kq->nparts; x++)
 		for (uint32_t j = kq->first[x]; j < kq->first[x + 1] && j < sh->chunks; j++)
 			part[j] = x;
@@ -739,17 +720,18 @@ int ckv_keyq_mass_dev(ckv_prefix *p, const ckv_shape *sh, const struct ckv_keyq 
 		rc = be->ops->sync(be, stream);
 	if (rc == -ENOTSUP)
 		return ckv_lerr(p->l, rc,
-				"the %s backend cannot score chunks of %u tokens of head_dim %u "
+				"layer %u: the %s backend cannot score chunks of %u tokens of head_dim %u "
 				"(ckv_keyq_scores scores them on the CPU)",
-				be->ops->name, sh->chunk_tokens, sh->head_dim);
+				layer, be->ops->name, sh->chunk_tokens, sh->head_dim);
 	if (rc < 0)
-		return ckv_lerr(p->l, rc, "key-copy scores on the %s backend failed: %s", be->ops->name,
-				strerror(-rc));
+		return ckv_lerr(p->l, rc, "layer %u: key-copy scores on the %s backend failed: %s",
+				layer, be->ops->name, strerror(-rc));
 	return 0;
 }
 
-int ckv_keyq_scores_device(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
-			   uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
+/* ckv_keyq_scores (device false) and ckv_keyq_scores_device: one layer's copy read, then scored. */
+static int keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
+		       uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream, bool device)
 {
 	struct ckv_keyq kq;
 	int rc;
@@ -761,18 +743,26 @@ int ckv_keyq_scores_device(ckv_prefix *p, uint32_t layer, const float *query, co
 		rc = ckv_prefix_keyq(p, layer, &kq);
 	if (rc < 0)
 		return rc;
-	if (p->l->be->ops->keyq_scores)
-		rc = ckv_keyq_mass_dev(p, &p->shape, &kq, query, keys, q_tokens, q_heads, scores, stream);
-	else /* backend memory is host memory */
+	if (device && p->l->be->ops->keyq_scores) {
+		rc = ckv_keyq_mass_dev(p, layer, &p->shape, &kq, query, keys, q_tokens, q_heads, scores,
+				       stream);
+	} else { /* on the CPU; for ..._device, backend memory is host memory */
 		rc = ckv_keyq_mass_cpu(&p->shape, &kq, query, keys, q_tokens, q_heads, scores);
-	ckv_keyq_free(&kq);
-	if (rc == -ENOMEM)
-		return ckv_lerr(p->l, rc, "key-copy scores of layer %u: out of memory", layer);
-	if (rc < 0) { /* the error names what failed; say which layer */
-		char msg[320];
-
-		snprintf(msg, sizeof(msg), "%s", ckv_loader_error(p->l));
-		return ckv_lerr(p->l, rc, "layer %u: %s", layer, msg);
+		if (rc < 0)
+			ckv_lerr(p->l, rc, "key-copy scores of layer %u: out of memory", layer);
 	}
-	return 0;
+	ckv_keyq_free(&kq);
+	return rc < 0 ? rc : 0;
+}
+
+int ckv_keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
+		    uint32_t q_tokens, uint32_t q_heads, float *scores)
+{
+	return keyq_scores(p, layer, query, keys, q_tokens, q_heads, scores, NULL, false);
+}
+
+int ckv_keyq_scores_device(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
+			   uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
+{
+	return keyq_scores(p, layer, query, keys, q_tokens, q_heads, scores, stream, true);
 }
