@@ -667,8 +667,8 @@ int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 				layer, be->ops->name);
 	if (sh->chunk_tokens > CKV_KEYQ_DEV_MAX_CHUNK)
 		return ckv_lerr(p->l, -ENOTSUP,
-				"layer %u: the %s backend scores chunks of at most %u tokens; these "
-				"have %u (ckv_keyq_scores scores them on the CPU)",
+				"layer %u: the %s backend scores chunks of at most %u tokens; "
+				"these have %u (ckv_keyq_scores scores them on the CPU)",
 				layer, be->ops->name, CKV_KEYQ_DEV_MAX_CHUNK, sh->chunk_tokens);
 	memset(&g, 0, sizeof(g));
 	g.kv_heads = sh->kv_heads;
@@ -676,8 +676,9 @@ int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 	g.chunk_tokens = sh->chunk_tokens;
 	if (kq->nparts == 0 || kq->first[0] != 0 || kq->first[kq->nparts] < sh->chunks ||
 	    kq->per != ckv_keyq_chunk_bytes(&g, kq->bits))
-		return ckv_lerr(p->l, -EPROTO, "layer %u: the key copy does not cover the prefix's %u chunks",
-				layer, sh->chunks);
+		return ckv_lerr(p->l, -EPROTO,
+				"layer %u: the key copy does not cover the prefix's %u chunks", layer,
+				sh->chunks);
 	/* codes, then the scales, then each chunk's part, 16-byte aligned */
 	HD = (uint64_t)sh->kv_heads * sh->head_dim;
 	nsc = (uint64_t)kq->nparts * 2 * HD;
@@ -720,8 +721,8 @@ int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 		rc = be->ops->sync(be, stream);
 	if (rc == -ENOTSUP)
 		return ckv_lerr(p->l, rc,
-				"layer %u: the %s backend cannot score chunks of %u tokens of head_dim %u "
-				"(ckv_keyq_scores scores them on the CPU)",
+				"layer %u: the %s backend cannot score chunks of %u tokens of "
+				"head_dim %u (ckv_keyq_scores scores them on the CPU)",
 				layer, be->ops->name, sh->chunk_tokens, sh->head_dim);
 	if (rc < 0)
 		return ckv_lerr(p->l, rc, "layer %u: key-copy scores on the %s backend failed: %s",
@@ -731,7 +732,8 @@ int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 
 /* ckv_keyq_scores (device false) and ckv_keyq_scores_device: one layer's copy read, then scored. */
 static int keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const float *keys,
-		       uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream, bool device)
+		       uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream,
+		       bool device)
 {
 	struct ckv_keyq kq;
 	int rc;
@@ -744,8 +746,8 @@ static int keyq_scores(ckv_prefix *p, uint32_t layer, const float *query, const 
 	if (rc < 0)
 		return rc;
 	if (device && p->l->be->ops->keyq_scores) {
-		rc = ckv_keyq_mass_dev(p, layer, &p->shape, &kq, query, keys, q_tokens, q_heads, scores,
-				       stream);
+		rc = ckv_keyq_mass_dev(p, layer, &p->shape, &kq, query, keys, q_tokens, q_heads,
+				       scores, stream);
 	} else { /* on the CPU; for ..._device, backend memory is host memory */
 		rc = ckv_keyq_mass_cpu(&p->shape, &kq, query, keys, q_tokens, q_heads, scores);
 		if (rc < 0)

@@ -97,7 +97,8 @@ static void ref_keyq(struct ctx *x, const ckv_shape *sh, uint32_t layer, float *
 		CHECK_RC(ckv_loader_from_host(x->refl, qd, x->q[layer], nq), x->refl);
 		if (k)
 			CHECK_RC(ckv_loader_from_host(x->refl, kd, k, nk), x->refl);
-		CHECK_RC(ckv_keyq_mass_dev(x->ref, layer, sh, &kq, qd, k ? kd : NULL, QT, x->qh, sd, NULL),
+		CHECK_RC(ckv_keyq_mass_dev(x->ref, layer, sh, &kq, qd, k ? kd : NULL, QT, x->qh, sd,
+					   NULL),
 			 x->refl);
 		CHECK_RC(ckv_loader_to_host(x->refl, sc, sd, sh->chunks * sizeof(float)), x->refl);
 		ckv_loader_free(x->refl, qd);
