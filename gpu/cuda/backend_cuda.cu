@@ -1088,6 +1088,19 @@ static int cuda_from_host(ckv_backend *b, void *dst, const void *host, uint64_t 
 
 /* ---- digest scores ------------------------------------------------------ */
 
+/* a . b over n floats by one warp (lane = this thread's), the sum in every lane. */
+__device__ __forceinline__ float warp_dot(const float *a, const float *b, uint32_t n,
+					  uint32_t lane)
+{
+	float s = 0.0f;
+
+	for (uint32_t e = lane; e < n; e += 32)
+		s += __ldg(a + e) * __ldg(b + e);
+	for (int o = 16; o; o >>= 1)
+		s += __shfl_xor_sync(0xffffffffu, s, o);
+	return s;
+}
+
 /*
  * score[j] = sum_t sum_h q[t][h] . dig[j][h / G] / sqrt(D)
  *          = sum_k qk[k] . dig[j][k],  qk[k] = sum_t sum_{h in group k} q[t][h] / sqrt(D)
@@ -1159,13 +1172,8 @@ __global__ void digest_dot_kernel(const float *__restrict__ qk, const float *__r
 
 	if (j >= m)
 		return;
-	const float *dj = dig + j * kvd;
-	float s = 0.0f;
+	const float s = warp_dot(qk, dig + j * kvd, kvd, lane);
 
-	for (uint32_t e = lane; e < kvd; e += 32)
-		s += __ldg(qk + e) * __ldg(dj + e);
-	for (int o = 16; o; o >>= 1)
-		s += __shfl_xor_sync(0xffffffffu, s, o);
 	if (lane == 0)
 		scores[j] = s;
 }
@@ -1448,13 +1456,8 @@ __global__ void keyq_row_kernel(const float *__restrict__ clse, const float *__r
 		const uint32_t lane = threadIdx.x % 32, nw = blockDim.x / 32;
 
 		for (uint32_t t = threadIdx.x / 32; t < nsuf; t += nw) { /* the same t across a warp */
-			const float *kk = keys + ((uint64_t)t * H + h) * D;
-			float dot = 0;
+			const float dot = warp_dot(qr, keys + ((uint64_t)t * H + h) * D, D, lane);
 
-			for (uint32_t d = lane; d < D; d += 32)
-				dot += __ldg(qr + d) * __ldg(kk + d);
-			for (int o = 16; o; o >>= 1)
-				dot += __shfl_xor_sync(0xffffffffu, dot, o);
 			if (lane == 0)
 				suf[t] = dot * inv;
 		}
