@@ -431,12 +431,6 @@ out:
 
 /* ---- loader fetches ------------------------------------------------------------- */
 
-/* Every measured layer's selected chunks into dev (one region per layer). */
-/*
- * Every layer's fetch into dev (start all, then wait all; or per_layer: one
- * at a time), then ckv_loader_sync. *secs: the whole; *calls (optional):
- * until the last wait returned, before the sync.
- */
 /* Block until the backend has run everything on the (default) stream; not its callbacks. */
 static void stream_wait(ckv_loader *l)
 {
@@ -449,10 +443,12 @@ static void stream_wait(ckv_loader *l)
 }
 
 /*
- * Every layer's fetch; secs: until ckv_loader_sync returned (bytes in place,
- * every pin released); calls: until the last wait returned; landed: until
- * the stream had run every copy (the bytes are in place; pin releases may
- * still be running).
+ * Every measured layer's selected chunks into dev, one region per layer
+ * (start all, then wait all; or per_layer: one at a time), then
+ * ckv_loader_sync. secs: until that returned (bytes in place, every pin
+ * released); calls (optional): until the last wait returned; landed
+ * (optional): until the stream had run every copy (the bytes in place; pin
+ * releases may still be running).
  */
 static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uint8_t *dev,
 			bool per_layer, double *secs, double *calls, double *landed)
@@ -600,7 +596,6 @@ static float rnd(uint64_t *x)
 	return (float)((*x * 2685821657736338717ull) >> 40) / (float)(1u << 23) - 1.0f;
 }
 
-/* Identification per layer: digest scores vs key-copy scores, beside a cold layer's fetch. */
 /* The warm fetch's host path without its copy (see the top), next to copy_s per layer. */
 static int hitpath_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, double copy_s)
 {
@@ -629,6 +624,16 @@ static int hitpath_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, do
 	return 0;
 }
 
+/* One row of the identification table: what, its time, as a fraction of a layer's cold fetch. */
+static void id_row(const char *what, double s, double layer_s)
+{
+	char ratio[32];
+
+	snprintf(ratio, sizeof(ratio), "%.3f of a fetch", s / layer_s);
+	printf("| %-38s | %9.3f | %-22s |\n", what, s * 1e3, ratio);
+}
+
+/* Identification per layer: digest scores vs key-copy scores, beside a cold layer's fetch. */
 static int score_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, double layer_s)
 {
 	uint32_t T = b->o.score_tokens, qh = b->g.kv_heads * b->o.q_per_kv, D = b->g.head_dim;
@@ -708,29 +713,20 @@ static int score_table(const struct bench *b, ckv_loader *l, ckv_prefix *p, doub
 	       "------------------------");
 	printf("| %-38s | %9.3f | %-22s |\n", "loader cold, one layer's fetch", layer_s * 1e3, "1.00");
 	{
-		char rd[32], rk[32], what[64];
+		char what[64];
 
-		snprintf(rd, sizeof(rd), "%.3f of a fetch", dig / layer_s);
-		snprintf(rk, sizeof(rk), "%.3f of a fetch", kq / layer_s);
-		printf("| %-38s | %9.3f | %-22s |\n", "digest scores (digest.bin)", dig * 1e3, rd);
-		printf("| %-38s | %9.3f | %-22s |\n", "key-copy mass scores (keyq.bin)", kq * 1e3, rk);
-		snprintf(rk, sizeof(rk), "%.3f of a fetch", kqr / layer_s);
+		id_row("digest scores (digest.bin)", dig, layer_s);
+		id_row("key-copy mass scores (keyq.bin)", kq, layer_s);
 		snprintf(what, sizeof(what), "reading the key copy (%.1f MiB)",
 			 (double)kq_bytes / 1048576.0);
-		printf("| %-38s | %9.3f | %-22s |\n", what, kqr * 1e3, rk);
-		if (dev) {
-			snprintf(rk, sizeof(rk), "%.3f of a fetch", kqd / layer_s);
-			printf("| %-38s | %9.3f | %-22s |\n", "key-copy mass scores, on the GPU", kqd * 1e3,
-			       rk);
-		}
+		id_row(what, kqr, layer_s);
+		if (dev)
+			id_row("key-copy mass scores, on the GPU", kqd, layer_s);
 	}
 out:
-	if (qd)
-		ckv_loader_free(l, qd);
-	if (kd)
-		ckv_loader_free(l, kd);
-	if (sd)
-		ckv_loader_free(l, sd);
+	ckv_loader_free(l, qd); /* NULL: nothing */
+	ckv_loader_free(l, kd);
+	ckv_loader_free(l, sd);
 	free(q);
 	free(k);
 	free(sc);
