@@ -18,9 +18,10 @@
  * overlapping the end of the one before (programmatic dependent launch).
  * -x adds what bounds the gather: the same 8 and 64 KiB sets read from
  * other kinds of host memory (anonymous memory on transparent huge pages,
- * hugetlbfs pages when the system has them reserved) and by other means (a
- * TMA bulk-copy kernel; the copy engines through cudaMemcpyBatchAsync),
- * each beside a contiguous copy from the same memory.
+ * hugetlbfs pages when the system has them reserved; each the arena of a
+ * backend of its own) and by other means (a TMA bulk-copy kernel; the copy
+ * engines through cudaMemcpyBatchAsync), each beside a contiguous copy from
+ * the same memory.
  *
  * Exit status: 0 ok, 1 failure (also: no CUDA device), 2 usage.
  */
@@ -232,33 +233,8 @@ static paired time_pairs(ckv_backend *b, cudaStream_t st, int reps, Fa fa, Fb fb
 /* ---- -x: what bounds the gather ------------------------------------------ */
 
 /*
- * The backend kernel's shape (256 threads, 4 16-byte loads in flight each,
- * one block per chunk), reading chunk i from base + src[i] into dst + i * cs:
- * a reference that can point at any mapped host memory.
- */
-__global__ void x_ldg_kernel(const unsigned char *base, const uint64_t *src, unsigned char *dst,
-			     uint32_t cs)
-{
-	const uint4 *s = reinterpret_cast<const uint4 *>(base + src[blockIdx.x]);
-	uint4 *d = reinterpret_cast<uint4 *>(dst + (uint64_t)blockIdx.x * cs);
-	const uint32_t nvec = cs / 16, step = blockDim.x;
-
-	for (uint32_t v = threadIdx.x; v < nvec; v += 4 * step) {
-		uint4 r[4];
-
-#pragma unroll
-		for (int u = 0; u < 4; u++)
-			if (v + u * step < nvec)
-				r[u] = __ldg(s + v + u * step);
-#pragma unroll
-		for (int u = 0; u < 4; u++)
-			if (v + u * step < nvec)
-				d[v + u * step] = r[u];
-	}
-}
-
-/*
- * The same with the Hopper TMA unit: one thread per block moves its chunk
+ * The gather with the Hopper TMA unit instead of loads: one thread per block
+ * moves its chunk
  * host -> shared memory (cp.async.bulk, completion on an mbarrier) ->
  * device memory (cp.async.bulk), 8 KiB pieces. sm_90 only.
  */
@@ -303,10 +279,11 @@ struct x_source {
 	const char *name;
 	unsigned char *host; /* NULL: not available here (why) */
 	char why[96];
-	bool own;            /* mapped and registered here */
+	bool own;            /* mapped here */
+	ckv_backend *be;     /* a backend with host as its arena */
 };
 
-/* Anonymous memory of bytes, hugetlb (MAP_HUGETLB) or THP (madvise), registered. */
+/* Anonymous memory of bytes, hugetlb (MAP_HUGETLB) or THP (madvise), filled. */
 static void x_map(x_source *x, uint64_t bytes, bool hugetlb)
 {
 	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
@@ -324,42 +301,44 @@ static void x_map(x_source *x, uint64_t bytes, bool hugetlb)
 		return;
 	}
 	fill_random((unsigned char *)p, bytes, 5);
-	if (cudaHostRegister(p, bytes, cudaHostRegisterMapped) != cudaSuccess) {
-		(void)cudaGetLastError();
-		snprintf(x->why, sizeof(x->why), "cudaHostRegister failed");
-		munmap(p, bytes);
-		return;
-	}
 	x->host = (unsigned char *)p;
 	x->own = true;
 }
 
-/* Kernel launches of n chunks with a 2D grid when n exceeds one dimension's limit: chunked. */
-template <typename K>
-static void x_launch(K kern, const unsigned char *dbase, const uint64_t *dsrc, unsigned char *dst,
-		     uint64_t n, uint32_t cs, uint32_t threads, size_t smem, cudaStream_t st)
+/* The TMA gather of n chunks: a warp and cs bytes of shared memory each, 65,535 a launch. */
+static void x_tma_launch(const unsigned char *dbase, const uint64_t *dsrc, unsigned char *dst,
+			 uint64_t n, uint32_t cs, cudaStream_t st)
 {
 	for (uint64_t i = 0; i < n; i += 65535) {
 		uint32_t k = (uint32_t)std::min<uint64_t>(65535, n - i);
 
-		kern<<<k, threads, smem, st>>>(dbase, dsrc + i, dst + i * cs, cs);
+		x_tma_kernel<<<k, 32, cs, st>>>(dbase, dsrc + i, dst + i * cs, cs);
 	}
 	DIE_CU(cudaGetLastError());
 }
 
-static void ceiling_table(ckv_backend *b, cudaStream_t st, int reps, const unsigned char *arena,
-			  uint64_t arena_bytes, uint64_t total, unsigned char *dst, int cc_major)
+static void ceiling_table(ckv_backend *b, int device, cudaStream_t st, int reps,
+			  const unsigned char *arena, uint64_t arena_bytes, uint64_t total,
+			  unsigned char *dst, int cc_major)
 {
 	static const uint32_t xs[] = { 8192, 65536 };
-	x_source src[3] = { { "arena: memfd, 4 KiB pages, read-only", (unsigned char *)arena, "", false },
-			    { "anonymous, transparent huge pages", NULL, "", false },
-			    { "anonymous, hugetlbfs 2 MiB pages", NULL, "", false } };
+	x_source src[3] = { { "arena: memfd, 4 KiB pages, read-only", (unsigned char *)arena, "", false,
+			      b },
+			    { "anonymous, transparent huge pages", NULL, "", false, NULL },
+			    { "anonymous, hugetlbfs 2 MiB pages", NULL, "", false, NULL } };
 	unsigned char *check = (unsigned char *)malloc(total);
 	uint64_t *dsrc;
 	uint64_t seed = 11;
 
 	x_map(&src[1], arena_bytes, false);
 	x_map(&src[2], arena_bytes, true);
+	/* the backend's own gather on each: a backend a memory, that memory its arena */
+	for (x_source &x : src) {
+		if (!x.host || x.be)
+			continue;
+		DIE_RC(ckv_backend_cuda(device, &x.be));
+		DIE_RC(x.be->ops->register_arena(x.be, x.host, arena_bytes, false));
+	}
 	DIE_CU(cudaMalloc(&dsrc, sizeof(uint64_t) * (total / 8192)));
 	printf("\nwhat bounds the gather (-x): the same random chunk sets over %llu MiB of each kind "
 	       "of host memory, GB/s and the ratio to a contiguous copy from that memory (median of "
@@ -379,12 +358,14 @@ static void ceiling_table(ckv_backend *b, cudaStream_t st, int reps, const unsig
 		for (uint32_t cs : xs) {
 			const uint64_t n = total / cs, slots = arena_bytes / cs;
 			std::vector<uint64_t> perm(slots), so(n);
+			std::vector<ckv_copy> c(n);
 
 			for (uint64_t i = 0; i < slots; i++)
 				perm[i] = i;
 			for (uint64_t i = 0; i < n; i++) {
 				std::swap(perm[i], perm[i + splitmix(&seed) % (slots - i)]);
 				so[i] = perm[i] * cs;
+				c[i] = { so[i], dst + i * cs };
 			}
 			DIE_CU(cudaMemcpy(dsrc, so.data(), sizeof(uint64_t) * n, cudaMemcpyHostToDevice));
 
@@ -401,12 +382,13 @@ static void ceiling_table(ckv_backend *b, cudaStream_t st, int reps, const unsig
 						exit(1);
 					}
 			};
+			auto gather_fn = [&] {
+				DIE_RC(x.be->ops->gather(x.be, c.data(), (uint32_t)n, cs, st));
+			};
 			DIE_CU(cudaMemsetAsync(dst, 0xa5, total, st));
-			x_launch(x_ldg_kernel, dbase, dsrc, dst, n, cs, 256, 0, st);
+			gather_fn();
 			checked("gather kernel");
-			paired g = time_pairs(b, st, reps, contig_fn, [&] {
-				x_launch(x_ldg_kernel, dbase, dsrc, dst, n, cs, 256, 0, st);
-			});
+			paired g = time_pairs(b, st, reps, contig_fn, gather_fn);
 			timing contig = g.a;
 
 			printf("| %s | %u KiB | %.1f | %.1f (%.3f) |", x.name, cs >> 10,
@@ -416,10 +398,10 @@ static void ceiling_table(ckv_backend *b, cudaStream_t st, int reps, const unsig
 							    cudaFuncAttributeMaxDynamicSharedMemorySize,
 							    (int)cs));
 				DIE_CU(cudaMemsetAsync(dst, 0xa5, total, st));
-				x_launch(x_tma_kernel, dbase, dsrc, dst, n, cs, 32, cs, st);
+				x_tma_launch(dbase, dsrc, dst, n, cs, st);
 				checked("TMA kernel");
 				paired t = time_pairs(b, st, reps, contig_fn, [&] {
-					x_launch(x_tma_kernel, dbase, dsrc, dst, n, cs, 32, cs, st);
+					x_tma_launch(dbase, dsrc, dst, n, cs, st);
 				});
 				printf(" %.1f (%.3f) |", total / t.b.median / 1e9, t.ratio);
 			} else {
@@ -455,7 +437,8 @@ static void ceiling_table(ckv_backend *b, cudaStream_t st, int reps, const unsig
 	}
 	for (x_source &x : src)
 		if (x.own) {
-			DIE_CU(cudaHostUnregister(x.host));
+			if (x.be)
+				x.be->ops->destroy(x.be); /* unregisters its arena */
 			munmap(x.host, arena_bytes);
 		}
 	DIE_CU(cudaFree(dsrc));
@@ -719,7 +702,7 @@ int main(int argc, char **argv)
 	}
 
 	if (ceiling)
-		ceiling_table(b, st, reps, ro, arena_bytes, total, dst, prop.major);
+		ceiling_table(b, device, st, reps, ro, arena_bytes, total, dst, prop.major);
 	if (sweep) {
 		static const uint32_t threads[] = { 128, 256, 512 }, unroll[] = { 2, 4, 8 },
 				      bps[] = { 0, 4, 8, 16 };
