@@ -14,8 +14,11 @@
  * resident per SM. On an H200 it moves 51.2 GB/s at 8, 32 and 64 KiB
  * chunks, 0.92-0.93 of one contiguous pinned copy (docs/BENCHMARKS.md);
  * thread count, loads in flight and grid shape made no difference beyond
- * noise there, so the defaults are the simplest: 256 threads, 4 loads,
- * one block per chunk.
+ * noise there. Gathers of one layer's set back to back, as the loader
+ * issues them, do 0.5-1% better with 512 threads than with 256 at 8 and
+ * 32 KiB (every load of a 32 KiB chunk goes out before the wait for the
+ * previous kernel; BENCHMARKS.md), so: 512 threads, 4 loads, one block
+ * per chunk.
  *
  * The copy descriptors (16 bytes each) reach the device as kernel
  * parameters, in the smallest of three parameter blocks that holds them
@@ -1962,7 +1965,7 @@ extern "C" int ckv_backend_cuda(int device, ckv_backend **out)
 	cb->inline_limit = GATHER_INLINE;
 	if (cudaDriverGetVersion(&attr) == cudaSuccess && attr >= 12010 && CUDART_VERSION >= 12010)
 		cb->inline_limit = GATHER_INLINE_MAX;
-	cb->cfg.threads = 256;
+	cb->cfg.threads = 512;
 	cb->cfg.unroll = 4;
 	cb->cfg.blocks_per_sm = 0;
 	cb->cfg.overlap = 1;
