@@ -154,7 +154,7 @@ $(O)/obj/%.o: %.cu
 $(LIBGPU): $(CUDA_OBJ)
 $(GPU_OBJ): override CFLAGS += -DCKV_HAVE_CUDA
 $(O)/obj/tests/gpu/%.o: override CFLAGS += -DCKV_HAVE_CUDA -isystem $(CUDA_HOME)/include -Igpu/cuda
-$(O)/obj/tools/bench-loader.o: override CFLAGS += -DCKV_HAVE_CUDA -isystem $(CUDA_HOME)/include
+$(O)/obj/tools/bench-loader.o: override CFLAGS += -DCKV_HAVE_CUDA -isystem $(CUDA_HOME)/include -Igpu/cuda
 $(O)/tests/%: override LDLIBS += $(CUDA_LDLIBS)
 
 $(O)/tests/gpu/%: $(O)/obj/tests/gpu/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)

@@ -68,6 +68,8 @@
 
 #ifdef CKV_HAVE_CUDA
 #include <cuda_runtime_api.h>
+
+#include "ckv_cuda.h"
 #endif
 
 #include "ckv_store.h"
@@ -91,6 +93,7 @@ struct opts {
 	uint64_t seed;
 	uint32_t score_tokens; /* new tokens whose queries identification scores */
 	uint32_t q_per_kv;     /* query heads per kv head */
+	uint32_t gather_threads; /* CUDA gather kernel's block size; 0: the backend's default */
 };
 
 struct bench {
@@ -451,7 +454,7 @@ static void stream_wait(ckv_loader *l)
  * releases may still be running).
  */
 static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uint8_t *dev,
-			bool per_layer, double *secs, double *calls, double *landed)
+			bool per_layer, double *secs, double *calls, double *landed, double *first)
 {
 	ckv_fetch **f = calloc(b->L, sizeof(*f));
 	uint8_t *dst = dev;
@@ -463,6 +466,8 @@ static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uin
 	for (uint32_t layer = 0; layer < b->L && rc == 0; layer++) {
 		rc = ckv_fetch_start(p, layer, b->sel[layer], b->nsel[layer], CKV_PART_KV, dst, NULL,
 				     NULL, &f[layer]);
+		if (first && layer == 0)
+			*first = now_s() - t0;
 		if (rc == 0 && per_layer) {
 			rc = ckv_fetch_wait(f[layer]);
 			f[layer] = NULL;
@@ -516,6 +521,19 @@ static int open_loader(const struct bench *b, ckv_loader **l, ckv_prefix **p)
 	o.arena_bytes = arena < (1ull << 30) ? (1ull << 30) : arena;
 	if (ckv_loader_open(b->store, &o, l) < 0)
 		return fail("%s: %s", b->store, ckv_loader_error(NULL));
+#ifdef CKV_HAVE_CUDA
+	if (b->o.gather_threads && ckv_loader_backend(*l) == CKV_BACKEND_CUDA) {
+		ckv_cuda_gather_cfg cfg;
+
+		ckv_cuda_get_gather_cfg((*l)->be, &cfg);
+		cfg.threads = b->o.gather_threads;
+		if (ckv_cuda_set_gather_cfg((*l)->be, &cfg) < 0) {
+			ckv_loader_close(*l);
+			return fail("--gather-threads %u: refused by the CUDA backend",
+				    b->o.gather_threads);
+		}
+	}
+#endif
 	if (ckv_prefix_open(*l, b->hash, p) < 0) {
 		fail("prefix %s: %s", b->hash, ckv_loader_error(*l));
 		ckv_loader_close(*l);
@@ -566,6 +584,8 @@ static void usage(FILE *to)
 		"  --qd N             raw reader queue depth (default 128, the engine's)\n"
 		"  --score-tokens N   new tokens scored in the identification table (default 16)\n"
 		"  --q-per-kv N       query heads per kv head there (default 7, Qwen2.5-7B's)\n"
+		"  --gather-threads N threads a block of the CUDA gather kernel (64..1024, a multiple\n"
+		"                     of 32; default: the backend's)\n"
 		"  --ckv PATH         the ckv tool (default: next to this program, or $CKV)\n"
 		"  -h, --help         this text;  -V, --version  the version\n");
 }
@@ -742,6 +762,7 @@ int main(int argc, char **argv)
 		{ "layers", required_argument, NULL, 'L' }, { "ckv", required_argument, NULL, 'C' },
 		{ "qd", required_argument, NULL, 'Q' },
 		{ "score-tokens", required_argument, NULL, 'S' }, { "q-per-kv", required_argument, NULL, 'G' },
+		{ "gather-threads", required_argument, NULL, 'T' },
 		{ "help", no_argument, NULL, 'h' }, { "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -750,6 +771,7 @@ int main(int argc, char **argv)
 				  .qd = RAW_QD_DEFAULT, .score_tokens = 16, .q_per_kv = 7 } };
 	double t_raw[MAX_RUNS], t_cold[MAX_RUNS], t_layer[MAX_RUNS], t_warm[MAX_RUNS], t_copy[MAX_RUNS];
 	double t_wcalls[MAX_RUNS], t_warm1[MAX_RUNS], t_warm1s[MAX_RUNS], t_wsync[MAX_RUNS];
+	double t_wfirst[MAX_RUNS];
 	double tcopy[WARM_PASSES], pair_ratio[MAX_RUNS * WARM_PASSES], pair_sync[MAX_RUNS * WARM_PASSES];
 	double amp = 0, raw, cold, layer, warm, copy;
 	const char *ckv = NULL;
@@ -814,6 +836,15 @@ int main(int argc, char **argv)
 		case 'G':
 			if (opt_u32("q-per-kv", optarg, 1, 64, &b.o.q_per_kv) < 0)
 				return EXIT_USAGE;
+			break;
+		case 'T':
+			if (opt_u32("gather-threads", optarg, 64, 1024, &b.o.gather_threads) < 0)
+				return EXIT_USAGE;
+			if (b.o.gather_threads % 32) {
+				fprintf(stderr, "bench-loader: --gather-threads %s: not a multiple of 32\n",
+					optarg);
+				return EXIT_USAGE;
+			}
 			break;
 		case 'h':
 			usage(stdout);
@@ -882,7 +913,7 @@ int main(int argc, char **argv)
 		/* cold: a fresh loader, an empty arena, no page cache; then warm on it */
 		if (fresh_loader(&b, &l, &p, &dev, host2))
 			goto out;
-		if (loader_fetch(&b, l, p, dev, false, &t_cold[r], NULL, NULL))
+		if (loader_fetch(&b, l, p, dev, false, &t_cold[r], NULL, NULL, NULL))
 			goto out;
 		ckv_loader_get_stats(l, &st);
 		amp = (double)(st.bytes_k + st.bytes_v) / (double)b.total;
@@ -891,7 +922,7 @@ int main(int argc, char **argv)
 			fail("the loader's chunks differ from the raw reads");
 			goto out;
 		}
-		if (loader_fetch(&b, l, p, dev, false, &t_warm1s[r], NULL, &t_warm1[r]))
+		if (loader_fetch(&b, l, p, dev, false, &t_warm1s[r], NULL, &t_warm1[r], NULL))
 			goto out;
 		/*
 		 * The steady state and its baseline in pairs, one warm pass then
@@ -900,12 +931,12 @@ int main(int argc, char **argv)
 		 * pair, and the ratio is the median of the pairs' ratios.
 		 */
 		{
-			double tw[WARM_PASSES], tc[WARM_PASSES], tl[WARM_PASSES];
+			double tw[WARM_PASSES], tc[WARM_PASSES], tl[WARM_PASSES], tf[WARM_PASSES];
 
 			for (int w = 0; w < WARM_PASSES; w++) {
 				double t0;
 
-				if (loader_fetch(&b, l, p, dev, false, &tw[w], &tc[w], &tl[w]))
+				if (loader_fetch(&b, l, p, dev, false, &tw[w], &tc[w], &tl[w], &tf[w]))
 					goto out;
 				t0 = now_s();
 				if (contiguous_copy(&b, l, dev, host, host2))
@@ -916,6 +947,7 @@ int main(int argc, char **argv)
 			}
 			t_wsync[r] = median(tw, WARM_PASSES);
 			t_wcalls[r] = median(tc, WARM_PASSES);
+			t_wfirst[r] = median(tf, WARM_PASSES);
 			t_warm[r] = median(tl, WARM_PASSES);
 		}
 		t_copy[r] = median(tcopy, WARM_PASSES);
@@ -929,7 +961,7 @@ int main(int argc, char **argv)
 		/* cold again, one layer at a time */
 		if (fresh_loader(&b, &l, &p, &dev, host2))
 			goto out;
-		if (loader_fetch(&b, l, p, dev, true, &t_layer[r], NULL, NULL))
+		if (loader_fetch(&b, l, p, dev, true, &t_layer[r], NULL, NULL, NULL))
 			goto out;
 		if (r + 1 < b.o.runs) {
 			ckv_loader_free(l, dev);
@@ -975,14 +1007,16 @@ int main(int argc, char **argv)
 		printf("| %-38s | %9.2f | %8.2f | %5.2f of the copy     |\n",
 		       "loader warm, first pass after cold", median(t_warm1, b.o.runs) * 1e3,
 		       gb / median(t_warm1, b.o.runs), copy / median(t_warm1, b.o.runs));
-		printf("| %-38s | %9.2f | %8.2f | %5.2f of the copy²    |\n", "loader warm (arena hits), steady",
+		printf("| %-38s | %9.2f | %8.2f | %5.3f of the copy²   |\n", "loader warm (arena hits), steady",
 		       warm * 1e3, gb / warm, median(pair_ratio, b.o.runs * WARM_PASSES));
 		printf("loader warm: the times are until the stream had run every copy (the chunks in place); "
 		       "ckv_loader_sync, which also waits for every pin's release, returned after %.2f ms "
-		       "(first pass) and %.2f ms (steady, %.2f of the copy²); the steady calls (every start "
-		       "and wait) returned after %.2f ms\n",
+		       "(first pass) and %.2f ms (steady, %.3f of the copy²); the steady calls (every start "
+		       "and wait) returned after %.2f ms, the first layer's start (its gather enqueued) "
+		       "after %.1f us\n",
 		       median(t_warm1s, b.o.runs) * 1e3, median(t_wsync, b.o.runs) * 1e3,
-		       median(pair_sync, b.o.runs * WARM_PASSES), median(t_wcalls, b.o.runs) * 1e3);
+		       median(pair_sync, b.o.runs * WARM_PASSES), median(t_wcalls, b.o.runs) * 1e3,
+		       median(t_wfirst, b.o.runs) * 1e6);
 		{
 			int np = b.o.runs * WARM_PASSES;
 			double rlo = pair_ratio[0], rhi = pair_ratio[0];
@@ -992,8 +1026,8 @@ int main(int argc, char **argv)
 				rhi = pair_ratio[i] > rhi ? pair_ratio[i] : rhi;
 			}
 			printf("² steady state: %d pairs of one warm pass then one copy of the same bytes; the "
-			       "median of the pairs' ratios (range %.2f-%.2f), against the ratio of the medians "
-			       "%.2f\n",
+			       "median of the pairs' ratios (range %.3f-%.3f), against the ratio of the medians "
+			       "%.3f\n",
 			       np, rlo, rhi, copy / warm);
 		}
 		printf("read amplification of the cold loader: %.3f (bytes read from disk / bytes selected)\n", amp);

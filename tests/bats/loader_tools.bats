@@ -83,6 +83,12 @@ demo_store() {
 	run "$BENCH" --budget 2 "$T/w"
 	assert_failure 2
 	assert_output_contains "--budget 2"
+	run "$BENCH" --gather-threads 100 "$T/w"
+	assert_failure 2
+	assert_output_contains "--gather-threads 100: not a multiple of 32"
+	run "$BENCH" --gather-threads 2048 "$T/w"
+	assert_failure 2
+	assert_output_contains "--gather-threads 2048: expected 64..1024"
 	run "$BENCH" -V
 	assert_success
 	assert_output_contains "bench-loader"
