@@ -110,6 +110,12 @@ enum {
 	 * The caller must not hold a lock its callback takes.
 	 */
 	CKV_GET_INLINE = 1 << 2,
+	/*
+	 * ckv_engine_get_ready: all or nothing. When some chunk of the set is
+	 * not resident, nothing is pinned or counted and every slots[i] is
+	 * NULL; the return value is still the number not resident.
+	 */
+	CKV_GET_ALL = 1 << 3,
 };
 
 /*
@@ -132,8 +138,9 @@ int ckv_engine_get_async(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, uns
  * every ref whose chunk is resident is pinned and counted as a get of it
  * would be (a hit, an access), slots[i] its slot; slots[i] = NULL where it
  * is not resident (being read, or not in the arena), and nothing is done
- * for it. One lock for the whole set, no allocation, no callback. Returns
- * the number of NULL entries (what a get must still ask for), or -EINVAL.
+ * for it (with CKV_GET_ALL, for any of the set). One lock for the whole
+ * set, no allocation, no callback. Returns the number not resident (what
+ * a get must still ask for), or -EINVAL.
  */
 int ckv_engine_get_ready(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, unsigned flags,
 			 ckv_slot **slots);

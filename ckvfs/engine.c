@@ -1826,20 +1826,23 @@ int ckv_engine_get_ready(ckv_engine *e, const ckv_chunk_ref *refs, size_t n, uns
 		return 0;
 	now = (int64_t)time(NULL);
 	pthread_mutex_lock(&e->lock);
-	scale = decay_scale(e);
 	for (size_t i = 0; i < n; i++) {
 		ckv_efile *f = refs[i].file;
 		uint32_t c = refs[i].chunk;
 		ckv_slot *s = f && c < f->nchunks ? f->ent[c] : NULL;
 
-		slots[i] = NULL;
-		if (!s || s->state != SLOT_READY) {
-			left++;
-			continue;
-		}
-		access_hit(e, f, c, s, stream, scale, now);
-		slots[i] = s;
+		slots[i] = s && s->state == SLOT_READY ? s : NULL;
+		left += slots[i] == NULL;
 	}
+	if (left && (flags & CKV_GET_ALL)) {
+		pthread_mutex_unlock(&e->lock);
+		memset(slots, 0, sizeof(*slots) * n);
+		return (int)left;
+	}
+	scale = decay_scale(e);
+	for (size_t i = 0; i < n; i++)
+		if (slots[i])
+			access_hit(e, refs[i].file, refs[i].chunk, slots[i], stream, scale, now);
 	pthread_mutex_unlock(&e->lock);
 	return (int)left;
 }

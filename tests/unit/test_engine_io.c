@@ -125,6 +125,60 @@ static void test_merge(struct tdir *d)
 	ckv_engine_close(e);
 }
 
+/*
+ * get_ready pins what is resident and leaves the rest; with CKV_GET_ALL a
+ * set with anything not resident is left alone entirely: no pin, no hit.
+ */
+static void test_get_ready(struct tdir *d)
+{
+	struct tfile t;
+	ckv_engine *e = t_engine(4u << 20, CKV_POLICY_ATTN, NULL);
+	ckv_efile *f;
+	ckv_chunk_ref refs[8];
+	ckv_slot *slots[8];
+	int rcs[8];
+	ckv_engine_stats st;
+
+	tfile_make(d, &t, "ready", 16384, 16, 3);
+	f = tfile_reg(e, d, &t);
+	for (uint32_t i = 0; i < 8; i++)
+		refs[i] = (ckv_chunk_ref){ f, 2 * i };
+	CHECK_RC(ckv_engine_get(e, refs, 4, CKV_GET_DEMAND, slots, rcs)); /* chunks 0, 2, 4, 6 */
+	for (int i = 0; i < 4; i++)
+		ckv_engine_release(e, slots[i]);
+
+	/* all or nothing: 4 of 8 resident, nothing happens */
+	CHECK(ckv_engine_get_ready(e, refs, 8, CKV_GET_ALL, slots) == 4);
+	for (int i = 0; i < 8; i++)
+		CHECK(slots[i] == NULL);
+	ckv_engine_get_stats(e, &st);
+	CHECK(st.pinned == 0 && st.hits == 0 && st.misses == 4);
+
+	/* without the flag: the resident half pinned and counted */
+	CHECK(ckv_engine_get_ready(e, refs, 8, 0, slots) == 4);
+	ckv_engine_get_stats(e, &st);
+	CHECK(st.pinned == 4 && st.hits == 4);
+	for (int i = 0; i < 8; i++) {
+		CHECK((slots[i] != NULL) == (i < 4));
+		if (slots[i])
+			CHECK(chunk_ok(&t, refs[i].chunk, slots[i]));
+	}
+	ckv_engine_release_n(e, slots, 8);
+
+	/* all resident: CKV_GET_ALL pins the whole set */
+	CHECK(ckv_engine_get_ready(e, refs, 4, CKV_GET_ALL, slots) == 0);
+	ckv_engine_get_stats(e, &st);
+	CHECK(st.pinned == 4 && st.hits == 8);
+	for (int i = 0; i < 4; i++)
+		CHECK(chunk_ok(&t, refs[i].chunk, slots[i]));
+	ckv_engine_release_n(e, slots, 4);
+	ckv_engine_get_stats(e, &st);
+	CHECK(st.pinned == 0);
+	ckv_engine_file_put(e, f);
+	tfile_free(&t);
+	ckv_engine_close(e);
+}
+
 static void test_checksum(struct tdir *d)
 {
 	struct tfile t;
@@ -531,6 +585,7 @@ int main(void)
 	test_random_sets(&d, false);
 	test_random_sets(&d, true);
 	test_merge(&d);
+	test_get_ready(&d);
 	test_checksum(&d);
 	test_short_and_missing(&d);
 	test_prefetch(&d);
