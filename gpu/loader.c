@@ -1489,6 +1489,75 @@ out_free:
 	return rc;
 }
 
+/*
+ * The warm path, for a loader without a GPU tier whose source can: when
+ * every chunk is in the arena the source pins the set in one pass, and the
+ * gather goes on the stream at once with the job that releases the pins;
+ * no read batch, no callbacks. 1: some chunk is not in the arena, nothing
+ * done (the general path follows). < 0: the source refused the set (f is
+ * the caller's to free). 0: f is enqueued, its outcome in f->rc.
+ */
+static int fetch_warm(struct ckv_fetch *f, const uint32_t *chunks, void *dst,
+		      void *const *dst_ptrs)
+{
+	enum { STACK = 256 };
+	ckv_prefix *p = f->p;
+	ckv_loader *l = p->l;
+	ckv_source *src = l->src;
+	ckv_backend *be = l->be;
+	const ckv_shape *sh = &p->shape;
+	enum ckv_source_part part = (enum ckv_source_part)f->part;
+	uint64_t want = ckv_part_bytes(sh, part);
+	uint64_t stack[2 * STACK], *off = stack, *len;
+	struct reljob *j = NULL;
+	int rc;
+
+	if (f->n > STACK && !(off = malloc(2 * sizeof(*off) * f->n)))
+		return ckv_lerr(l, -ENOMEM, "fetch: out of memory");
+	len = off + f->n;
+	j = ckv_reljob_new(p, f->n, 0);
+	if (!j) {
+		rc = ckv_lerr(l, -ENOMEM, "fetch: out of memory");
+		goto out;
+	}
+	rc = src->ops->pin_resident(src, p->pid, f->layer, part, chunks, f->n, off, len, j->tok);
+	if (rc != 0) {
+		if (rc < 0)
+			ckv_lerr(l, rc, "prefix %s layer %u: %s", sh->hash, f->layer,
+				 src->err[0] ? src->err : strerror(-rc));
+		goto out;
+	}
+	j->ntok = f->n;
+	for (uint32_t i = 0; i < f->n; i++) {
+		if (len[i] != want) {
+			src->ops->release(src, j->tok, j->ntok);
+			rc = ckv_lerr(l, -EIO, "prefix %s layer %u chunk %u: %llu bytes in the arena, "
+					       "expected %llu",
+				      sh->hash, f->layer, chunks[i], (unsigned long long)len[i],
+				      (unsigned long long)want);
+			goto out;
+		}
+		f->cp[i].src = off[i];
+		f->cp[i].dst = dst_ptrs ? dst_ptrs[i] : (uint8_t *)dst + (size_t)i * f->len;
+	}
+	count_reads(l, NULL, sh, part, f->n, 0, 1);
+	f->enqueued = true;
+	f->rc = ckv_reljob_gather(j, f->cp, f->n, f->len, f->stream);
+	if (f->rc < 0) {
+		ckv_lerr(l, f->rc, "fetch: the %s backend's copy failed: %s", be->ops->name,
+			 strerror(-f->rc));
+		be->ops->sync(be, f->stream);
+		ckv_reljob_run(j);
+	}
+	j = NULL;
+	rc = 0;
+out:
+	free(j);
+	if (off != stack)
+		free(off);
+	return rc;
+}
+
 int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n,
 		    enum ckv_part part, void *dst, void *const *dst_ptrs, void *stream,
 		    ckv_fetch **out)
@@ -1540,6 +1609,16 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 		f->bi = f->te + n;
 		miss = f->bi + n;
 		memcpy(f->chunks, chunks, sizeof(*chunks) * n);
+	}
+	if (n && !l->tier && l->src->ops->pin_resident) {
+		rc = fetch_warm(f, chunks, dst, dst_ptrs);
+		if (rc <= 0) {
+			if (rc < 0)
+				fetch_free(f);
+			else
+				*out = f;
+			return rc;
+		}
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		f->dst[i] = dst_ptrs ? dst_ptrs[i] : (uint8_t *)dst + (size_t)i * f->len;

@@ -112,6 +112,18 @@ struct ckv_source_ops {
 	 */
 	int (*keyq_r)(ckv_source *s, uint32_t pid, uint32_t layer, struct ckv_keyq *out, char *err,
 		      size_t errlen);
+	/*
+	 * Optional (NULL: get_ex is the only way): the warm path of a fetch.
+	 * When every one of chunks[0..n) of the layer (part) is in the arena,
+	 * pin them all in one pass and return 0 with off[i], len[i] and tok[i]
+	 * set as a get's completions would (release the tokens as usual); when
+	 * some chunk is not, pin and count nothing and return 1. On the calling
+	 * thread, no callback, never blocks on I/O; a negative errno (s->err
+	 * set) on bad input.
+	 */
+	int (*pin_resident)(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+			    const uint32_t *chunks, uint32_t n, uint64_t *off, uint64_t *len,
+			    uint64_t *tok);
 };
 
 

@@ -115,9 +115,13 @@ static int pfx_files(struct eprefix *ep, uint32_t layer, enum ckv_source_part pa
 	return rc;
 }
 
-/* refs for chunks[0..n) of a layer and part; *refs malloc'ed. */
+/*
+ * refs for chunks[0..n) of a layer and part: into stack when it holds n
+ * (nstack entries), else malloc'ed (free *refs when it is not stack).
+ */
 static int pfx_refs(struct esource *es, uint32_t pid, uint32_t layer, enum ckv_source_part part,
-		    const uint32_t *chunks, uint32_t n, ckv_chunk_ref **refs)
+		    const uint32_t *chunks, uint32_t n, ckv_chunk_ref *stack, uint32_t nstack,
+		    ckv_chunk_ref **refs)
 {
 	struct eprefix *ep = pfx_get(es, pid);
 	const ckv_manifest *m;
@@ -142,7 +146,7 @@ static int pfx_refs(struct esource *es, uint32_t pid, uint32_t layer, enum ckv_s
 			 "layer %u: cannot register its chunk files: %s", layer, strerror(-rc));
 		return rc;
 	}
-	r = malloc(sizeof(*r) * (n ? n : 1));
+	r = n && n <= nstack ? stack : malloc(sizeof(*r) * (n ? n : 1));
 	if (!r)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < n; i++)
@@ -346,7 +350,7 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 		*handle = NULL;
 	if (n == 0)
 		return 0;
-	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
+	rc = pfx_refs(es, pid, layer, part, chunks, n, NULL, 0, &refs);
 	if (rc < 0)
 		return rc;
 	if (n > sizeof(stack) / sizeof(stack[0]) && !(slots = malloc(sizeof(*slots) * n))) {
@@ -407,6 +411,52 @@ out:
 	return rc;
 }
 
+/*
+ * The warm path of a fetch (source.h): the set's refs on the stack, one
+ * all-or-nothing engine pass, the slots' places copied out; no get, no
+ * callback.
+ */
+static int es_pin_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
+			   const uint32_t *chunks, uint32_t n, uint64_t *off, uint64_t *len,
+			   uint64_t *tok)
+{
+	enum { STACK = 256 };
+	struct esource *es = es_of(s);
+	ckv_chunk_ref rstack[STACK], *refs = NULL;
+	ckv_slot *sstack[STACK], **slots = sstack;
+	int rc;
+
+	if (n == 0)
+		return 0;
+	rc = pfx_refs(es, pid, layer, part, chunks, n, rstack, STACK, &refs);
+	if (rc < 0)
+		return rc;
+	if (n > STACK && !(slots = malloc(sizeof(*slots) * n))) {
+		snprintf(s->err, sizeof(s->err), "layer %u: out of memory", layer);
+		rc = -ENOMEM;
+		goto out;
+	}
+	rc = ckv_engine_get_ready(es->engine, refs, n, CKV_GET_ALL, slots);
+	if (rc > 0)
+		rc = 1; /* not all resident: nothing pinned */
+	for (uint32_t i = 0; rc == 0 && i < n; i++) {
+		tok[i] = (uint64_t)(uintptr_t)slots[i];
+		if (slot_out(slots[i], &off[i], &len[i]) < 0) {
+			/* a detached slot: only streaming gets make them, never these */
+			ckv_engine_release_n(es->engine, slots, n);
+			snprintf(s->err, sizeof(s->err), "layer %u: chunk %u is not in the arena",
+				 layer, chunks[i]);
+			rc = -EIO;
+		}
+	}
+out:
+	if (slots != sstack)
+		free(slots);
+	if (refs != rstack)
+		free(refs);
+	return rc;
+}
+
 static int es_get(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
 		  const uint32_t *chunks, uint32_t n, ckv_source_cb cb, void *arg)
 {
@@ -451,7 +501,7 @@ static int es_cancel(ckv_source *s, void *handle, uint32_t pid, uint32_t layer,
 		at[m] = k;
 		ix[m++] = (size_t)(o - g->orig);
 	}
-	rc = m ? pfx_refs(es, pid, layer, part, ch, m, &refs) : 0;
+	rc = m ? pfx_refs(es, pid, layer, part, ch, m, NULL, 0, &refs) : 0;
 	if (rc == 0 && m)
 		rc = ckv_engine_cancel(es->engine, refs, ix, m, es_get_cb, handle, sub_done);
 	for (uint32_t j = 0; rc == 0 && j < m; j++)
@@ -485,7 +535,7 @@ static int es_prefetch(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sou
 
 	if (n == 0)
 		return 0;
-	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
+	rc = pfx_refs(es, pid, layer, part, chunks, n, NULL, 0, &refs);
 	if (rc < 0)
 		return rc;
 	rc = ckv_engine_prefetch(es->engine, refs, n);
@@ -509,7 +559,7 @@ static int es_score(ckv_source *s, uint32_t pid, uint32_t layer, const uint32_t 
 	for (int part = CKV_SRC_KV; part <= CKV_SRC_V && rc == 0; part++) {
 		ckv_chunk_ref *refs = NULL;
 
-		rc = pfx_refs(es, pid, layer, (enum ckv_source_part)part, chunks, n, &refs);
+		rc = pfx_refs(es, pid, layer, (enum ckv_source_part)part, chunks, n, NULL, 0, &refs);
 		if (rc < 0)
 			break;
 		rc = ckv_engine_score(es->engine, refs, scores, n);
@@ -665,7 +715,7 @@ static int es_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sou
 
 	if (n == 0)
 		return 0;
-	rc = pfx_refs(es, pid, layer, part, chunks, n, &refs);
+	rc = pfx_refs(es, pid, layer, part, chunks, n, NULL, 0, &refs);
 	if (rc < 0)
 		return rc;
 	ckv_engine_resident_n(es->engine, refs, n, out);
@@ -706,6 +756,7 @@ static const struct ckv_source_ops es_ops = {
 	.digests_r = es_digests_r,
 	.digests_hint = es_digests_hint,
 	.keyq_r = es_keyq_r,
+	.pin_resident = es_pin_resident,
 };
 
 int ckv_source_embedded(const char *store, const ckv_source_opts *o, ckv_source **out,

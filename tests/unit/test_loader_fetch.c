@@ -291,12 +291,63 @@ int main(void)
 		ckv_loader_free(l, dev);
 		ckv_loader_get_stats(l, &st1);
 	}
+	/*
+	 * A set only partly in the arena (the warm path declines it, pinning
+	 * nothing): the resident half counts as hits, the rest is read; then
+	 * all of it is resident.
+	 */
+	{
+		uint32_t mix[64], nm = 0, nres = n / 2, nnew = 0;
+		uint8_t in[64] = { 0 };
+
+		CHECK(sh.chunks <= 64);
+		for (uint32_t k = 0; k < n; k++)
+			in[set[k]] = 1;
+		for (uint32_t k = 0; k < nres; k++)
+			mix[nm++] = set[k];
+		for (uint32_t j = 0; j < sh.chunks && nnew < 5; j++)
+			if (!in[j]) {
+				mix[nm++] = j;
+				nnew++;
+			}
+		CHECK(nres > 0 && nnew == 5);
+		ckv_loader_get_stats(l, &st0);
+		fetch_check(l, p, &t, 2, mix, nm, CKV_PART_KV, false);
+		ckv_loader_get_stats(l, &st1);
+		CHECK(st1.hits_arena - st0.hits_arena == nres && st1.misses - st0.misses == nnew);
+		CHECK(st1.bytes_k + st1.bytes_v - st0.bytes_k - st0.bytes_v == nnew * sh.chunk_bytes);
+		fetch_check(l, p, &t, 2, mix, nm, CKV_PART_KV, true);
+		ckv_loader_get_stats(l, &st0);
+		CHECK(st0.hits_arena - st1.hits_arena == nm && st0.misses == st1.misses);
+		st1 = st0;
+	}
 	fetch_check(l, p, &t, 3, set, n, CKV_PART_K, false);
 	ckv_loader_get_stats(l, &st0);
 	CHECK(st0.bytes_k - st1.bytes_k == (uint64_t)n * sh.half_bytes && st0.bytes_v == st1.bytes_v);
 	fetch_check(l, p, &t, 3, set, n, CKV_PART_V, false);
 	ckv_loader_get_stats(l, &st1);
 	CHECK(st1.bytes_v - st0.bytes_v == (uint64_t)n * sh.half_bytes && st1.bytes_k == st0.bytes_k);
+	ckv_prefix_close(p);
+	ckv_loader_close(l);
+
+	/*
+	 * Warm fetches give their pins back: in an arena of 96 chunks a whole
+	 * layer (63 chunks) fetched cold, then warm over and over, and then two
+	 * other whole layers, each of which fits only by evicting the one
+	 * before.
+	 */
+	l = tl_loader(t.dir, 96 * sh.chunk_bytes, 0);
+	CHECK_RC(ckv_prefix_open(l, t.child_hex, &p), l);
+	for (uint32_t j = 0; j < sh.chunks; j++)
+		set[j] = j;
+	for (int it = 0; it < 5; it++)
+		fetch_check(l, p, &t, 4, set, sh.chunks, CKV_PART_KV, it % 2);
+	ckv_loader_get_stats(l, &st0);
+	CHECK(st0.misses == sh.chunks && st0.hits_arena == 4 * sh.chunks);
+	fetch_check(l, p, &t, 0, set, sh.chunks, CKV_PART_KV, false);
+	fetch_check(l, p, &t, 1, set, sh.chunks, CKV_PART_KV, false);
+	ckv_loader_get_stats(l, &st1);
+	CHECK(st1.misses == 3 * sh.chunks);
 	ckv_prefix_close(p);
 	ckv_loader_close(l);
 
