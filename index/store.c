@@ -135,9 +135,16 @@ static int fsync_dir(const ckv_store *s, int dirfd, const char *rel)
 	return rc;
 }
 
-/* Write a whole small file atomically: tmp, fsync, rename, fsync dir. */
-static int write_file_atomic(const ckv_store *s, int dirfd, const char *dir, const char *name, const void *buf,
-			     size_t len)
+static void maybe_crash(const ckv_import_opts *o, const char *stage);
+
+/*
+ * Write a whole small file atomically: tmp, fsync, rename, fsync dir. The
+ * temporary file is .NAME.PID.tmp in dir; one a crash leaves behind is
+ * removed by gc. Crash point "record" (tests): the temporary file written,
+ * not yet renamed.
+ */
+static int write_file_atomic(const ckv_store *s, const ckv_import_opts *o, int dirfd, const char *dir,
+			     const char *name, const void *buf, size_t len)
 {
 	char tmp[512], dst[512];
 	int fd, rc;
@@ -151,6 +158,8 @@ static int write_file_atomic(const ckv_store *s, int dirfd, const char *dir, con
 	if (!rc && sync_fd(s, fd) < 0)
 		rc = -errno;
 	close(fd);
+	if (!rc)
+		maybe_crash(o, "record");
 	if (!rc && renameat(dirfd, tmp, dirfd, dst) < 0)
 		rc = -errno;
 	if (rc)
@@ -1465,7 +1474,7 @@ static int commit_prefix(ckv_store *s, const ckv_manifest *m, const ckv_hash *ch
 		goto out_abort;
 	}
 	mkdirat(s->dirfd, pdir, 0755);
-	rc = write_file_atomic(s, s->dirfd, pdir, pname, record, reclen);
+	rc = write_file_atomic(s, o, s->dirfd, pdir, pname, record, reclen);
 	if (rc) {
 		rc = ckv_errf(e, rc, "%s/%s/%s: %s", s->path, pdir, pname, strerror(-rc));
 		goto out_abort;
@@ -2450,11 +2459,11 @@ static bool seg_indexed(ckv_store *s, MDB_txn *txn, const char *id)
 
 /*
  * Call fn(arg, rel, name) for every entry top/<shard>/<name> of the store
- * ("seg" or "prefix"); dot-names are skipped. Stops at fn's first non-zero
- * return and returns it.
+ * ("seg" or "prefix"); dot-names are skipped unless hidden (then only "."
+ * and ".." are). Stops at fn's first non-zero return and returns it.
  */
 typedef int (*shard_fn)(void *arg, const char *rel, const char *name);
-static int walk_sharded(ckv_store *s, const char *top, shard_fn fn, void *arg)
+static int walk_sharded(ckv_store *s, const char *top, bool hidden, shard_fn fn, void *arg)
 {
 	int fd = openat(s->dirfd, top, O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = 0;
 	DIR *d1 = fd >= 0 ? fdopendir(fd) : NULL;
@@ -2480,7 +2489,8 @@ static int walk_sharded(ckv_store *s, const char *top, shard_fn fn, void *arg)
 		}
 		while (rc == 0 && (b = readdir(d2))) {
 			char rel[600];
-			if (b->d_name[0] == '.')
+			if (b->d_name[0] == '.' && (!hidden || !strcmp(b->d_name, ".") ||
+						    !strcmp(b->d_name, "..")))
 				continue;
 			snprintf(rel, sizeof(rel), "%s/%s/%s", top, a->d_name, b->d_name);
 			rc = fn(arg, rel, b->d_name);
@@ -2508,14 +2518,26 @@ static int gc_seg_one(void *arg, const char *rel, const char *name)
 	return 0;
 }
 
-/* A record file whose prefix is not indexed: a crashed import's or rm's. */
+/*
+ * A record file whose prefix is not indexed (a crashed import's or rm's),
+ * or the temporary file of a record whose writer died before its rename
+ * (gc holds the store lock exclusively, so no writer is alive).
+ */
 static int gc_record_one(void *arg, const char *rel, const char *name)
 {
 	struct gc_sweep *g = arg;
 	char hex[CKV_HASH_HEX + 1];
 	ckv_hash h;
 	MDB_val hk = { 16, h.b }, hv;
+	size_t len = strlen(name);
 
+	if (name[0] == '.') {
+		if (len > 4 && !strcmp(name + len - 4, ".tmp")) {
+			rm_tree(g->s->dirfd, rel, &g->r->bytes);
+			g->r->manifests++;
+		}
+		return 0;
+	}
 	snprintf(hex, sizeof(hex), "%.32s", name);
 	if (strlen(name) == CKV_HASH_HEX + 5 && !strcmp(name + CKV_HASH_HEX, ".json") &&
 	    ckv_hash_parse(&h, hex) == 0 && mdb_get(g->txn, g->s->db_prefix, &hk, &hv) == 0)
@@ -2604,8 +2626,8 @@ int ckv_store_gc(ckv_store *s, ckv_gc_result *r, ckv_err *e)
 	}
 	{
 		struct gc_sweep g = { s, txn, r };
-		walk_sharded(s, "seg", gc_seg_one, &g);
-		walk_sharded(s, "prefix", gc_record_one, &g);
+		walk_sharded(s, "seg", false, gc_seg_one, &g);
+		walk_sharded(s, "prefix", true, gc_record_one, &g);
 	}
 	mdb_txn_abort(txn);
 	/* shard directories left empty (rmdir fails on the others) */
@@ -3087,7 +3109,7 @@ int ckv_store_reindex(ckv_store *s, uint64_t *keyq_written, ckv_err *e)
 	}
 	{
 		struct reindex_walk w = { .s = s, .txn = txn };
-		rc = walk_sharded(s, "prefix", reindex_record, &w);
+		rc = walk_sharded(s, "prefix", false, reindex_record, &w);
 		written = w.keyq_written;
 	}
 	if (!rc)

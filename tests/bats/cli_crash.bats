@@ -49,8 +49,8 @@ after_crash() {
 	fi
 }
 
-@test "crash: CKV_CRASH_AT=staging|segment|manifest|commit, then verify, gc, import again" {
-	for stage in staging segment manifest commit; do
+@test "crash: CKV_CRASH_AT=staging|segment|record|manifest|commit, then verify, gc, import again" {
+	for stage in staging segment record manifest commit; do
 		echo "# stage $stage"
 		S=$T/s-$stage
 		cp -a "$F/base" "$S"
@@ -70,7 +70,7 @@ after_crash() {
 		echo "# gc: $output"
 		case $stage in
 		staging | segment) assert_output_contains "removed 0 segments, 1 staging areas, 0 stray records" ;;
-		manifest) assert_output_contains "removed 1 segments, 1 staging areas, 1 stray records" ;;
+		record | manifest) assert_output_contains "removed 1 segments, 1 staging areas, 1 stray records" ;;
 		commit) assert_output_contains "removed 0 segments, 1 staging areas, 0 stray records" ;;
 		esac
 		staging_empty "$S"
@@ -95,7 +95,7 @@ after_crash() {
 }
 
 @test "crash: an import run again right after a crash, before any gc, succeeds" {
-	for stage in staging segment manifest commit; do
+	for stage in staging segment record manifest commit; do
 		echo "# stage $stage"
 		S=$T/s-$stage
 		cp -a "$F/base" "$S"
@@ -116,7 +116,7 @@ after_crash() {
 }
 
 @test "crash: ckv gen killed at each stage leaves a consistent store" {
-	for stage in staging segment manifest commit; do
+	for stage in staging segment record manifest commit; do
 		S=$T/g-$stage
 		cp -a "$F/base" "$S"
 		run env CKV_CRASH_AT=$stage "$CKV" gen -q "$S" --extends "$P" -n 500
