@@ -1139,15 +1139,19 @@ bool ckv_rbatch_complete(struct rbatch *b)
 	return atomic_load_explicit(&b->fin, memory_order_acquire);
 }
 
+/* Whether a chunk the source delivered at [off, off + len) is whole and inside the arena. */
+static bool in_arena(const ckv_source *src, uint64_t off, uint64_t len, uint64_t want)
+{
+	return len == want && off <= src->arena_size && src->arena_size - off >= want;
+}
+
 int ckv_rbatch_check(const struct rbatch *b, uint32_t i)
 {
 	const ckv_prefix *p = b->p;
-	const ckv_source *src = p->l->src;
-	uint64_t want = ckv_part_bytes(&p->shape, b->part);
 
 	if (b->rc[i] < 0)
 		return b->rc[i];
-	if (b->len[i] != want || b->off[i] > src->arena_size || src->arena_size - b->off[i] < want)
+	if (!in_arena(p->l->src, b->off[i], b->len[i], ckv_part_bytes(&p->shape, b->part)))
 		return -EIO;
 	return 0;
 }
@@ -1372,6 +1376,16 @@ static void fetch_free(struct ckv_fetch *f)
 	free(f); /* the arrays are part of it */
 }
 
+/* The backend refused a fetch's copy: say so, and release the job's pins once the stream is idle. */
+static void copy_failed(ckv_loader *l, struct reljob *j, void *stream, int rc)
+{
+	ckv_backend *be = l->be;
+
+	ckv_lerr(l, rc, "fetch: the %s backend's copy failed: %s", be->ops->name, strerror(-rc));
+	be->ops->sync(be, stream);
+	ckv_reljob_run(j);
+}
+
 /*
  * Every read of f is in (or failed): check them, enqueue the copies on f's
  * stream and hand every pin to a release job. Frees f's batch; f itself
@@ -1444,9 +1458,7 @@ static int fetch_enqueue(ckv_fetch *f)
 					  f->stream);
 	}
 	if (rc < 0) {
-		ckv_lerr(l, rc, "fetch: the %s backend's copy failed: %s", be->ops->name, strerror(-rc));
-		be->ops->sync(be, f->stream);
-		ckv_reljob_run(j);
+		copy_failed(l, j, f->stream, rc);
 		j = NULL;
 		goto out_free;
 	}
@@ -1493,69 +1505,54 @@ out_free:
  * The warm path, for a loader without a GPU tier whose source can: when
  * every chunk is in the arena the source pins the set in one pass, and the
  * gather goes on the stream at once with the job that releases the pins;
- * no read batch, no callbacks. 1: some chunk is not in the arena, nothing
- * done (the general path follows). < 0: the source refused the set (f is
- * the caller's to free). 0: f is enqueued, its outcome in f->rc.
+ * no read batch, no callbacks. Returns true with f enqueued (its outcome in
+ * f->rc), or false with nothing pinned, when anything is not simply there
+ * (a chunk not resident, the source refusing the set, no memory): the
+ * general path then does the fetch and reports what is wrong.
  */
-static int fetch_warm(struct ckv_fetch *f, const uint32_t *chunks, void *dst,
-		      void *const *dst_ptrs)
+static bool fetch_warm(struct ckv_fetch *f, const uint32_t *chunks)
 {
 	enum { STACK = 256 };
 	ckv_prefix *p = f->p;
 	ckv_loader *l = p->l;
 	ckv_source *src = l->src;
-	ckv_backend *be = l->be;
-	const ckv_shape *sh = &p->shape;
 	enum ckv_source_part part = (enum ckv_source_part)f->part;
-	uint64_t want = ckv_part_bytes(sh, part);
-	uint64_t stack[2 * STACK], *off = stack, *len;
+	uint64_t want = ckv_part_bytes(&p->shape, part);
+	uint64_t stack[3 * STACK], *off = stack, *len, *tok;
 	struct reljob *j = NULL;
-	int rc;
+	bool ok = false;
 
-	if (f->n > STACK && !(off = malloc(2 * sizeof(*off) * f->n)))
-		return ckv_lerr(l, -ENOMEM, "fetch: out of memory");
+	if (f->n > STACK && !(off = malloc(3 * sizeof(*off) * f->n)))
+		return false;
 	len = off + f->n;
+	tok = len + f->n;
+	if (src->ops->pin_resident(src, p->pid, f->layer, part, chunks, f->n, off, len, tok) != 0)
+		goto out; /* nothing pinned */
+	for (uint32_t i = 0; i < f->n; i++)
+		if (!in_arena(src, off[i], len[i], want))
+			goto out_release;
 	j = ckv_reljob_new(p, f->n, 0);
-	if (!j) {
-		rc = ckv_lerr(l, -ENOMEM, "fetch: out of memory");
-		goto out;
-	}
-	rc = src->ops->pin_resident(src, p->pid, f->layer, part, chunks, f->n, off, len, j->tok);
-	if (rc != 0) {
-		if (rc < 0)
-			ckv_lerr(l, rc, "prefix %s layer %u: %s", sh->hash, f->layer,
-				 src->err[0] ? src->err : strerror(-rc));
-		goto out;
-	}
+	if (!j)
+		goto out_release;
+	memcpy(j->tok, tok, sizeof(*tok) * f->n);
 	j->ntok = f->n;
 	for (uint32_t i = 0; i < f->n; i++) {
-		if (len[i] != want) {
-			src->ops->release(src, j->tok, j->ntok);
-			rc = ckv_lerr(l, -EIO, "prefix %s layer %u chunk %u: %llu bytes in the arena, "
-					       "expected %llu",
-				      sh->hash, f->layer, chunks[i], (unsigned long long)len[i],
-				      (unsigned long long)want);
-			goto out;
-		}
 		f->cp[i].src = off[i];
-		f->cp[i].dst = dst_ptrs ? dst_ptrs[i] : (uint8_t *)dst + (size_t)i * f->len;
+		f->cp[i].dst = f->dst[i];
 	}
-	count_reads(l, NULL, sh, part, f->n, 0, 1);
+	count_reads(l, NULL, &p->shape, part, f->n, 0, 1);
 	f->enqueued = true;
 	f->rc = ckv_reljob_gather(j, f->cp, f->n, f->len, f->stream);
-	if (f->rc < 0) {
-		ckv_lerr(l, f->rc, "fetch: the %s backend's copy failed: %s", be->ops->name,
-			 strerror(-f->rc));
-		be->ops->sync(be, f->stream);
-		ckv_reljob_run(j);
-	}
-	j = NULL;
-	rc = 0;
+	if (f->rc < 0)
+		copy_failed(l, j, f->stream, f->rc);
+	ok = true;
+	goto out;
+out_release:
+	src->ops->release(src, tok, f->n);
 out:
-	free(j);
 	if (off != stack)
 		free(off);
-	return rc;
+	return ok;
 }
 
 int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint32_t n,
@@ -1610,18 +1607,13 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 		miss = f->bi + n;
 		memcpy(f->chunks, chunks, sizeof(*chunks) * n);
 	}
-	if (n && !l->tier && l->src->ops->pin_resident) {
-		rc = fetch_warm(f, chunks, dst, dst_ptrs);
-		if (rc <= 0) {
-			if (rc < 0)
-				fetch_free(f);
-			else
-				*out = f;
-			return rc;
-		}
+	for (uint32_t i = 0; i < n; i++)
+		f->dst[i] = dst_ptrs ? dst_ptrs[i] : (uint8_t *)dst + (size_t)i * f->len;
+	if (n && !l->tier && l->src->ops->pin_resident && fetch_warm(f, chunks)) {
+		*out = f;
+		return 0;
 	}
 	for (uint32_t i = 0; i < n; i++) {
-		f->dst[i] = dst_ptrs ? dst_ptrs[i] : (uint8_t *)dst + (size_t)i * f->len;
 		f->te[i] = CKV_TIER_NONE;
 		f->bi[i] = UINT32_MAX;
 		if (l->tier) {

@@ -117,9 +117,10 @@ struct ckv_source_ops {
 	 * When every one of chunks[0..n) of the layer (part) is in the arena,
 	 * pin them all in one pass and return 0 with off[i], len[i] and tok[i]
 	 * set as a get's completions would (release the tokens as usual); when
-	 * some chunk is not, pin and count nothing and return 1. On the calling
-	 * thread, no callback, never blocks on I/O; a negative errno (s->err
-	 * set) on bad input.
+	 * some chunk is not, or cannot be handed out this way, pin and count
+	 * nothing and return 1. On the calling thread, no callback, never
+	 * blocks on I/O. A negative errno on bad input, with nothing pinned:
+	 * the caller falls back to get_ex, which reports it.
 	 */
 	int (*pin_resident)(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_source_part part,
 			    const uint32_t *chunks, uint32_t n, uint64_t *off, uint64_t *len,

@@ -432,7 +432,6 @@ static int es_pin_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv
 	if (rc < 0)
 		return rc;
 	if (n > STACK && !(slots = malloc(sizeof(*slots) * n))) {
-		snprintf(s->err, sizeof(s->err), "layer %u: out of memory", layer);
 		rc = -ENOMEM;
 		goto out;
 	}
@@ -442,11 +441,8 @@ static int es_pin_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv
 	for (uint32_t i = 0; rc == 0 && i < n; i++) {
 		tok[i] = (uint64_t)(uintptr_t)slots[i];
 		if (slot_out(slots[i], &off[i], &len[i]) < 0) {
-			/* a detached slot: only streaming gets make them, never these */
 			ckv_engine_release_n(es->engine, slots, n);
-			snprintf(s->err, sizeof(s->err), "layer %u: chunk %u is not in the arena",
-				 layer, chunks[i]);
-			rc = -EIO;
+			rc = 1; /* a detached slot: the general path says what is wrong */
 		}
 	}
 out:
