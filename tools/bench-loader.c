@@ -451,7 +451,9 @@ static void stream_wait(ckv_loader *l)
  * ckv_loader_sync. secs: until that returned (bytes in place, every pin
  * released); calls (optional): until the last wait returned; landed
  * (optional): until the stream had run every copy (the bytes in place; pin
- * releases may still be running).
+ * releases may still be running); first (optional): until the first
+ * layer's start returned (its gather enqueued when its chunks were all in
+ * the arena).
  */
 static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uint8_t *dev,
 			bool per_layer, double *secs, double *calls, double *landed, double *first)
@@ -515,12 +517,19 @@ static int contiguous_copy(const struct bench *b, ckv_loader *l, uint8_t *dev, c
 
 static int open_loader(const struct bench *b, ckv_loader **l, ckv_prefix **p)
 {
+	static bool told; /* about --gather-threads without CUDA, once */
 	ckv_loader_opts o = { .backend = b->o.backend };
 	uint64_t arena = 2 * b->total + (64u << 20);
 
 	o.arena_bytes = arena < (1ull << 30) ? (1ull << 30) : arena;
 	if (ckv_loader_open(b->store, &o, l) < 0)
 		return fail("%s: %s", b->store, ckv_loader_error(NULL));
+	if (b->o.gather_threads && ckv_loader_backend(*l) != CKV_BACKEND_CUDA && !told) {
+		fprintf(stderr, "bench-loader: --gather-threads %u: only the CUDA backend has a gather "
+				"kernel; ignored\n",
+			b->o.gather_threads);
+		told = true;
+	}
 #ifdef CKV_HAVE_CUDA
 	if (b->o.gather_threads && ckv_loader_backend(*l) == CKV_BACKEND_CUDA) {
 		ckv_cuda_gather_cfg cfg;
@@ -1007,7 +1016,7 @@ int main(int argc, char **argv)
 		printf("| %-38s | %9.2f | %8.2f | %5.2f of the copy     |\n",
 		       "loader warm, first pass after cold", median(t_warm1, b.o.runs) * 1e3,
 		       gb / median(t_warm1, b.o.runs), copy / median(t_warm1, b.o.runs));
-		printf("| %-38s | %9.2f | %8.2f | %5.3f of the copy²   |\n", "loader warm (arena hits), steady",
+		printf("| %-38s | %9.2f | %8.2f | %5.3f of the copy²    |\n", "loader warm (arena hits), steady",
 		       warm * 1e3, gb / warm, median(pair_ratio, b.o.runs * WARM_PASSES));
 		printf("loader warm: the times are until the stream had run every copy (the chunks in place); "
 		       "ckv_loader_sync, which also waits for every pin's release, returned after %.2f ms "

@@ -15,10 +15,11 @@
  * chunks, 0.92-0.93 of one contiguous pinned copy (docs/BENCHMARKS.md);
  * thread count, loads in flight and grid shape made no difference beyond
  * noise there. Gathers of one layer's set back to back, as the loader
- * issues them, do 0.5-1% better with 512 threads than with 256 at 8 and
- * 32 KiB (every load of a 32 KiB chunk goes out before the wait for the
- * previous kernel; BENCHMARKS.md), so: 512 threads, 4 loads, one block
- * per chunk.
+ * issues them, came out 0.5-1% faster with 512 threads than with 256 at 8
+ * and 32 KiB in every side-by-side run (less than the spread between
+ * machine starts; every load of a 32 KiB chunk goes out before the wait
+ * for the previous kernel; BENCHMARKS.md), so: 512 threads, 4 loads, one
+ * block per chunk.
  *
  * The copy descriptors (16 bytes each) reach the device as kernel
  * parameters, in the smallest of three parameter blocks that holds them
