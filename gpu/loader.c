@@ -21,6 +21,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -1308,6 +1309,14 @@ static void reljob_count(ckv_prefix *p, int d)
 	pthread_mutex_unlock(&p->jobs_lock);
 }
 
+void ckv_reljob_run_synced(struct reljob *j, void *stream)
+{
+	ckv_backend *be = j->p->l->be;
+
+	be->ops->sync(be, stream);
+	ckv_reljob_run(j);
+}
+
 void ckv_reljob_submit(struct reljob *j, void *stream)
 {
 	ckv_backend *be = j->p->l->be;
@@ -1323,6 +1332,8 @@ int ckv_reljob_gather(struct reljob *j, const ckv_copy *cp, uint32_t n, uint64_t
 {
 	ckv_backend *be = j->p->l->be;
 	int rc;
+
+	assert(j->nfill == 0); /* see loader_int.h: the job runs before the stores land */
 
 	reljob_count(j->p, 1);
 	rc = be->ops->gather_then(be, cp, n, len, stream, reljob_fn, j);
@@ -1376,14 +1387,11 @@ static void fetch_free(struct ckv_fetch *f)
 	free(f); /* the arrays are part of it */
 }
 
-/* The backend refused a fetch's copy: say so, and release the job's pins once the stream is idle. */
+/* The backend refused a fetch's copy: say so; the job's pins go once the stream is idle. */
 static void copy_failed(ckv_loader *l, struct reljob *j, void *stream, int rc)
 {
-	ckv_backend *be = l->be;
-
-	ckv_lerr(l, rc, "fetch: the %s backend's copy failed: %s", be->ops->name, strerror(-rc));
-	be->ops->sync(be, stream);
-	ckv_reljob_run(j);
+	ckv_lerr(l, rc, "fetch: the %s backend's copy failed: %s", l->be->ops->name, strerror(-rc));
+	ckv_reljob_run_synced(j, stream);
 }
 
 /*

@@ -282,12 +282,15 @@ struct reljob *ckv_reljob_new(ckv_prefix *p, uint32_t max_tok, uint32_t max_tier
 void ckv_reljob_submit(struct reljob *j, void *stream);
 /* Run it at once (nothing was enqueued, or the stream is synchronized). */
 void ckv_reljob_run(struct reljob *j);
+/* Synchronize stream, then run the job: where its copies could not be enqueued. */
+void ckv_reljob_run_synced(struct reljob *j, void *stream);
 /*
  * Enqueue the gather of cp[0..n) (len bytes each) on stream and take the
- * job, to run once that gather has executed (backend->gather_then): for a
- * gather that is the last copy the job's pins guard. On failure nothing was
- * enqueued and the job is still the caller's. Returns 0 or the backend's
- * -errno.
+ * job, to run once that gather has read its sources (backend->gather_then;
+ * its stores may still be in flight, so the job must not publish the
+ * destination: no tier fills): for a gather that is the last copy the
+ * job's pins guard. On failure nothing was enqueued and the job is still
+ * the caller's. Returns 0 or the backend's -errno.
  */
 int ckv_reljob_gather(struct reljob *j, const ckv_copy *cp, uint32_t n, uint64_t len, void *stream);
 
@@ -313,10 +316,6 @@ void ckv_pipeline_get_xstats(const ckv_pipeline *pl, struct ckv_pipeline_xstats 
 /* ---- selection helpers (select.c) ---------------------------------------- */
 
 /*
- * Attention-mass scores of a layer's chunks from its key copy (ckvgpu.h,
- * ckv_keyq_scores): 0, or -ENOMEM.
- */
-/*
  * What ckv_keyq_mass_cpu computes, on the backend (which must have
  * keyq_scores): query, keys (or NULL) and scores in backend memory; the
  * first sh->chunks chunks of kq (layer's) are uploaded to the prefix's
@@ -326,6 +325,10 @@ void ckv_pipeline_get_xstats(const ckv_pipeline *pl, struct ckv_pipeline_xstats 
 int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 		      const struct ckv_keyq *kq, const float *query, const float *keys,
 		      uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream);
+/*
+ * Attention-mass scores of a layer's chunks from its key copy (ckvgpu.h,
+ * ckv_keyq_scores): 0, or -ENOMEM.
+ */
 int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const float *query,
 		      const float *keys, uint32_t q_tokens, uint32_t q_heads, float *scores);
 /* Digest scores of one layer from host digests: the CPU reference. */

@@ -106,6 +106,7 @@ struct ckv_pipeline {
 	float *scores;       /* [m] */
 	void *kq_mem;        /* backend memory of device key-copy scoring: query, keys, scores */
 	uint64_t kq_mem_bytes;
+	bool kq_cpu;         /* the backend refused this shape (-ENOTSUP): score on the CPU from now on */
 	uint8_t *khost;      /* [half_bytes]: a tier chunk's K, for exact scores on a device backend */
 	uint32_t depth;
 	void **buf;          /* [depth] backend memory, rows * chunk_bytes each */
@@ -540,7 +541,7 @@ static int keyq_scores_dev(ckv_pipeline *pl, uint32_t layer, const struct ckv_ke
 	if (rc == 0 && nk)
 		rc = be->ops->from_host(be, mem + nq, pl->keys, nk);
 	if (rc < 0)
-		return ckv_lerr(pl->l, rc, "pipeline: layer %u: cannot copy the query to %s memory",
+		return ckv_lerr(pl->l, rc, "pipeline: layer %u: cannot copy the query and keys to %s memory",
 				layer, be->ops->name);
 	rc = ckv_keyq_mass_dev(pl->p, layer, &pl->sh, kq, (const float *)mem,
 			       nk ? (const float *)(mem + nq) : NULL, pl->o.q_tokens, pl->o.q_heads,
@@ -563,9 +564,10 @@ static int keyq_scores(ckv_pipeline *pl, uint32_t layer, const float *query)
 	pl->xst.dig_wait_s += ckv_now() - t0;
 	pl->st.bytes_digest += ckv_prefix_keyq_bytes(pl->p, &kq);
 	rc = -ENOTSUP;
-	if (pl->l->be->ops->keyq_scores)
+	if (pl->l->be->ops->keyq_scores && !pl->kq_cpu)
 		rc = keyq_scores_dev(pl, layer, &kq, query); /* its errors name the layer */
 	if (rc == -ENOTSUP) { /* a backend without a scorer, or a shape it does not take */
+		pl->kq_cpu = true; /* the shape is the pipeline's: every layer would be refused */
 		rc = ckv_keyq_mass_cpu(&pl->sh, &kq, query, pl->keys, pl->o.q_tokens, pl->o.q_heads,
 				       pl->scores);
 		if (rc < 0)
@@ -676,8 +678,7 @@ static int gather_layer(ckv_pipeline *pl, uint32_t layer, const uint32_t *S, uin
 			rc = ckv_copy_dev(l, pl->ts[x], pl->td[x], nts[x], len[x], pl->o.stream);
 	}
 	if (rc < 0) {
-		be->ops->sync(be, pl->o.stream);
-		ckv_reljob_run(j);
+		ckv_reljob_run_synced(j, pl->o.stream);
 		return ckv_lerr(l, rc, "pipeline: layer %u: the %s backend's copy failed: %s", layer,
 				be->ops->name, strerror(-rc));
 	}

@@ -657,7 +657,6 @@ int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 {
 	ckv_backend *be = p->l->be;
 	ckv_keyq_dev k;
-	ckv_geom g;
 	uint64_t HD, nsc, o_sc, o_part, bytes;
 	uint32_t *part;
 	int rc;
@@ -670,12 +669,8 @@ int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 				"layer %u: the %s backend scores chunks of at most %u tokens; "
 				"these have %u (ckv_keyq_scores scores them on the CPU)",
 				layer, be->ops->name, CKV_KEYQ_DEV_MAX_CHUNK, sh->chunk_tokens);
-	memset(&g, 0, sizeof(g));
-	g.kv_heads = sh->kv_heads;
-	g.head_dim = sh->head_dim;
-	g.chunk_tokens = sh->chunk_tokens;
 	if (kq->nparts == 0 || kq->first[0] != 0 || kq->first[kq->nparts] < sh->chunks ||
-	    kq->per != ckv_keyq_chunk_bytes(&g, kq->bits))
+	    kq->per != ckv_keyq_chunk_bytes(&p->m->geom, kq->bits))
 		return ckv_lerr(p->l, -EPROTO,
 				"layer %u: the key copy does not cover the prefix's %u chunks", layer,
 				sh->chunks);
@@ -685,16 +680,17 @@ int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 	o_sc = ((uint64_t)sh->chunks * kq->per + 15) & ~15ull;
 	o_part = (o_sc + nsc * sizeof(uint16_t) + 15) & ~15ull;
 	bytes = o_part + (uint64_t)sh->chunks * sizeof(uint32_t);
+	/* the previous call synchronized its stream: the buffer is free */
+	rc = ckv_backend_reserve(p->l, &p->kq_dev, &p->kq_dev_bytes, bytes, "key-copy scores");
+	if (rc < 0)
+		return rc; /* its message says what */
 	part = malloc(sizeof(*part) * (sh->chunks ? sh->chunks : 1));
 	if (!part)
 		return ckv_lerr(p->l, -ENOMEM, "key-copy scores of layer %u: out of memory", layer);
 	for (uint32_t x = 0; x < kq->nparts; x++)
 		for (uint32_t j = kq->first[x]; j < kq->first[x + 1] && j < sh->chunks; j++)
 			part[j] = x;
-	rc = ckv_backend_reserve(p->l, &p->kq_dev, &p->kq_dev_bytes, bytes, "key-copy scores");
-	/* the previous call synchronized its stream: the buffer is free */
-	if (rc == 0)
-		rc = be->ops->from_host(be, p->kq_dev, kq->codes, (uint64_t)sh->chunks * kq->per);
+	rc = be->ops->from_host(be, p->kq_dev, kq->codes, (uint64_t)sh->chunks * kq->per);
 	if (rc == 0)
 		rc = be->ops->from_host(be, (uint8_t *)p->kq_dev + o_sc, kq->scales,
 					nsc * sizeof(uint16_t));

@@ -340,7 +340,7 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 		     uint8_t *resident, void **handle)
 {
 	struct esource *es = es_of(s);
-	ckv_chunk_ref *refs = NULL;
+	ckv_chunk_ref rstack[128], *refs = NULL;
 	ckv_slot *stack[128], **slots = stack;
 	struct getctx *g = NULL;
 	uint32_t nmiss;
@@ -350,11 +350,12 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 		*handle = NULL;
 	if (n == 0)
 		return 0;
-	rc = pfx_refs(es, pid, layer, part, chunks, n, NULL, 0, &refs);
+	rc = pfx_refs(es, pid, layer, part, chunks, n, rstack, 128, &refs);
 	if (rc < 0)
 		return rc;
 	if (n > sizeof(stack) / sizeof(stack[0]) && !(slots = malloc(sizeof(*slots) * n))) {
-		free(refs);
+		if (refs != rstack)
+			free(refs);
 		return -ENOMEM;
 	}
 	rc = ckv_engine_get_ready(es->engine, refs, n, 0, slots);
@@ -407,7 +408,8 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 out:
 	if (slots != stack)
 		free(slots);
-	free(refs);
+	if (refs != rstack)
+		free(refs);
 	return rc;
 }
 

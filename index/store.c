@@ -2539,7 +2539,7 @@ static int gc_record_one(void *arg, const char *rel, const char *name)
 		return 0;
 	}
 	snprintf(hex, sizeof(hex), "%.32s", name);
-	if (strlen(name) == CKV_HASH_HEX + 5 && !strcmp(name + CKV_HASH_HEX, ".json") &&
+	if (len == CKV_HASH_HEX + 5 && !strcmp(name + CKV_HASH_HEX, ".json") &&
 	    ckv_hash_parse(&h, hex) == 0 && mdb_get(g->txn, g->s->db_prefix, &hk, &hv) == 0)
 		return 0;
 	rm_tree(g->s->dirfd, rel, &g->r->bytes);
