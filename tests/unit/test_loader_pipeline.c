@@ -91,16 +91,16 @@ static void ref_keyq(struct ctx *x, const ckv_shape *sh, uint32_t layer, float *
 		uint64_t nk = (uint64_t)QT * sh->kv_heads * sh->head_dim * sizeof(float);
 		void *qd, *kd, *sd;
 
-		CHECK_RC(ckv_loader_alloc(x->refl, nq, &qd), x->refl);
-		CHECK_RC(ckv_loader_alloc(x->refl, nk, &kd), x->refl);
-		CHECK_RC(ckv_loader_alloc(x->refl, sh->chunks * sizeof(float), &sd), x->refl);
+		qd = tl_alloc(x->refl, nq);
+		kd = tl_alloc(x->refl, nk);
+		sd = tl_alloc(x->refl, sh->chunks * sizeof(float));
 		CHECK_RC(ckv_loader_from_host(x->refl, qd, x->q[layer], nq), x->refl);
 		if (k)
 			CHECK_RC(ckv_loader_from_host(x->refl, kd, k, nk), x->refl);
 		CHECK_RC(ckv_keyq_mass_dev(x->ref, layer, sh, &kq, qd, k ? kd : NULL, QT, x->qh, sd,
 					   NULL),
 			 x->refl);
-		CHECK_RC(ckv_loader_to_host(x->refl, sc, sd, sh->chunks * sizeof(float)), x->refl);
+		tl_to_host(x->refl, sc, sd, sh->chunks * sizeof(float));
 		ckv_loader_free(x->refl, qd);
 		ckv_loader_free(x->refl, kd);
 		ckv_loader_free(x->refl, sd);
@@ -402,11 +402,6 @@ static void run_all(const char *dtype, uint32_t layers, uint32_t kv, uint32_t D)
 }
 
 /*
- * Digests are cached per prefix: a second pipeline on the same prefix
- * handle reads none (bytes_digest 0, every identification from the cache)
- * and selects the same chunks; a fresh handle reads them again.
- */
-/*
  * ckv_keyq_scores_device: query, keys and scores in backend memory. On the
  * host backend it is the CPU scorer (the same floats); on CUDA
  * (CKV_TEST_BACKEND=cuda) the device kernels, equal to rounding. Two
@@ -436,9 +431,9 @@ static void check_keyq_device(void)
 	double worst = 0;
 
 	CHECK(cpu && got);
-	CHECK_RC(ckv_loader_alloc(l, nq * sizeof(float), &qd), l);
-	CHECK_RC(ckv_loader_alloc(l, nk * sizeof(float), &kd), l);
-	CHECK_RC(ckv_loader_alloc(l, sh.chunks * sizeof(float), &sd), l);
+	qd = tl_alloc(l, nq * sizeof(float));
+	kd = tl_alloc(l, nk * sizeof(float));
+	sd = tl_alloc(l, sh.chunks * sizeof(float));
 	CHECK_RC(ckv_loader_from_host(l, qd, q, nq * sizeof(float)), l);
 	CHECK_RC(ckv_loader_from_host(l, kd, k, nk * sizeof(float)), l);
 	for (uint32_t layer = 0; layer < sh.layers; layer++)
@@ -447,7 +442,7 @@ static void check_keyq_device(void)
 
 			CHECK_RC(ckv_keyq_scores(p, layer, q, with ? k : NULL, T, qh, cpu), l);
 			CHECK_RC(ckv_keyq_scores_device(p, layer, qd, with ? kd : NULL, T, qh, sd, NULL), l);
-			CHECK_RC(ckv_loader_to_host(l, got, sd, sh.chunks * sizeof(float)), l);
+			tl_to_host(l, got, sd, sh.chunks * sizeof(float));
 			for (uint32_t j = 0; j < sh.chunks; j++) {
 				double err = fabs((double)got[j] - cpu[j]) / (fabs(cpu[j]) + 1e-6);
 
@@ -515,8 +510,8 @@ static void check_keyq_long_chunks(void)
 	sc = malloc(sizeof(float) * sh.chunks);
 	want = malloc(sizeof(uint32_t) * sh.chunks);
 	CHECK(sc && want);
-	CHECK_RC(ckv_loader_alloc(l, (uint64_t)qh * sh.head_dim * sizeof(float), &qd), l);
-	CHECK_RC(ckv_loader_alloc(l, sh.chunks * sizeof(float), &sd), l);
+	qd = tl_alloc(l, (uint64_t)qh * sh.head_dim * sizeof(float));
+	sd = tl_alloc(l, sh.chunks * sizeof(float));
 	CHECK_RC(ckv_loader_from_host(l, qd, q, (uint64_t)qh * sh.head_dim * sizeof(float)), l);
 	rc = ckv_keyq_scores_device(p, 0, qd, NULL, 1, qh, sd, NULL);
 	if (ckv_loader_backend(l) == CKV_BACKEND_CUDA) {
@@ -549,6 +544,11 @@ static void check_keyq_long_chunks(void)
 	tstore_free(&t);
 }
 
+/*
+ * Digests are cached per prefix: a second pipeline on the same prefix
+ * handle reads none (bytes_digest 0, every identification from the cache)
+ * and selects the same chunks; a fresh handle reads them again.
+ */
 static void check_digest_cache(void)
 {
 	struct tstore t;

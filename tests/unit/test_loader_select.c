@@ -388,7 +388,7 @@ static double keyq_device(const ckv_shape *sh, const struct ckv_keyq *kq, const 
 	k.head_dim = sh->head_dim;
 	k.chunk_tokens = sh->chunk_tokens;
 	rc = be->ops->keyq_scores(be, &k, qd, nk ? nd : NULL, T, qh, sd, NULL);
-	if (sh->chunk_tokens > 32) {
+	if (sh->chunk_tokens > CKV_KEYQ_DEV_MAX_CHUNK) {
 		CHECK(rc == -ENOTSUP);
 	} else {
 		CHECK(rc == 0 && be->ops->sync(be, NULL) == 0);
@@ -507,7 +507,7 @@ static void check_keyq_mass(void)
 		       sh.kv_heads, sh.head_dim, sh.chunk_tokens, sh.tokens, np, T, qh, worst);
 		if (dworst < 0)
 			printf("; no GPU: the device scorer not compared\n");
-		else if (sh.chunk_tokens > 32)
+		else if (sh.chunk_tokens > CKV_KEYQ_DEV_MAX_CHUNK)
 			printf("; the device scorer refuses chunks of %u slots\n", sh.chunk_tokens);
 		else
 			printf("; the device scorer's worst relative difference to it %.2e\n", dworst);
