@@ -73,6 +73,16 @@ print("full", r["loader:full@1"]["delta_pct"] == 0.0)' "$BATS_TEST_TMPDIR/q.json
 	run cat "$BATS_TEST_TMPDIR/t.md"
 	assert_output_contains "| Re-Prefill | layer, score=keyq | 25% | cold |"
 	assert_output_contains "| Re-Prefill | layer, score=keyq | 25% | warm |"
+	# the key copy was what the pipeline read: more bytes than the digests a warm pass reads
+	run lpy "$CKV_SRC/tools/quality" ttft --stand-in --device cpu --backend host --prefix 96 \
+		--suffix 16 --budgets 0.25 --ttft-modes layer --score digest --reps 1 \
+		--store "$BATS_TEST_TMPDIR/t" --out "$BATS_TEST_TMPDIR/d.json" --md "$BATS_TEST_TMPDIR/d.md"
+	assert_success
+	run lpy -c 'import json, sys
+warm = [[r["bytes"] for r in json.load(open(f))["rows"]
+         if r.get("budget") == 0.25 and r["scenario"] == "warm"][0] for f in sys.argv[1:]]
+print("keyq reads more", warm[0] > warm[1], warm)' "$BATS_TEST_TMPDIR/t.json" "$BATS_TEST_TMPDIR/d.json"
+	assert_output_contains "keyq reads more True"
 	run lpy "$CKV_SRC/tools/quality" ttft --stand-in --score bogus --store "$BATS_TEST_TMPDIR/t"
 	assert_failure
 	assert_output_contains "invalid choice: 'bogus'"
