@@ -319,16 +319,15 @@ static void x_tma_launch(const unsigned char *dbase, const uint64_t *dsrc, unsig
 
 static void ceiling_table(ckv_backend *b, int device, cudaStream_t st, int reps,
 			  const unsigned char *arena, uint64_t arena_bytes, uint64_t total,
-			  unsigned char *dst, int cc_major)
+			  unsigned char *dst, unsigned char *check, const std::vector<ckv_copy> &set8,
+			  const std::vector<ckv_copy> &set64, int cc_major)
 {
 	static const uint32_t xs[] = { 8192, 65536 };
 	x_source src[3] = { { "arena: memfd, 4 KiB pages, read-only", (unsigned char *)arena, "", false,
 			      b },
 			    { "anonymous, transparent huge pages", NULL, "", false, NULL },
 			    { "anonymous, hugetlbfs 2 MiB pages", NULL, "", false, NULL } };
-	unsigned char *check = (unsigned char *)malloc(total);
 	uint64_t *dsrc;
-	uint64_t seed = 11;
 
 	x_map(&src[1], arena_bytes, false);
 	x_map(&src[2], arena_bytes, true);
@@ -342,7 +341,7 @@ static void ceiling_table(ckv_backend *b, int device, cudaStream_t st, int reps,
 	DIE_CU(cudaMalloc(&dsrc, sizeof(uint64_t) * (total / 8192)));
 	printf("\nwhat bounds the gather (-x): the same random chunk sets over %llu MiB of each kind "
 	       "of host memory, GB/s and the ratio to a contiguous copy from that memory (median of "
-	       "pairs, a copy then the other; device "
+	       "pairs, a copy then the other; the copy engines' column: ratio of medians; device "
 	       "time, median of %d)\n| memory | chunk | contiguous copy | gather kernel | TMA "
 	       "bulk-copy kernel | copy engines: cudaMemcpyBatchAsync (host time a copy) |\n"
 	       "|---|---|---|---|---|---|\n",
@@ -356,17 +355,13 @@ static void ceiling_table(ckv_backend *b, int device, cudaStream_t st, int reps,
 		}
 		DIE_CU(cudaHostGetDevicePointer((void **)&dbase, x.host, 0));
 		for (uint32_t cs : xs) {
-			const uint64_t n = total / cs, slots = arena_bytes / cs;
-			std::vector<uint64_t> perm(slots), so(n);
-			std::vector<ckv_copy> c(n);
+			/* main's sets: the same chunks as the tables above, into the same places */
+			const std::vector<ckv_copy> &c = cs == 8192 ? set8 : set64;
+			const uint64_t n = c.size();
+			std::vector<uint64_t> so(n);
 
-			for (uint64_t i = 0; i < slots; i++)
-				perm[i] = i;
-			for (uint64_t i = 0; i < n; i++) {
-				std::swap(perm[i], perm[i + splitmix(&seed) % (slots - i)]);
-				so[i] = perm[i] * cs;
-				c[i] = { so[i], dst + i * cs };
-			}
+			for (uint64_t i = 0; i < n; i++)
+				so[i] = c[i].src;
 			DIE_CU(cudaMemcpy(dsrc, so.data(), sizeof(uint64_t) * n, cudaMemcpyHostToDevice));
 
 			auto contig_fn = [&] {
@@ -442,7 +437,6 @@ static void ceiling_table(ckv_backend *b, int device, cudaStream_t st, int reps,
 			munmap(x.host, arena_bytes);
 		}
 	DIE_CU(cudaFree(dsrc));
-	free(check);
 }
 
 static void usage(FILE *f)
@@ -702,7 +696,8 @@ int main(int argc, char **argv)
 	}
 
 	if (ceiling)
-		ceiling_table(b, device, st, reps, ro, arena_bytes, total, dst, prop.major);
+		ceiling_table(b, device, st, reps, ro, arena_bytes, total, dst, check, sets[0], sets[2],
+			      prop.major);
 	if (sweep) {
 		static const uint32_t threads[] = { 128, 256, 512 }, unroll[] = { 2, 4, 8 },
 				      bps[] = { 0, 4, 8, 16 };
