@@ -153,8 +153,8 @@ $(O)/obj/%.o: %.cu
 
 $(LIBGPU): $(CUDA_OBJ)
 $(GPU_OBJ): override CFLAGS += -DCKV_HAVE_CUDA
-$(O)/obj/tests/gpu/%.o: override CFLAGS += -DCKV_HAVE_CUDA -isystem $(CUDA_HOME)/include -Igpu/cuda
-$(O)/obj/tools/bench-loader.o: override CFLAGS += -DCKV_HAVE_CUDA -isystem $(CUDA_HOME)/include -Igpu/cuda
+CUDA_CFLAGS := -DCKV_HAVE_CUDA -isystem $(CUDA_HOME)/include -Igpu/cuda
+$(O)/obj/tests/gpu/%.o $(O)/obj/tools/bench-loader.o: override CFLAGS += $(CUDA_CFLAGS)
 $(O)/tests/%: override LDLIBS += $(CUDA_LDLIBS)
 
 $(O)/tests/gpu/%: $(O)/obj/tests/gpu/%.o $(LIBGPU) $(LIBENGINE) $(LIBINDEX)
