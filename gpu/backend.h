@@ -32,11 +32,9 @@ typedef struct ckv_copy {
 /*
  * One layer's key copy (keyq.bin, docs/FORMAT.md) in backend memory, for
  * keyq_scores: chunk j's codes at codes + j * per decode as
- * mu + sd * levels[code] with mu and sd from its part's scales.
- */
-/*
- * keyq_scores takes a lane a slot: longer chunks get -ENOTSUP, as does a
- * chunk's head too large for shared memory.
+ * mu + sd * levels[code] with mu and sd from its part's scales. Chunks of
+ * more than CKV_KEYQ_DEV_MAX_CHUNK tokens get -ENOTSUP, as does a chunk's
+ * head too large for shared memory.
  */
 #define CKV_KEYQ_DEV_MAX_CHUNK 32
 typedef struct ckv_keyq_dev {

@@ -1087,7 +1087,15 @@ static int cuda_from_host(ckv_backend *b, void *dst, const void *host, uint64_t 
 	rc = dev.enter(cb_of(b)->device);
 	if (rc)
 		return rc;
-	return CU(cudaMemcpy(dst, host, len, cudaMemcpyDefault));
+	/*
+	 * Not cudaMemcpy: from pageable memory it may return before the bytes
+	 * land, and a caller's non-blocking stream is not ordered after it.
+	 * Synchronous means done, for any stream that reads them next.
+	 */
+	rc = CU(cudaMemcpyAsync(dst, host, len, cudaMemcpyDefault, cudaStreamPerThread));
+	if (rc == 0)
+		rc = CU(cudaStreamSynchronize(cudaStreamPerThread));
+	return rc;
 }
 
 /* ---- digest scores ------------------------------------------------------ */
