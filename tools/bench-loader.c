@@ -19,16 +19,18 @@
  *   loader cold/layer the same, one layer at a time (start, wait, next);
  *   loader warm      the same fetches again on that loader: arena hits;
  *                    the first pass after the cold one, and the steady
- *                    state (WARM_PASSES more passes), each timed until the
+ *                    state (--pairs more passes), each timed until the
  *                    stream has run every copy (the bytes are in place, as
  *                    when cudaMemcpy returns), and until ckv_loader_sync
  *                    returns (every pin released too);
  *   contiguous copy  the same number of bytes as one copy: memcpy between
  *                    host buffers (host backend) or one cudaMemcpy from the
  *                    registered (pinned) arena to device memory (CUDA),
- *                    right after each steady warm pass: the steady ratio is
- *                    the median over those pairs of copy time / pass time,
- *                    so that a stretch of slower link hits both sides.
+ *                    beside each steady warm pass (after it, and before it
+ *                    every other pair, so that neither side always follows
+ *                    the other): the steady ratio is the median over those
+ *                    pairs of copy time / pass time, so that a stretch of
+ *                    slower link hits both sides.
  *
  * Cold runs are compared with raw io_uring, warm ones with the contiguous
  * copy. Read amplification of the cold loader (bytes its engine read from
@@ -78,7 +80,8 @@
 
 #define EXIT_USAGE 2
 #define MAX_RUNS 15
-#define WARM_PASSES 9 /* steady-state warm passes (each paired with a copy) per run */
+#define PAIRS_DEFAULT 25 /* steady-state warm passes (each paired with a copy) per run */
+#define MAX_PAIRS 200
 #define RAW_QD_DEFAULT 128u /* the engine's default queue depth: same depth, same disk */
 #define RAW_MAX_MERGE (1u << 20) /* bytes per raw read, as the engine's merges */
 
@@ -94,6 +97,7 @@ struct opts {
 	uint32_t score_tokens; /* new tokens whose queries identification scores */
 	uint32_t q_per_kv;     /* query heads per kv head */
 	uint32_t gather_threads; /* CUDA gather kernel's block size; 0: the backend's default */
+	uint32_t pairs;          /* steady warm passes a run, each beside a copy */
 };
 
 struct bench {
@@ -506,9 +510,16 @@ static int contiguous_copy(const struct bench *b, ckv_loader *l, uint8_t *dev, c
 		uint64_t asz;
 		const void *arena = ckv_loader_arena(l, &asz);
 
-		/* pinned (registered) host memory to the device, one cudaMemcpy */
-		if (asz < b->total || ckv_loader_from_host(l, dev, arena, b->total) < 0)
-			return fail("contiguous copy: %s", ckv_loader_error(l));
+		/* pinned (registered) host memory to the device: one cudaMemcpy */
+		if (asz < b->total)
+			return fail("contiguous copy: the arena (%llu bytes) is smaller than the copy",
+				    (unsigned long long)asz);
+#ifdef CKV_HAVE_CUDA
+		cudaError_t e = cudaMemcpy(dev, arena, b->total, cudaMemcpyHostToDevice);
+
+		if (e != cudaSuccess)
+			return fail("contiguous copy: cudaMemcpy: %s", cudaGetErrorString(e));
+#endif
 	} else {
 		memcpy(host2, host, b->total);
 	}
@@ -589,6 +600,9 @@ static void usage(FILE *to)
 		"                     planted query (default: a random set per layer)\n"
 		"  --backend K        auto, host or cuda (default auto)\n"
 		"  -r, --runs R       runs of each measurement, median reported (default 3)\n"
+		"  --pairs N          steady warm passes a run, each beside one contiguous copy;\n"
+		"                     their ratio is the median of all runs' pairs (1..200,\n"
+		"                     default 25)\n"
 		"  --layers L         fetch the first L layers only (default all)\n"
 		"  --qd N             raw reader queue depth (default 128, the engine's)\n"
 		"  --score-tokens N   new tokens scored in the identification table (default 16)\n"
@@ -771,17 +785,19 @@ int main(int argc, char **argv)
 		{ "layers", required_argument, NULL, 'L' }, { "ckv", required_argument, NULL, 'C' },
 		{ "qd", required_argument, NULL, 'Q' },
 		{ "score-tokens", required_argument, NULL, 'S' }, { "q-per-kv", required_argument, NULL, 'G' },
-		{ "gather-threads", required_argument, NULL, 'T' },
+		{ "gather-threads", required_argument, NULL, 'T' }, { "pairs", required_argument, NULL, 'W' },
 		{ "help", no_argument, NULL, 'h' }, { "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct bench b = { .o = { .model = "qwen2.5-7b", .tokens = 16384, .budget = 0.1,
 				  .backend = CKV_BACKEND_AUTO, .runs = 3, .seed = 1,
-				  .qd = RAW_QD_DEFAULT, .score_tokens = 16, .q_per_kv = 7 } };
+				  .qd = RAW_QD_DEFAULT, .score_tokens = 16, .q_per_kv = 7,
+				  .pairs = PAIRS_DEFAULT } };
 	double t_raw[MAX_RUNS], t_cold[MAX_RUNS], t_layer[MAX_RUNS], t_warm[MAX_RUNS], t_copy[MAX_RUNS];
 	double t_wcalls[MAX_RUNS], t_warm1[MAX_RUNS], t_warm1s[MAX_RUNS], t_wsync[MAX_RUNS];
-	double t_wfirst[MAX_RUNS];
-	double tcopy[WARM_PASSES], pair_ratio[MAX_RUNS * WARM_PASSES], pair_sync[MAX_RUNS * WARM_PASSES];
+	double t_wfirst[MAX_RUNS], run_ratio[MAX_RUNS];
+	static double pair_ratio[MAX_RUNS * MAX_PAIRS], pair_sync[MAX_RUNS * MAX_PAIRS];
+	double tcopy[MAX_PAIRS];
 	double amp = 0, raw, cold, layer, warm, copy;
 	const char *ckv = NULL;
 	ckv_loader *l = NULL;
@@ -854,6 +870,10 @@ int main(int argc, char **argv)
 					optarg);
 				return EXIT_USAGE;
 			}
+			break;
+		case 'W':
+			if (opt_u32("pairs", optarg, 1, MAX_PAIRS, &b.o.pairs) < 0)
+				return EXIT_USAGE;
 			break;
 		case 'h':
 			usage(stdout);
@@ -934,32 +954,44 @@ int main(int argc, char **argv)
 		if (loader_fetch(&b, l, p, dev, false, &t_warm1s[r], NULL, &t_warm1[r], NULL))
 			goto out;
 		/*
-		 * The steady state and its baseline in pairs, one warm pass then
+		 * The steady state and its baseline in pairs, one warm pass and
 		 * one copy of the same bytes: a slower stretch of the link (the
 		 * machine's PCIe is not always ours alone) hits both sides of a
-		 * pair, and the ratio is the median of the pairs' ratios.
+		 * pair, and the ratio is the median of the pairs' ratios. Every
+		 * other pair puts the copy first, so that neither side always
+		 * runs right after the other.
 		 */
 		{
-			double tw[WARM_PASSES], tc[WARM_PASSES], tl[WARM_PASSES], tf[WARM_PASSES];
+			const int np = (int)b.o.pairs;
+			double tw[MAX_PAIRS], tc[MAX_PAIRS], tl[MAX_PAIRS], tf[MAX_PAIRS];
 
-			for (int w = 0; w < WARM_PASSES; w++) {
+			for (int w = 0; w < np; w++) {
 				double t0;
 
+				if (w % 2) {
+					t0 = now_s();
+					if (contiguous_copy(&b, l, dev, host, host2))
+						goto out;
+					tcopy[w] = now_s() - t0;
+				}
 				if (loader_fetch(&b, l, p, dev, false, &tw[w], &tc[w], &tl[w], &tf[w]))
 					goto out;
-				t0 = now_s();
-				if (contiguous_copy(&b, l, dev, host, host2))
-					goto out;
-				tcopy[w] = now_s() - t0;
-				pair_ratio[r * WARM_PASSES + w] = tcopy[w] / tl[w];
-				pair_sync[r * WARM_PASSES + w] = tcopy[w] / tw[w];
+				if (w % 2 == 0) {
+					t0 = now_s();
+					if (contiguous_copy(&b, l, dev, host, host2))
+						goto out;
+					tcopy[w] = now_s() - t0;
+				}
+				pair_ratio[r * np + w] = tcopy[w] / tl[w];
+				pair_sync[r * np + w] = tcopy[w] / tw[w];
 			}
-			t_wsync[r] = median(tw, WARM_PASSES);
-			t_wcalls[r] = median(tc, WARM_PASSES);
-			t_wfirst[r] = median(tf, WARM_PASSES);
-			t_warm[r] = median(tl, WARM_PASSES);
+			run_ratio[r] = median(pair_ratio + r * np, np); /* sorts the run's part */
+			t_wsync[r] = median(tw, np);
+			t_wcalls[r] = median(tc, np);
+			t_wfirst[r] = median(tf, np);
+			t_warm[r] = median(tl, np);
 		}
-		t_copy[r] = median(tcopy, WARM_PASSES);
+		t_copy[r] = median(tcopy, (int)b.o.pairs);
 		ckv_loader_free(l, dev);
 		dev = NULL;
 		ckv_prefix_close(p);
@@ -1017,27 +1049,33 @@ int main(int argc, char **argv)
 		       "loader warm, first pass after cold", median(t_warm1, b.o.runs) * 1e3,
 		       gb / median(t_warm1, b.o.runs), copy / median(t_warm1, b.o.runs));
 		printf("| %-38s | %9.2f | %8.2f | %5.3f of the copy²    |\n", "loader warm (arena hits), steady",
-		       warm * 1e3, gb / warm, median(pair_ratio, b.o.runs * WARM_PASSES));
+		       warm * 1e3, gb / warm, median(pair_ratio, b.o.runs * (int)b.o.pairs));
 		printf("loader warm: the times are until the stream had run every copy (the chunks in place); "
 		       "ckv_loader_sync, which also waits for every pin's release, returned after %.2f ms "
 		       "(first pass) and %.2f ms (steady, %.3f of the copy²); the steady calls (every start "
 		       "and wait) returned after %.2f ms, the first layer's start (its gather enqueued) "
 		       "after %.1f us\n",
 		       median(t_warm1s, b.o.runs) * 1e3, median(t_wsync, b.o.runs) * 1e3,
-		       median(pair_sync, b.o.runs * WARM_PASSES), median(t_wcalls, b.o.runs) * 1e3,
+		       median(pair_sync, b.o.runs * (int)b.o.pairs), median(t_wcalls, b.o.runs) * 1e3,
 		       median(t_wfirst, b.o.runs) * 1e6);
 		{
-			int np = b.o.runs * WARM_PASSES;
+			int np = b.o.runs * (int)b.o.pairs;
 			double rlo = pair_ratio[0], rhi = pair_ratio[0];
+			double mlo = run_ratio[0], mhi = run_ratio[0];
 
 			for (int i = 1; i < np; i++) {
 				rlo = pair_ratio[i] < rlo ? pair_ratio[i] : rlo;
 				rhi = pair_ratio[i] > rhi ? pair_ratio[i] : rhi;
 			}
-			printf("² steady state: %d pairs of one warm pass then one copy of the same bytes; the "
-			       "median of the pairs' ratios (range %.3f-%.3f), against the ratio of the medians "
-			       "%.3f\n",
-			       np, rlo, rhi, copy / warm);
+			for (int i = 1; i < b.o.runs; i++) {
+				mlo = run_ratio[i] < mlo ? run_ratio[i] : mlo;
+				mhi = run_ratio[i] > mhi ? run_ratio[i] : mhi;
+			}
+			printf("² steady state: %d pairs of one warm pass and one copy of the same bytes (%u a "
+			       "run, the copy first in every other pair); the median of the pairs' ratios "
+			       "(range %.3f-%.3f; each run's own median %.3f-%.3f), against the ratio of the "
+			       "medians %.3f\n",
+			       np, b.o.pairs, rlo, rhi, mlo, mhi, copy / warm);
 		}
 		printf("read amplification of the cold loader: %.3f (bytes read from disk / bytes selected)\n", amp);
 	}

@@ -66,15 +66,16 @@ demo_store() {
 	assert_output_contains "| loader cold, all layers in flight"
 	assert_output_contains "| loader warm (arena hits)"
 	assert_output_contains "| loader warm, first pass after cold"
-	assert_output_contains "² steady state: 9 pairs of one warm pass then one copy of the same bytes"
+	assert_output_contains "² steady state: 25 pairs of one warm pass and one copy of the same bytes (25 a run"
 	assert_output_contains "warm hit path per layer ("
 	assert_output_contains "read amplification of the cold loader: 1.000"
 	assert_output_contains "identification per layer, 16 new tokens x 14 query heads"
 	assert_output_contains "| digest scores (digest.bin)"
 	assert_output_contains "| key-copy mass scores (keyq.bin)"
 	# a second run reuses the generated store
-	run "$BENCH" --ckv "$CKV" -m qwen2.5-0.5b -n 4096 -r 1 --backend host --plant 0.1 "$T/w"
+	run "$BENCH" --ckv "$CKV" -m qwen2.5-0.5b -n 4096 -r 2 --pairs 3 --backend host --plant 0.1 "$T/w"
 	assert_success
+	assert_output_contains "² steady state: 6 pairs of one warm pass and one copy of the same bytes (3 a run"
 	assert_output_contains "digest top-k of planted query"
 }
 
@@ -89,6 +90,12 @@ demo_store() {
 	run "$BENCH" --gather-threads 2048 "$T/w"
 	assert_failure 2
 	assert_output_contains "--gather-threads 2048: expected 64..1024"
+	run "$BENCH" --pairs 0 "$T/w"
+	assert_failure 2
+	assert_output_contains "--pairs 0: expected 1..200"
+	run "$BENCH" --pairs 12x "$T/w"
+	assert_failure 2
+	assert_output_contains "--pairs 12x: expected 1..200"
 	run "$BENCH" -V
 	assert_success
 	assert_output_contains "bench-loader"
