@@ -112,8 +112,9 @@ enum {
 	 * Copies passed as kernel parameters, in three sizes of parameter
 	 * block (2, 8 and 32 KiB: a launch copies the whole block, so a small
 	 * gather takes a small one). Past 4 KiB of parameters needs CUDA 12.1
-	 * (driver and runtime); before it, gathers of more than GATHER_INLINE
-	 * copies go through the ring.
+	 * in the toolkit that builds the kernels (CKV_BIG_PARAMS) and in the
+	 * driver that runs them; without either, gathers of more than
+	 * GATHER_INLINE copies go through the ring.
 	 */
 	GATHER_INLINE = 128,
 	GATHER_INLINE_MID = 508,
@@ -428,7 +429,12 @@ template <int CAP> struct gather_params {
 	ckv_copy inl[CAP];
 };
 static_assert(sizeof(gather_params<GATHER_INLINE>) <= 4096, "fits the 4 KiB of parameters");
+#if CUDART_VERSION >= 12010
+#define CKV_BIG_PARAMS 1 /* this toolkit builds kernels with up to 32 KiB of parameters */
 static_assert(sizeof(gather_params<GATHER_INLINE_MAX>) <= 32764, "fits CUDA 12.1's 32 KiB");
+#else
+#define CKV_BIG_PARAMS 0
+#endif
 
 /*
  * Programmatic dependent launch (sm_90+): trigger lets the next kernel of
@@ -606,10 +612,12 @@ static int gather_launch(struct cuda_backend *cb, uint64_t base, bool from_arena
 		h.done_at = r->fblocks + grid;
 	if (n <= GATHER_INLINE && n <= inl) {
 		rc = launch_inline<GATHER_INLINE>(&cfg, &h, grid, pdl, s, desc);
+#if CKV_BIG_PARAMS
 	} else if (n <= GATHER_INLINE_MID && n <= inl) {
 		rc = launch_inline<GATHER_INLINE_MID>(&cfg, &h, grid, pdl, s, desc);
 	} else if (n <= inl) {
 		rc = launch_inline<GATHER_INLINE_MAX>(&cfg, &h, grid, pdl, s, desc);
+#endif
 	} else {
 		gather_params<GATHER_INLINE> p; /* the head; the copies go through the ring */
 
@@ -1312,7 +1320,7 @@ __device__ uint32_t keyq_decode(const ckv_keyq_dev &k, uint32_t j, uint32_t h, f
 #define KQ_DB 32
 
 template <int G>
-__global__ void keyq_lse_tiled_kernel(const ckv_keyq_dev k, const float *__restrict__ q,
+__global__ void keyq_lse_tiled_kernel(const __grid_constant__ ckv_keyq_dev k, const float *__restrict__ q,
 				      uint32_t q_heads, uint32_t rows, float inv, float *__restrict__ clse)
 {
 	extern __shared__ float ks[]; /* [c][D + 1] keys, then [pass rows][KQ_DB + 1] queries */
@@ -1380,7 +1388,7 @@ __global__ void keyq_lse_tiled_kernel(const ckv_keyq_dev k, const float *__restr
 }
 
 /* Any chunk size up to 32: a lane a slot (lanes: c rounded up to a power of two). */
-__global__ void keyq_lse_kernel(const ckv_keyq_dev k, const float *__restrict__ q, uint32_t q_heads,
+__global__ void keyq_lse_kernel(const __grid_constant__ ckv_keyq_dev k, const float *__restrict__ q, uint32_t q_heads,
 				uint32_t rows, uint32_t lanes, float inv, float *__restrict__ clse)
 {
 	extern __shared__ float ks[];
@@ -1970,9 +1978,9 @@ extern "C" int ckv_backend_cuda(int device, ckv_backend **out)
 	if (rc)
 		goto out_free;
 	cb->pdl = attr >= 9;
-	/* kernel parameters past 4 KiB: CUDA 12.1+ in both the driver and this runtime */
+	/* kernel parameters past 4 KiB: CUDA 12.1+ in the driver and in the toolkit that built this */
 	cb->inline_limit = GATHER_INLINE;
-	if (cudaDriverGetVersion(&attr) == cudaSuccess && attr >= 12010 && CUDART_VERSION >= 12010)
+	if (CKV_BIG_PARAMS && cudaDriverGetVersion(&attr) == cudaSuccess && attr >= 12010)
 		cb->inline_limit = GATHER_INLINE_MAX;
 	cb->cfg.threads = 512;
 	cb->cfg.unroll = 4;

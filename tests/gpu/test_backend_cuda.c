@@ -567,7 +567,9 @@ static void gate_fn(void *arg)
  * before. Both streams wait behind a gate (a host function that blocks
  * until the test opens it) while 300 gathers are queued on them — more
  * than the backend's completion words, so later ones fall back to events,
- * and both sides of the kernel-parameter limit: no callback may run while
+ * of up to 160 copies (run_one runs it with the default parameter limit
+ * and with inline_max 128, which sends the larger ones through the
+ * descriptor ring): no callback may run while
  * the gate is shut; once it opens, every one runs exactly once, and every
  * chunk is where it belongs. Then gathers with callbacks under churn, as
  * in test_after_sync.
@@ -691,6 +693,16 @@ static void run_one(ckv_backend *b, const struct arena *a, cudaStream_t st[2], u
 	CHECK(__atomic_load_n(&calls, __ATOMIC_SEQ_CST) == 1);
 	test_after_sync(b, st, seed);
 	test_gather_then(b, a, st, seed);
+	{
+		ckv_cuda_gather_cfg def, cfg;
+
+		ckv_cuda_get_gather_cfg(b, &def);
+		cfg = def;
+		cfg.inline_max = 128; /* gathers of 129-160 copies stage their descriptors */
+		CHECK_RC(ckv_cuda_set_gather_cfg(b, &cfg));
+		test_gather_then(b, a, st, seed);
+		CHECK_RC(ckv_cuda_set_gather_cfg(b, &def));
+	}
 	test_scatter(b, a, st[1], seed);
 }
 
