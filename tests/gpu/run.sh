@@ -60,7 +60,7 @@ if [ $bench = 1 ]; then
 	for b in bench-gather bench-loader-qwen2.5-0.5b bench-loader-qwen2.5-0.5b-b25 bench-loader-qwen2.5-7b \
 		bench-loader-qwen2.5-14b; do
 		echo "== $b"
-		tail -n "$([ $b = bench-gather ] && echo 32 || echo 15)" "$out/$b.log"
+		tail -n "$([ $b = bench-gather ] && echo 32 || echo 18)" "$out/$b.log"
 	done
 fi
 if [ $fsb = 1 ]; then
