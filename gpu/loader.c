@@ -520,6 +520,7 @@ int ckv_prefix_open(ckv_loader *l, const char *hash, ckv_prefix **out)
 	pthread_mutex_init(&p->jobs_lock, NULL);
 	pthread_cond_init(&p->jobs_cv, NULL);
 	pthread_mutex_init(&p->dig_lock, NULL);
+	p->dig_cap = DIG_CACHE_BYTES;
 	pthread_cond_init(&p->dig_cv, NULL);
 	pthread_mutex_lock(&l->src_lock);
 	l->src->err[0] = 0;
@@ -747,19 +748,22 @@ uint64_t ckv_prefix_digest_bytes(const ckv_prefix *p)
 
 /*
  * Free unpinned cached layers, least recently used first, until the cache
- * holds at most DIG_CACHE_BYTES. dig_lock held.
+ * holds at most p->dig_cap, but never keep (the layer just read, which its
+ * reader is about to pin: a layer larger than the cap stays until the next
+ * one is read). dig_lock held.
  */
-static void dig_trim(ckv_prefix *p)
+static void dig_trim(ckv_prefix *p, const struct dig_ent *keep)
 {
 	uint64_t per = ckv_prefix_digest_bytes(p);
 
-	while (p->dig_bytes > DIG_CACHE_BYTES) {
+	while (p->dig_bytes > p->dig_cap) {
 		struct dig_ent *v = NULL;
 
 		for (uint32_t x = 0; x < p->shape.layers; x++) {
 			struct dig_ent *d = &p->dig[x];
 
-			if (d->state == DIG_READY && d->pins == 0 && (!v || d->stamp < v->stamp))
+			if (d != keep && d->state == DIG_READY && d->pins == 0 &&
+			    (!v || d->stamp < v->stamp))
 				v = d;
 		}
 		if (!v)
@@ -790,7 +794,7 @@ static void dig_load(ckv_prefix *p, uint32_t layer)
 		d->state = DIG_READY;
 		d->stamp = ++p->dig_stamp;
 		p->dig_bytes += bytes;
-		dig_trim(p);
+		dig_trim(p, d);
 	} else {
 		free(buf);
 		d->state = DIG_FAILED;
@@ -931,7 +935,7 @@ void ckv_prefix_digests_put(ckv_prefix *p, uint32_t layer)
 	pthread_mutex_lock(&p->dig_lock);
 	if (p->dig[layer].pins > 0)
 		p->dig[layer].pins--;
-	dig_trim(p);
+	dig_trim(p, NULL);
 	pthread_mutex_unlock(&p->dig_lock);
 }
 
@@ -1380,11 +1384,23 @@ struct ckv_fetch {
 	struct rbatch *b;
 	bool enqueued;           /* the copy is on the stream (or failed): rc holds the outcome */
 	int rc;
+	char *err;               /* rc's message when the start failed it (the wait says it again) */
 };
 
 static void fetch_free(struct ckv_fetch *f)
 {
+	free(f->err);
 	free(f); /* the arrays are part of it */
+}
+
+/*
+ * The start enqueued f's copy and it failed: keep the message, which later
+ * calls on this thread may overwrite before the wait reports the error.
+ */
+static void fetch_keep_err(struct ckv_fetch *f)
+{
+	if (f->rc < 0 && !f->err)
+		f->err = strdup(ckv_loader_error(f->p->l));
 }
 
 /* The backend refused a fetch's copy: say so; the job's pins go once the stream is idle. */
@@ -1618,6 +1634,7 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 	for (uint32_t i = 0; i < n; i++)
 		f->dst[i] = dst_ptrs ? dst_ptrs[i] : (uint8_t *)dst + (size_t)i * f->len;
 	if (n && !l->tier && l->src->ops->pin_resident && fetch_warm(f, chunks)) {
+		fetch_keep_err(f);
 		*out = f;
 		return 0;
 	}
@@ -1654,8 +1671,10 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 	 * the stream now, so its transfer overlaps whatever the caller does
 	 * until the wait (the next layer's start, its compute).
 	 */
-	if (!f->b || ckv_rbatch_complete(f->b))
+	if (!f->b || ckv_rbatch_complete(f->b)) {
 		fetch_enqueue(f);
+		fetch_keep_err(f);
+	}
 	*out = f;
 	return 0;
 }
@@ -1672,6 +1691,8 @@ int ckv_fetch_wait(ckv_fetch *f)
 		fetch_enqueue(f);
 	}
 	rc = f->rc;
+	if (rc < 0 && f->err) /* failed at the start: its message again */
+		ckv_lerr(f->p->l, rc, "%s", f->err);
 	fetch_free(f);
 	return rc;
 }

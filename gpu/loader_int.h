@@ -103,7 +103,10 @@ struct dig_ent {
 
 enum { DIG_NONE = 0, DIG_QUEUED, DIG_LOADING, DIG_READY, DIG_FAILED };
 
-/* Bytes of digests a prefix keeps at most (pinned ones may exceed it). */
+/*
+ * Bytes of digests a prefix keeps at most (its dig_cap): pinned layers, and
+ * the layer just read, may exceed it.
+ */
 #define DIG_CACHE_BYTES (64ull << 20)
 
 struct ckv_prefix {
@@ -135,6 +138,7 @@ struct ckv_prefix {
 	uint32_t *dig_q;         /* [layers] FIFO ring of queued layers */
 	uint32_t dig_qh, dig_qn;
 	uint64_t dig_bytes, dig_stamp;
+	uint64_t dig_cap;        /* DIG_CACHE_BYTES (tests lower it) */
 	bool dig_thread_on, dig_stop;
 	pthread_t dig_thread;
 };

@@ -167,7 +167,7 @@ static void eprefix_free(struct esource *es, struct eprefix *ep)
 {
 	if (!ep)
 		return;
-	if (ep->files)
+	if (ep->files && ep->have)
 		for (size_t slot = 0; slot < (size_t)3 * ep->layers; slot++)
 			if (ep->have[slot])
 				ckv_pview_files_put(ep->v, ep->files + slot * ep->nextents);

@@ -273,8 +273,8 @@ int main(void)
 
 	/* bad arguments */
 	{
-		ckv_fetch *f = NULL;
-		uint8_t *dev = tl_alloc(l, sh.chunk_bytes);
+		ckv_fetch *f = NULL, *q_f = NULL;
+		uint8_t *dev = tl_alloc(l, sh.chunk_bytes + 16);
 		ckv_prefix *q = NULL;
 
 		set[0] = sh.chunks;
@@ -285,6 +285,22 @@ int main(void)
 		CHECK(strstr(ckv_loader_error(l), "layer 6"));
 		CHECK(ckv_fetch_start(p, 0, set, 1, (enum ckv_part)7, dev, NULL, NULL, &f) == -EINVAL);
 		CHECK(ckv_fetch_start(p, 0, set, 1, CKV_PART_KV, NULL, NULL, NULL, &f) == -EINVAL);
+		/*
+		 * A resident chunk to a misaligned destination: the start enqueues
+		 * the copy, the backend refuses it, and the wait reports that
+		 * with its own message even after another call failed between.
+		 */
+		CHECK_RC(ckv_fetch_start(p, 0, set, 1, CKV_PART_KV, dev, NULL, NULL, &f), l);
+		CHECK_RC(ckv_fetch_wait(f), l);
+		{
+			void *bad = dev + 8;
+
+			CHECK_RC(ckv_fetch_start(p, 0, set, 1, CKV_PART_KV, NULL, &bad, NULL, &f), l);
+			CHECK(ckv_fetch_start(p, 6, set, 1, CKV_PART_KV, dev, NULL, NULL, &q_f) == -EINVAL);
+			CHECK(strstr(ckv_loader_error(l), "layer 6"));
+			CHECK(ckv_fetch_wait(f) == -EINVAL);
+			CHECK(strstr(ckv_loader_error(l), "copy failed"));
+		}
 		CHECK(ckv_prefix_open(l, "xyz", &q) == -EINVAL && strstr(ckv_loader_error(l), "hex"));
 		CHECK(ckv_prefix_open(l, "00000000000000000000000000000000", &q) == -ENOENT);
 		CHECK(strstr(ckv_loader_error(l), "not stored"));

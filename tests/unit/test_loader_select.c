@@ -111,6 +111,38 @@ static void check_scores(void)
 			}
 		}
 	}
+	/*
+	 * A digest cache smaller than one layer: every layer is read, handed
+	 * out and freed once unpinned, with the same scores (the layer just
+	 * read used to be trimmed before its reader got it).
+	 */
+	{
+		ckv_prefix *p2;
+		float *want = malloc(sizeof(float) * m * sh.layers), *s2 = malloc(sizeof(float) * m);
+
+		CHECK(want && s2);
+		for (uint32_t layer = 0; layer < sh.layers; layer++)
+			CHECK_RC(ckv_digest_scores(p, layer, q, QT, QH, want + (size_t)layer * m), l);
+		CHECK_RC(ckv_prefix_open(l, t.child_hex, &p2), l);
+		p2->dig_cap = 1024;
+		CHECK(ckv_prefix_digest_bytes(p2) > p2->dig_cap);
+		for (int round = 0; round < 2; round++)
+			for (uint32_t layer = 0; layer < sh.layers; layer++) {
+				const float *dig = NULL;
+				double waited;
+				int how = -1;
+
+				CHECK_RC(ckv_prefix_digests_get(p2, layer, &dig, &how, &waited), l);
+				CHECK(dig != NULL && how >= 0);
+				ckv_prefix_digests_put(p2, layer);
+				CHECK(p2->dig_bytes == 0); /* unpinned, over the cap: freed */
+				CHECK_RC(ckv_digest_scores(p2, layer, q, QT, QH, s2), l);
+				CHECK(memcmp(want + (size_t)layer * m, s2, sizeof(float) * m) == 0);
+			}
+		ckv_prefix_close(p2);
+		free(s2);
+		free(want);
+	}
 	/* exact key scores: max over valid tokens of q . k / sqrt(D), summed */
 	{
 		uint32_t ch[4] = { 0, 17, 30, m - 1 }; /* the last chunk is partial */
