@@ -71,7 +71,9 @@ int ckv_ctl_default_path(const char *mountpoint, char *out, size_t len);
 /*
  * The client side: the socket to connect to for `path`, which is a socket,
  * or a mountpoint (its .ckv/ctl symlink, then the two default locations, for
- * this euid). No side effects. -ENOENT when no socket is found.
+ * this euid: /run/ckvfs only when owned by root or us and not writable by
+ * others, the /tmp directory only when ckv_ctl_default_path would accept
+ * it). No side effects. -ENOENT when no socket is found.
  */
 int ckv_ctl_find_path(const char *path, char *out, size_t len);
 

@@ -202,18 +202,37 @@ static bool run_dir_usable(void)
 	       faccessat(AT_FDCWD, CTL_RUN_DIR, W_OK | X_OK, AT_EACCESS) == 0;
 }
 
-static int tmp_dir(char *dir, size_t len)
+/* Whether dir is a directory of ours alone (not a symlink, mode 0700 or narrower). */
+static int dir_ours(const char *dir)
 {
 	struct stat st;
 
-	snprintf(dir, len, "/tmp/ckvfs-%u", (unsigned)geteuid());
-	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
-		return -errno;
 	if (lstat(dir, &st) < 0)
 		return -errno;
 	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077))
 		return -EPERM; /* someone else's, a symlink, or open to others */
 	return 0;
+}
+
+/*
+ * Whether dir, a directory holding sockets we would connect to, can only
+ * have been written by us or by root: owned by one of the two, not a
+ * symlink, not writable by group or others.
+ */
+static bool dir_trusted(const char *dir)
+{
+	struct stat st;
+
+	return lstat(dir, &st) == 0 && S_ISDIR(st.st_mode) &&
+	       (st.st_uid == 0 || st.st_uid == geteuid()) && !(st.st_mode & 022);
+}
+
+static int tmp_dir(char *dir, size_t len)
+{
+	snprintf(dir, len, "/tmp/ckvfs-%u", (unsigned)geteuid());
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+		return -errno;
+	return dir_ours(dir);
 }
 
 int ckv_ctl_default_path(const char *mountpoint, char *out, size_t len)
@@ -285,16 +304,23 @@ int ckv_ctl_find_path(const char *path, char *out, size_t len)
 		return put_path(out, len, link);
 	}
 
-	/* The default locations ckv_ctl_default_path would have chosen. */
+	/*
+	 * The default locations ckv_ctl_default_path would have chosen, in
+	 * directories nobody else could have planted a socket in (the daemon
+	 * refuses the same /tmp directory ckv_ctl_default_path does).
+	 */
 	if (!realpath(path, rp))
 		return -errno;
 	h = path_hash(rp);
 	snprintf(cand, sizeof(cand), "%s/%016" PRIx64 ".sock", CTL_RUN_DIR, h);
-	if (is_socket(cand))
+	if (dir_trusted(CTL_RUN_DIR) && is_socket(cand))
 		return put_path(out, len, cand);
-	snprintf(cand, sizeof(cand), "/tmp/ckvfs-%u/%016" PRIx64 ".sock", (unsigned)geteuid(), h);
-	if (is_socket(cand))
-		return put_path(out, len, cand);
+	snprintf(cand, sizeof(cand), "/tmp/ckvfs-%u", (unsigned)geteuid());
+	if (dir_ours(cand) == 0) {
+		snprintf(cand, sizeof(cand), "/tmp/ckvfs-%u/%016" PRIx64 ".sock", (unsigned)geteuid(), h);
+		if (is_socket(cand))
+			return put_path(out, len, cand);
+	}
 	return -ENOENT;
 }
 
@@ -795,8 +821,8 @@ static int h_match(struct conn *c, const ckv_ctl_msg *req)
 	g.head_dim = req->u.match.head_dim;
 	g.chunk_tokens = req->u.match.chunk_tokens;
 	rc = ckv_geom_init(&g, &e);
-	if (rc < 0)
-		return reply_err(c, req->hdr.id, -rc, "MATCH: %s", e.msg);
+	if (rc < 0) /* whatever the cause (a size that overflows, a name too long): EINVAL, as specified */
+		return reply_err(c, req->hdr.id, EINVAL, "MATCH: %s", e.msg);
 	tokens = malloc(sizeof(*tokens) * (req->u.match.ntokens ? req->u.match.ntokens : 1));
 	if (!tokens)
 		return reply_err(c, req->hdr.id, ENOMEM, "MATCH: no memory for %u tokens",
@@ -1250,7 +1276,7 @@ static int h_keyq(struct conn *c, const ckv_ctl_msg *req)
 	rc = ckv_pview_keyq(v, req->u.keyq.layer, first, count, &kq, err, sizeof(err));
 	if (rc < 0)
 		return reply_err(c, req->hdr.id, -rc, "KEYQ: layer %u: %s", req->u.keyq.layer, err);
-	need = 16 + 20 + 4ull * kq.nparts + 4 * hd * kq.nparts + (uint64_t)count * kq.per;
+	need = 20 + 4ull * kq.nparts + 4 * hd * kq.nparts + (uint64_t)count * kq.per; /* the payload */
 	if (need > c->ctl->lim.max_msg || kq.nparts > UINT16_MAX) {
 		ckv_keyq_free(&kq);
 		return reply_err(c, req->hdr.id, E2BIG,

@@ -576,6 +576,70 @@ static int retention_count(void *arg, const char *key, uint32_t chunk, double im
 	return 0;
 }
 
+/*
+ * ckv_ctl_find_path as another user (euid uid, in a child) for a
+ * mountpoint whose socket sits in that user's /tmp/ckvfs-<uid>: 0 found,
+ * 1 not found, 2 anything else.
+ */
+static int find_as(uid_t uid, const char *mnt, const char *want)
+{
+	pid_t pid = fork();
+	int st;
+
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		char found[256];
+		int rc;
+
+		if (seteuid(uid) != 0)
+			_exit(3);
+		rc = ckv_ctl_find_path(mnt, found, sizeof(found));
+		_exit(rc == 0 && !strcmp(found, want) ? 0 : rc == -ENOENT ? 1 : 2);
+	}
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st));
+	return WEXITSTATUS(st);
+}
+
+/*
+ * The /tmp fallback is trusted only in a directory of the caller's alone,
+ * as the daemon requires of its own: another user who made
+ * /tmp/ckvfs-<uid> first, or left it open, cannot plant a socket there
+ * that the loader would connect to (and map its arena from).
+ */
+static void check_tmp_trust(void)
+{
+	char base[] = "/tmp/ckv-trust-XXXXXX", mnt[64], def[256], tdir[32], tsock[100];
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	const uid_t uid = 50000 + (uid_t)(getpid() % 10000); /* a user of its own, no passwd entry needed */
+	const char *name;
+	int fd;
+
+	snprintf(tdir, sizeof(tdir), "/tmp/ckvfs-%u", (unsigned)uid);
+	if (geteuid() != 0 || access(tdir, F_OK) == 0) {
+		printf("paths: the /tmp fallback's trust not checked (needs root and no %s)\n", tdir);
+		return;
+	}
+	CHECK(mkdtemp(base) && chmod(base, 0755) == 0);
+	snprintf(mnt, sizeof(mnt), "%s/mnt", base);
+	CHECK(mkdir(mnt, 0755) == 0);
+	CHECK_RC(ckv_ctl_default_path(mnt, def, sizeof(def)));
+	name = strrchr(def, '/') + 1;
+	snprintf(tsock, sizeof(tsock), "%s/%s", tdir, name);
+	CHECK(mkdir(tdir, 0700) == 0);
+	fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", tsock);
+	CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 && listen(fd, 1) == 0);
+	CHECK(chown(tsock, uid, uid) == 0 && chown(tdir, uid, uid) == 0);
+	CHECK(find_as(uid, mnt, tsock) == 0); /* its own 0700 directory */
+	CHECK(chmod(tdir, 0777) == 0);
+	CHECK(find_as(uid, mnt, tsock) == 1); /* open to others */
+	CHECK(chmod(tdir, 0755) == 0 && chown(tdir, 0, 0) == 0);
+	CHECK(find_as(uid, mnt, tsock) == 1); /* someone else's */
+	close(fd);
+	CHECK(unlink(tsock) == 0 && rmdir(tdir) == 0 && rmdir(mnt) == 0 && rmdir(base) == 0);
+	printf("paths: the /tmp fallback only in the caller's own 0700 directory\n");
+}
+
 int main(void)
 {
 	char dir[] = "/tmp/ckv-test-ctl-XXXXXX", store_dir[128], sock[128], mnt[128], path[256];
@@ -676,6 +740,30 @@ int main(void)
 			bad.layers = 0;
 			CHECK(s->ops->match(s, &bad, q, 10, &h, &matched) == -EINVAL);
 			CHECK(strstr(s->err, "layers"));
+		}
+		{
+			/* a geometry whose sizes overflow, sent raw: EINVAL, not fatal */
+			ckv_ctl_msg m = { .hdr = { .type = CKV_CTL_MATCH, .id = 5 } };
+			uint8_t buf[4096];
+			int fd = raw_connect(sock);
+
+			raw_hello(fd);
+			m.u.match.layers = 4;
+			m.u.match.kv_heads = 1024;
+			m.u.match.head_dim = 4096;
+			m.u.match.chunk_tokens = 4096;
+			m.u.match.dtype = CKV_DTYPE_FP32;
+			m.u.match.model = "test/ctl";
+			m.u.match.model_len = 8;
+			m.u.match.ntokens = 16;
+			m.u.match.tokens = q;
+			raw_send(fd, &m);
+			CHECK(raw_recv(fd, buf, sizeof(buf), &m) == CKV_CTL_ERROR);
+			CHECK(m.u.error.err == EINVAL && !(m.u.error.flags & CKV_CTL_ERR_FATAL));
+			m = (ckv_ctl_msg){ .hdr = { .type = CKV_CTL_STATS, .id = 6 } };
+			raw_send(fd, &m); /* the connection carries on */
+			CHECK(raw_recv(fd, buf, sizeof(buf), &m) == CKV_CTL_STATS_OK);
+			close(fd);
 		}
 		free(q);
 		printf("match: 1300 of 1400, %u after a divergence (store agrees), 0, bad geometry -EINVAL\n",
@@ -1315,6 +1403,7 @@ int main(void)
 		CHECK(access(def, F_OK) != 0); /* unlinked at stop */
 		CHECK(ckv_source_remote(mnt, &s3, &e) == -ENOENT);
 		printf("paths: .ckv/ctl symlink; default %s; unlinked at stop\n", def);
+		check_tmp_trust();
 
 		/* a stale socket file is replaced; a regular file is refused */
 		snprintf(path, sizeof(path), "%s/stale.sock", dir);
