@@ -59,6 +59,9 @@ uint32_t ckv_pview_extent_start(const ckv_pview *v, uint32_t x);
  * (per chunk and kv head the mean key), read from the segments' digest.bin.
  */
 int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out);
+/* The same for chunks [first, first + count) only: count * kv_heads * head_dim fp32. */
+int ckv_pview_digests_range(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
+			    float *out);
 
 /*
  * Open extent x's segment side file `name` (digest.bin, keyq.bin, ...) and

@@ -1235,10 +1235,10 @@ static int h_digests(struct conn *c, const ckv_ctl_msg *req)
 		return reply_err(c, req->hdr.id, E2BIG,
 				 "DIGESTS: %u chunks need a %" PRIu64 "-byte reply, max_msg is %u", count,
 				 need, c->ctl->lim.max_msg);
-	buf = malloc(sizeof(float) * per * (mf->chunks ? mf->chunks : 1));
+	buf = malloc(sizeof(float) * per * count); /* count >= 1 and fits max_msg (above) */
 	if (!buf)
 		return reply_err(c, req->hdr.id, ENOMEM, "DIGESTS: no memory");
-	rc = ckv_pview_digests(v, req->u.digests.layer, buf);
+	rc = ckv_pview_digests_range(v, req->u.digests.layer, first, count, buf);
 	if (rc < 0) {
 		free(buf);
 		return reply_err(c, req->hdr.id, -rc, "DIGESTS: layer %u: %s", req->u.digests.layer,
@@ -1247,7 +1247,7 @@ static int h_digests(struct conn *c, const ckv_ctl_msg *req)
 	m.u.digests_ok.first = first;
 	m.u.digests_ok.count = count;
 	m.u.digests_ok.per = (uint32_t)per;
-	m.u.digests_ok.data = buf + per * first;
+	m.u.digests_ok.data = buf;
 	rc = reply(c, &m);
 	free(buf);
 	return rc;
@@ -1273,6 +1273,12 @@ static int h_keyq(struct conn *c, const ckv_ctl_msg *req)
 		return -1;
 	mf = ckv_pview_manifest(v);
 	hd = (uint64_t)mf->geom.kv_heads * mf->geom.head_dim;
+	/* the smallest answer there could be (1-bit codes, one part): refused before any read */
+	need = 20 + 4 + 4 * hd + (uint64_t)count * ckv_keyq_chunk_bytes(&mf->geom, 1);
+	if (need > c->ctl->lim.max_msg)
+		return reply_err(c, req->hdr.id, E2BIG,
+				 "KEYQ: %u chunks need at least a %" PRIu64 "-byte reply, max_msg is %u",
+				 count, need, c->ctl->lim.max_msg);
 	rc = ckv_pview_keyq(v, req->u.keyq.layer, first, count, &kq, err, sizeof(err));
 	if (rc < 0)
 		return reply_err(c, req->hdr.id, -rc, "KEYQ: layer %u: %s", req->u.keyq.layer, err);

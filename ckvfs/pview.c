@@ -377,34 +377,48 @@ int ckv_pview_keyq(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
 	return rc;
 }
 
-int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out)
+int ckv_pview_digests_range(ckv_pview *v, uint32_t layer, uint32_t first, uint32_t count,
+			    float *out)
 {
 	const ckv_manifest *m = v->m;
 	size_t per = (size_t)m->geom.kv_heads * m->geom.head_dim;
+	uint64_t end = (uint64_t)first + count;
 	int rc = 0;
 
-	if (layer >= m->geom.layers)
+	if (layer >= m->geom.layers || end > m->chunks)
 		return -EINVAL;
 	for (uint32_t x = 0; x < m->nextents && rc == 0; x++) {
 		const ckv_extent *ex = &m->extents[x];
+		uint64_t a = v->ext_start[x] > first ? v->ext_start[x] : first;
+		uint64_t b = v->ext_start[x + 1] < end ? v->ext_start[x + 1] : end;
 		char rel[PATH_MAX];
 		ckv_side_header sh;
 		off_t off;
-		size_t len = sizeof(float) * per * ex->count;
+		size_t len;
 		ssize_t got;
-		int fd = ckv_pview_side_open(v, x, "digest.bin", CKV_DIGEST_MAGIC, false, &sh, rel);
+		int fd;
 
+		if (a >= b)
+			continue; /* the extent is outside the range */
+		fd = ckv_pview_side_open(v, x, "digest.bin", CKV_DIGEST_MAGIC, false, &sh, rel);
 		if (fd < 0)
 			return fd;
 		if (sh.per_chunk != per) {
 			close(fd);
 			return -EIO;
 		}
-		off = CKV_SIDE_HEADER + (off_t)(((uint64_t)layer * sh.chunks + ex->first) * per * sizeof(float));
-		got = pread(fd, out + (size_t)v->ext_start[x] * per, len, off);
+		len = sizeof(float) * per * (size_t)(b - a);
+		off = CKV_SIDE_HEADER + (off_t)(((uint64_t)layer * sh.chunks + ex->first +
+						 (a - v->ext_start[x])) * per * sizeof(float));
+		got = pread(fd, out + (size_t)(a - first) * per, len, off);
 		if (got != (ssize_t)len)
 			rc = -EIO;
 		close(fd);
 	}
 	return rc;
+}
+
+int ckv_pview_digests(ckv_pview *v, uint32_t layer, float *out)
+{
+	return ckv_pview_digests_range(v, layer, 0, v->m->chunks, out);
 }

@@ -344,17 +344,23 @@ static int raw_recv(int fd, uint8_t *buf, size_t cap, ckv_ctl_msg *m)
 	return m->hdr.type;
 }
 
-static void raw_hello(int fd)
+/* HELLO offering versions 1..top; the server must pick top. */
+static void raw_hello_v(int fd, uint16_t top)
 {
-	uint16_t v[] = { 1 };
+	uint16_t v[] = { 1, 2 };
 	ckv_ctl_msg m = { .hdr = { .type = CKV_CTL_HELLO, .id = 1 } };
 	uint8_t buf[4096];
 
-	m.u.hello.nversions = 1;
+	m.u.hello.nversions = top;
 	m.u.hello.versions = v;
 	raw_send(fd, &m);
 	CHECK(raw_recv(fd, buf, sizeof(buf), &m) == CKV_CTL_HELLO_OK);
-	CHECK(m.u.hello_ok.version == 1 && (m.u.hello_ok.flags & CKV_CTL_HELLO_ARENA_FD));
+	CHECK(m.u.hello_ok.version == top && (m.u.hello_ok.flags & CKV_CTL_HELLO_ARENA_FD));
+}
+
+static void raw_hello(int fd)
+{
+	raw_hello_v(fd, 1);
 }
 
 static uint32_t raw_open(int fd, const ckv_hash *h)
@@ -946,8 +952,37 @@ int main(void)
 		}
 		free(a);
 		free(b);
+		/* a range whose answer is over max_msg: E2BIG, not fatal; one that fits */
+		{
+			uint8_t *buf = malloc(CKV_CTL_HDR + CKV_CTL_MAX_PAYLOAD);
+			ckv_ctl_msg m;
+			uint32_t handle;
+			int fd = raw_connect(sock);
+
+			CHECK(buf);
+			raw_hello_v(fd, 2);
+			m = (ckv_ctl_msg){ .hdr = { .version = 2, .type = CKV_CTL_OPEN, .id = 2 } };
+			memcpy(m.u.open.hash, child.h.b, 16);
+			raw_send(fd, &m);
+			CHECK(raw_recv(fd, buf, CKV_CTL_HDR + CKV_CTL_MAX_PAYLOAD, &m) == CKV_CTL_OPEN_OK);
+			handle = m.u.open_ok.handle;
+			m = (ckv_ctl_msg){ .hdr = { .version = 2, .type = CKV_CTL_KEYQ, .id = 20 } };
+			m.u.keyq.handle = handle;
+			m.u.keyq.count = 82;
+			raw_send(fd, &m);
+			CHECK(raw_recv(fd, buf, CKV_CTL_HDR + CKV_CTL_MAX_PAYLOAD, &m) == CKV_CTL_ERROR);
+			CHECK(m.u.error.err == E2BIG && !(m.u.error.flags & CKV_CTL_ERR_FATAL));
+			m = (ckv_ctl_msg){ .hdr = { .version = 2, .type = CKV_CTL_KEYQ, .id = 21 } };
+			m.u.keyq.handle = handle;
+			m.u.keyq.count = 10;
+			raw_send(fd, &m);
+			CHECK(raw_recv(fd, buf, CKV_CTL_HDR + CKV_CTL_MAX_PAYLOAD, &m) == CKV_CTL_KEYQ_OK);
+			CHECK(m.u.keyq_ok.count == 10);
+			close(fd);
+			free(buf);
+		}
 		printf("keyq: 4 layers x 82 chunks, %u parts in several requests at max_msg 64 KiB, "
-		       "equal the store's key copy\n", parts);
+		       "equal the store's key copy; 82 chunks in one request E2BIG\n", parts);
 	}
 
 	/* ---- limits */

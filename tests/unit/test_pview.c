@@ -90,6 +90,24 @@ int main(void)
 			for (uint32_t k = 0; k < geom.kv_heads * geom.head_dim; k++)
 				CHECK(fabsf(ref[k] - dig[(size_t)j * geom.kv_heads * geom.head_dim + k]) < 1e-5f);
 		}
+		/* ranges: inside either extent, across the boundary at 25, the whole layer */
+		{
+			const uint32_t rg[][2] = { { 0, 1 }, { 3, 10 }, { 24, 1 }, { 25, 1 }, { 20, 10 },
+						   { 30, 14 }, { 43, 1 }, { 0, 44 } };
+			size_t per = (size_t)geom.kv_heads * geom.head_dim;
+			float *part = malloc(sizeof(float) * 44 * per);
+
+			CHECK(part);
+			for (size_t i = 0; i < sizeof(rg) / sizeof(rg[0]); i++) {
+				memset(part, 0xff, sizeof(float) * 44 * per);
+				CHECK(ckv_pview_digests_range(v, 5, rg[i][0], rg[i][1], part) == 0);
+				CHECK(memcmp(part, dig + rg[i][0] * per, sizeof(float) * rg[i][1] * per) == 0);
+			}
+			CHECK(ckv_pview_digests_range(v, 5, 40, 5, part) == -EINVAL);
+			CHECK(ckv_pview_digests_range(v, 5, UINT32_MAX, 2, part) == -EINVAL);
+			CHECK(ckv_pview_digests_range(v, geom.layers, 0, 1, part) == -EINVAL);
+			free(part);
+		}
 		free(dig);
 	}
 	CHECK(ckv_pview_files_get(v, geom.layers, CKV_PV_KV, (ckv_efile *[2]){ 0 }) == -EINVAL);
