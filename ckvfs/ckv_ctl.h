@@ -48,6 +48,8 @@ typedef struct ckv_ctl_limits {
 	uint32_t max_inflight;     /* per client: GETs in flight; default 256 */
 	uint32_t max_msg;          /* largest payload accepted and sent; 64 KiB .. 16 MiB (default) */
 	bool allow_other;          /* any uid (socket 0666); default: the daemon's uid and root */
+	uint32_t hello_ms;         /* a connection that has not sent HELLO this long after connecting
+				    * is closed (ERROR ETIMEDOUT); default 10000 */
 	/* Log sink (connection refused, hostile client, I/O error); default stderr. */
 	void (*log)(void *arg, const char *msg);
 	void *log_arg;
@@ -57,6 +59,7 @@ typedef struct ckv_ctl_limits {
 #define CKV_CTL_DEFAULT_PINS 65536u
 #define CKV_CTL_DEFAULT_PREFIXES 256u
 #define CKV_CTL_DEFAULT_INFLIGHT 256u
+#define CKV_CTL_DEFAULT_HELLO_MS 10000u
 
 /*
  * The socket path of the daemon mounted at mountpoint:

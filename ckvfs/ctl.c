@@ -53,6 +53,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ckv_ctl_msg.h"
@@ -104,6 +105,7 @@ struct conn {
 	int fd;                    /* -1 once disconnected */
 	uint32_t events;           /* epoll interest */
 	uint16_t version;          /* 0 until HELLO */
+	int64_t hello_due;         /* CLOCK_MONOTONIC ns by which HELLO must have come */
 	uint8_t *in;
 	size_t in_len, in_cap;
 	ckv_ctl_buf out;
@@ -173,6 +175,14 @@ static void clog_(const ckv_ctl *ctl, const char *fmt, ...)
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	ctl->lim.log(ctl->lim.log_arg, buf);
+}
+
+static int64_t mono_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
 static void ctl_kick(ckv_ctl *ctl)
@@ -1550,6 +1560,7 @@ static void ctl_accept(ckv_ctl *ctl)
 		c->pid = cred.pid;
 		c->uid = cred.uid;
 		c->pin_free = CTL_NO_PIN;
+		c->hello_due = mono_ns() + (int64_t)ctl->lim.hello_ms * 1000000;
 		pthread_mutex_init(&c->lock, NULL);
 		c->events = EPOLLIN | EPOLLRDHUP;
 		ev.events = c->events;
@@ -1572,13 +1583,36 @@ static void ctl_accept(ckv_ctl *ctl)
 
 /* ---- the server thread --------------------------------------------------------- */
 
+/*
+ * Close the connections whose HELLO is overdue (a socket held open without
+ * a word would hold one of max_clients for good); return the milliseconds
+ * until the next deadline, or -1 when no connection is waiting for one.
+ */
+static int hello_sweep(ckv_ctl *ctl)
+{
+	int64_t now = mono_ns(), next = -1;
+
+	for (struct conn *c = ctl->conns, *nx; c; c = nx) {
+		nx = c->next;
+		if (c->version || c->fd < 0)
+			continue;
+		if (c->hello_due <= now) {
+			hostile(c, 0, ETIMEDOUT, "no HELLO within %u ms of connecting", ctl->lim.hello_ms);
+			continue;
+		}
+		if (next < 0 || c->hello_due - now < next)
+			next = c->hello_due - now;
+	}
+	return next < 0 ? -1 : (int)((next + 999999) / 1000000);
+}
+
 static void *ctl_main(void *arg)
 {
 	ckv_ctl *ctl = arg;
 	struct epoll_event evs[CTL_MAX_EVENTS];
 
 	while (!atomic_load(&ctl->stopping)) {
-		int n = epoll_wait(ctl->epfd, evs, CTL_MAX_EVENTS, -1);
+		int n = epoll_wait(ctl->epfd, evs, CTL_MAX_EVENTS, hello_sweep(ctl));
 
 		if (n < 0) {
 			if (errno != EINTR) {
@@ -1664,6 +1698,8 @@ static void apply_defaults(ckv_ctl_limits *l, uint64_t arena)
 		l->max_prefixes = CTL_HANDLE_IDX;
 	if (!l->max_inflight)
 		l->max_inflight = CKV_CTL_DEFAULT_INFLIGHT;
+	if (!l->hello_ms)
+		l->hello_ms = CKV_CTL_DEFAULT_HELLO_MS;
 	if (!l->max_msg || l->max_msg > CKV_CTL_MAX_PAYLOAD)
 		l->max_msg = CKV_CTL_MAX_PAYLOAD;
 	if (l->max_msg < CKV_CTL_MIN_MSG)

@@ -1461,6 +1461,46 @@ int main(void)
 	}
 
 	/*
+	 * ---- HELLO is due within hello_ms: sockets held open without a word
+	 * (here max_clients of them) are closed with ETIMEDOUT, and a client
+	 * that said HELLO may stay idle past the deadline
+	 */
+	{
+		ckv_ctl_limits l3 = { .max_clients = 3, .hello_ms = 300 };
+		uint8_t buf[4096];
+		ckv_ctl_msg m;
+		ckv_ctl *ctl3;
+		ckv_source *s3;
+		int quiet[3], talked;
+
+		snprintf(path, sizeof(path), "%s/hello.sock", dir);
+		CHECK_RC(ckv_ctl_start(st, eng, path, &l3, &ctl3));
+		talked = raw_connect(path);
+		raw_hello(talked);
+		for (int i = 0; i < 2; i++)
+			quiet[i] = raw_connect(path);
+		sleep_ms(50);
+		quiet[2] = raw_connect(path); /* the fourth connection: refused */
+		CHECK(raw_recv(quiet[2], buf, sizeof(buf), &m) == CKV_CTL_ERROR && m.u.error.err == EBUSY);
+		close(quiet[2]);
+		for (int i = 0; i < 2; i++) {
+			CHECK(raw_recv(quiet[i], buf, sizeof(buf), &m) == CKV_CTL_ERROR);
+			CHECK(m.u.error.err == ETIMEDOUT && (m.u.error.flags & CKV_CTL_ERR_FATAL));
+			CHECK(raw_recv(quiet[i], buf, sizeof(buf), &m) == -1); /* EOF */
+			close(quiet[i]);
+		}
+		m = (ckv_ctl_msg){ .hdr = { .type = CKV_CTL_STATS, .id = 7 } };
+		raw_send(talked, &m); /* idle since its HELLO, well past the deadline */
+		CHECK(raw_recv(talked, buf, sizeof(buf), &m) == CKV_CTL_STATS_OK);
+		CHECK_RC(ckv_source_remote(path, &s3, &e)); /* the freed places take new clients */
+		s3->ops->destroy(s3);
+		close(talked);
+		ckv_ctl_stop(ctl3);
+		printf("hello: two silent connections closed (ETIMEDOUT) after 300 ms, a fourth "
+		       "refused meanwhile (EBUSY); the client that said HELLO kept its place\n");
+	}
+
+	/*
 	 * ---- GETs racing a disconnect, on a small engine of its own (reads really
 	 * in flight, some chunks -ENOMEM), then a stop with a client holding pins
 	 */
