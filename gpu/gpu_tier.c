@@ -16,7 +16,8 @@
  * and an insert into a full tier evicts the lowest S (ties: least recently
  * used) among entries that are resident and unpinned. S is homogeneous of
  * degree two, so moving the epoch rescales every key alike and the heap
- * stays valid without a rebuild.
+ * stays valid, unless the rescale underflows values to zero (a tier idle
+ * for ~1000 half-lives): then the heap is rebuilt.
  *
  * Entry states: FREE, FILLING (reserved, its copy enqueued but maybe not
  * executed: invisible to lookups, pinned), READY. Pins: one per pending
@@ -183,6 +184,13 @@ static double scale_now(struct ckv_tier *t)
 		}
 		t->epoch = now;
 		x = 1;
+		/*
+		 * After a long idle stretch (over ~1000 half-lives x is infinite)
+		 * values underflow to equal zeros, which order by recency, not
+		 * as the heap was built: rebuild it.
+		 */
+		for (uint32_t pos = t->nheap / 2; pos-- > 0;)
+			heap_down(t, pos);
 	}
 	return x;
 }

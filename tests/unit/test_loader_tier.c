@@ -183,11 +183,53 @@ static void check_retention(const struct tstore *t)
 	ckv_loader_close(l);
 }
 
+/*
+ * Eviction after a long idle stretch: every score decays to zero, the ties
+ * go least recently used first, whatever order the scores had before.
+ * (A half-life of 10 us makes 30 ms thousands of half-lives.)
+ */
+static void check_idle_rebase(void)
+{
+	ckv_backend *be;
+	ckv_tier *t;
+	ckv_tkey k[9];
+	void *ptr;
+	uint32_t id;
+
+	CHECK(ckv_backend_host(&be) == 0);
+	CHECK(ckv_tier_create(be, 8 * 4096, 1e-5, &t) == 0);
+	for (uint32_t i = 0; i < 9; i++)
+		k[i] = (ckv_tkey){ .a = 1000 + i, .b = 7 };
+	for (uint32_t i = 0; i < 8; i++) { /* k0 oldest ... k7 newest; k7 the least important */
+		float sc = (float)(8 - i) * 10;
+
+		id = ckv_tier_reserve(t, &k[i], 4096, &ptr);
+		CHECK(id != CKV_TIER_NONE);
+		ckv_tier_filled(t, id);
+		ckv_tier_score(t, &k[i], &sc, 1);
+	}
+	usleep(30000);
+	id = ckv_tier_lookup(t, &k[3], 4096, &ptr); /* touched after the idle stretch */
+	CHECK(id != CKV_TIER_NONE);
+	ckv_tier_unpin(t, id);
+	id = ckv_tier_reserve(t, &k[8], 4096, &ptr); /* full: evicts the LRU of the zeros, k0 */
+	CHECK(id != CKV_TIER_NONE);
+	ckv_tier_filled(t, id);
+	CHECK(ckv_tier_lookup(t, &k[0], 4096, &ptr) == CKV_TIER_NONE);
+	id = ckv_tier_lookup(t, &k[7], 4096, &ptr);
+	CHECK(id != CKV_TIER_NONE);
+	ckv_tier_unpin(t, id);
+	ckv_tier_destroy(t);
+	be->ops->destroy(be);
+	printf("idle rebase: after thousands of half-lives the least recently used goes first\n");
+}
+
 int main(void)
 {
 	struct tstore t;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	check_idle_rebase();
 	tstore_make(&t, "bf16", 6, 2, 64, 700, 1000);
 	check_fetch(&t);
 	check_passes(&t, CKV_MODE_FULL);
