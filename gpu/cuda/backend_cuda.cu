@@ -1311,6 +1311,29 @@ __device__ uint32_t keyq_decode(const ckv_keyq_dev &k, uint32_t j, uint32_t h, f
 }
 
 /*
+ * The log-sum-exp of x[0..N) of every lane of an aligned group of width
+ * lanes (a power of two), in each of them: mx + log(sum exp(x - mx)).
+ * Every lane of the warp must call it (shuffles).
+ */
+template <int N>
+__device__ __forceinline__ float group_lse(const float (&x)[N], uint32_t width)
+{
+	float mx = -INFINITY, e = 0;
+
+#pragma unroll
+	for (int i = 0; i < N; i++)
+		mx = fmaxf(mx, x[i]);
+	for (uint32_t o = width / 2; o; o >>= 1)
+		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+#pragma unroll
+	for (int i = 0; i < N; i++)
+		e += x[i] == -INFINITY ? 0.0f : expf(x[i] - mx);
+	for (uint32_t o = width / 2; o; o >>= 1)
+		e += __shfl_xor_sync(0xffffffffu, e, o);
+	return mx + logf(e);
+}
+
+/*
  * Chunks of 16 or 32 slots (G = c / 4 threads a row tile, 4 rows x 4 slots
  * a thread). The block's rows go in passes of tiles * 4; each pass stages
  * its queries in shared memory KQ_DB dimensions at a time (coalesced
@@ -1367,22 +1390,15 @@ __global__ void keyq_lse_tiled_kernel(const __grid_constant__ ckv_keyq_dev k, co
 #pragma unroll
 		for (int i = 0; i < 4; i++) {
 			const uint32_t r = base + tr + i;
-			float x[4], mx = -INFINITY, e = 0;
+			float x[4];
 
 #pragma unroll
-			for (int s = 0; s < 4; s++) {
-				x[s] = sg * 4 + s < valid ? acc[i][s] * inv : -INFINITY;
-				mx = fmaxf(mx, x[s]);
-			}
-			for (int o = G / 2; o; o >>= 1)
-				mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-#pragma unroll
 			for (int s = 0; s < 4; s++)
-				e += x[s] == -INFINITY ? 0.0f : expf(x[s] - mx);
-			for (int o = G / 2; o; o >>= 1)
-				e += __shfl_xor_sync(0xffffffffu, e, o);
+				x[s] = sg * 4 + s < valid ? acc[i][s] * inv : -INFINITY;
+			const float lse = group_lse(x, G);
+
 			if (sg == 0 && r < rows)
-				clse[((uint64_t)h * rows + r) * k.m + j] = valid ? mx + logf(e) : -INFINITY;
+				clse[((uint64_t)h * rows + r) * k.m + j] = valid ? lse : -INFINITY;
 		}
 	}
 }
@@ -1400,7 +1416,7 @@ __global__ void keyq_lse_kernel(const __grid_constant__ ckv_keyq_dev k, const fl
 
 	for (uint32_t r0 = warp * per_warp; r0 < rows; r0 += (blockDim.x / 32) * per_warp) {
 		const uint32_t r = r0 + sub;
-		float x = -INFINITY;
+		float x[1] = { -INFINITY };
 
 		if (r < rows && s < valid) {
 			const float *qr = q + ((uint64_t)(r / g) * q_heads + (uint64_t)h * g + r % g) * D;
@@ -1409,19 +1425,12 @@ __global__ void keyq_lse_kernel(const __grid_constant__ ckv_keyq_dev k, const fl
 
 			for (uint32_t d = 0; d < D; d++)
 				dot += __ldg(qr + d) * kr[d];
-			x = dot * inv;
+			x[0] = dot * inv;
 		}
-		/* log-sum-exp over the group's lanes (every lane takes part in the shuffles) */
-		float mx = x;
+		const float lse = group_lse(x, lanes); /* every lane takes part in the shuffles */
 
-		for (uint32_t o = lanes / 2; o; o >>= 1)
-			mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-		float e = x == -INFINITY ? 0.0f : expf(x - mx);
-
-		for (uint32_t o = lanes / 2; o; o >>= 1)
-			e += __shfl_xor_sync(0xffffffffu, e, o);
 		if (s == 0 && r < rows)
-			clse[((uint64_t)h * rows + r) * k.m + j] = valid ? mx + logf(e) : -INFINITY;
+			clse[((uint64_t)h * rows + r) * k.m + j] = valid ? lse : -INFINITY;
 	}
 }
 
