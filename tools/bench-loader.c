@@ -458,21 +458,16 @@ static void stream_wait(ckv_loader *l)
 }
 
 /*
- * Every measured layer's selected chunks into dev, one region per layer
- * (start all, then wait all; or per_layer: one at a time), then
- * ckv_loader_sync. secs: until that returned (bytes in place, every pin
- * released); calls (optional): until the last wait returned; landed
- * (optional): until the stream had run every copy (the bytes in place; pin
- * releases may still be running); first (optional): until the first
- * layer's start returned (its gather enqueued when its chunks were all in
- * the arena).
+ * Every measured layer's selected chunks into dev, one region per layer:
+ * every start, then every wait (per_layer: each start's wait right after
+ * it). first (optional): seconds from t0 until the first layer's start
+ * returned. 0, -ENOMEM or the first failure's -errno.
  */
-static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uint8_t *dev,
-			bool per_layer, double *secs, double *calls, double *landed, double *first)
+static int fetch_layers(const struct bench *b, ckv_prefix *p, uint8_t *dev, bool per_layer,
+			double t0, double *first)
 {
 	ckv_fetch **f = calloc(b->L, sizeof(*f));
 	uint8_t *dst = dev;
-	double t0 = now_s();
 	int rc = 0;
 
 	if (!f)
@@ -495,6 +490,26 @@ static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uin
 			if (rc == 0)
 				rc = r;
 		}
+	free(f);
+	return rc;
+}
+
+/*
+ * fetch_layers, then ckv_loader_sync. secs: until that returned (bytes in
+ * place, every pin released); calls (optional): until the last wait
+ * returned; landed (optional): until the stream had run every copy (the
+ * bytes in place; pin releases may still be running); first (optional):
+ * until the first layer's start returned (its gather enqueued when its
+ * chunks were all in the arena).
+ */
+static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uint8_t *dev,
+			bool per_layer, double *secs, double *calls, double *landed, double *first)
+{
+	double t0 = now_s();
+	int rc = fetch_layers(b, p, dev, per_layer, t0, first);
+
+	if (rc == -ENOMEM)
+		return rc;
 	if (calls)
 		*calls = now_s() - t0;
 	if (rc == 0)
@@ -504,7 +519,6 @@ static int loader_fetch(const struct bench *b, ckv_loader *l, ckv_prefix *p, uin
 	if (rc == 0)
 		rc = ckv_loader_sync(l, NULL);
 	*secs = now_s() - t0;
-	free(f);
 	if (rc < 0)
 		fail("fetch: %s", ckv_loader_error(l));
 	return rc;
@@ -558,23 +572,8 @@ static int behind_one(const struct bench *b, ckv_loader *l, ckv_prefix *p, uint8
 	if (l->be->ops->compute(l->be, BEHIND_S, NULL) < 0 || cudaEventRecord(ev[0], NULL) != cudaSuccess)
 		return fail("behind: the GPU work before the transfer: %s", ckv_loader_error(l));
 	if (pass) {
-		ckv_fetch **f = calloc(b->L, sizeof(*f));
-		uint8_t *dst = dev;
-		uint32_t started = 0;
-		int rc = f ? 0 : -ENOMEM;
+		int rc = fetch_layers(b, p, dev, false, 0, NULL);
 
-		for (; started < b->L && rc == 0; started++) {
-			rc = ckv_fetch_start(p, started, b->sel[started], b->nsel[started], CKV_PART_KV,
-					     dst, NULL, NULL, &f[started]);
-			dst += (uint64_t)b->nsel[started] * b->g.chunk_bytes;
-		}
-		for (uint32_t layer = 0; layer < started; layer++)
-			if (f[layer]) {
-				int r = ckv_fetch_wait(f[layer]);
-
-				rc = rc < 0 ? rc : r;
-			}
-		free(f);
 		if (rc < 0)
 			return fail("behind: fetch: %s", rc == -ENOMEM ? "out of memory" : ckv_loader_error(l));
 	} else if (asz < b->total ||
