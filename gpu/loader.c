@@ -1552,18 +1552,17 @@ static bool fetch_warm(struct ckv_fetch *f, const uint32_t *chunks)
 	tok = len + f->n;
 	if (src->ops->pin_resident(src, p->pid, f->layer, part, chunks, f->n, off, len, tok) != 0)
 		goto out; /* nothing pinned */
-	for (uint32_t i = 0; i < f->n; i++)
+	for (uint32_t i = 0; i < f->n; i++) {
 		if (!in_arena(src, off[i], len[i], want))
 			goto out_release;
+		f->cp[i].src = off[i];
+		f->cp[i].dst = f->dst[i];
+	}
 	j = ckv_reljob_new(p, f->n, 0);
 	if (!j)
 		goto out_release;
 	memcpy(j->tok, tok, sizeof(*tok) * f->n);
 	j->ntok = f->n;
-	for (uint32_t i = 0; i < f->n; i++) {
-		f->cp[i].src = off[i];
-		f->cp[i].dst = f->dst[i];
-	}
 	count_reads(l, NULL, &p->shape, part, f->n, 0, 1);
 	f->enqueued = true;
 	f->rc = ckv_reljob_gather(j, f->cp, f->n, f->len, f->stream);
@@ -1633,11 +1632,8 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 	}
 	for (uint32_t i = 0; i < n; i++)
 		f->dst[i] = dst_ptrs ? dst_ptrs[i] : (uint8_t *)dst + (size_t)i * f->len;
-	if (n && !l->tier && l->src->ops->pin_resident && fetch_warm(f, chunks)) {
-		fetch_keep_err(f);
-		*out = f;
-		return 0;
-	}
+	if (n && !l->tier && l->src->ops->pin_resident && fetch_warm(f, chunks))
+		goto started;
 	for (uint32_t i = 0; i < n; i++) {
 		f->te[i] = CKV_TIER_NONE;
 		f->bi[i] = UINT32_MAX;
@@ -1671,10 +1667,10 @@ int ckv_fetch_start(ckv_prefix *p, uint32_t layer, const uint32_t *chunks, uint3
 	 * the stream now, so its transfer overlaps whatever the caller does
 	 * until the wait (the next layer's start, its compute).
 	 */
-	if (!f->b || ckv_rbatch_complete(f->b)) {
+	if (!f->b || ckv_rbatch_complete(f->b))
 		fetch_enqueue(f);
-		fetch_keep_err(f);
-	}
+started:
+	fetch_keep_err(f);
 	*out = f;
 	return 0;
 }
