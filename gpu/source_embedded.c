@@ -328,6 +328,42 @@ static void es_get_cb(void *arg, size_t i, ckv_slot *slot, int rc)
 }
 
 /*
+ * A set's chunk refs and engine slots for one get_ready pass: on the stack
+ * up to SET_STACK chunks, else malloc'ed. set_free after set_get, whatever
+ * it returned.
+ */
+enum { SET_STACK = 256 };
+struct eset {
+	ckv_chunk_ref rstack[SET_STACK];
+	ckv_slot *sstack[SET_STACK];
+	ckv_chunk_ref *refs;
+	ckv_slot **slots;
+};
+
+static int set_get(struct esource *es, struct eset *set, uint32_t pid, uint32_t layer,
+		   enum ckv_source_part part, const uint32_t *chunks, uint32_t n)
+{
+	int rc = pfx_refs(es, pid, layer, part, chunks, n, set->rstack, SET_STACK, &set->refs);
+
+	set->slots = set->sstack;
+	if (rc < 0) {
+		set->refs = set->rstack; /* nothing to free */
+		return rc;
+	}
+	if (n > SET_STACK && !(set->slots = malloc(sizeof(*set->slots) * n)))
+		return -ENOMEM;
+	return 0;
+}
+
+static void set_free(struct eset *set)
+{
+	if (set->slots != set->sstack)
+		free(set->slots);
+	if (set->refs != set->rstack)
+		free(set->refs);
+}
+
+/*
  * Arena hits are pinned in one engine pass (ckv_engine_get_ready) and
  * delivered here, on the calling thread; only the rest go to the engine as
  * an asynchronous get. The hits are delivered after that get is issued, so
@@ -340,8 +376,9 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 		     uint8_t *resident, void **handle)
 {
 	struct esource *es = es_of(s);
-	ckv_chunk_ref rstack[128], *refs = NULL;
-	ckv_slot *stack[128], **slots = stack;
+	struct eset set;
+	ckv_chunk_ref *refs;
+	ckv_slot **slots;
 	struct getctx *g = NULL;
 	uint32_t nmiss;
 	int rc;
@@ -350,15 +387,11 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 		*handle = NULL;
 	if (n == 0)
 		return 0;
-	rc = pfx_refs(es, pid, layer, part, chunks, n, rstack, 128, &refs);
-	if (rc < 0)
-		return rc;
-	if (n > sizeof(stack) / sizeof(stack[0]) && !(slots = malloc(sizeof(*slots) * n))) {
-		if (refs != rstack)
-			free(refs);
-		return -ENOMEM;
-	}
-	rc = ckv_engine_get_ready(es->engine, refs, n, 0, slots);
+	rc = set_get(es, &set, pid, layer, part, chunks, n);
+	refs = set.refs;
+	slots = set.slots;
+	if (rc == 0)
+		rc = ckv_engine_get_ready(es->engine, refs, n, 0, slots);
 	if (rc < 0)
 		goto out;
 	nmiss = (uint32_t)rc;
@@ -406,10 +439,7 @@ static int es_get_ex(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv_sourc
 		}
 	}
 out:
-	if (slots != stack)
-		free(slots);
-	if (refs != rstack)
-		free(refs);
+	set_free(&set);
 	return rc;
 }
 
@@ -422,36 +452,25 @@ static int es_pin_resident(ckv_source *s, uint32_t pid, uint32_t layer, enum ckv
 			   const uint32_t *chunks, uint32_t n, uint64_t *off, uint64_t *len,
 			   uint64_t *tok)
 {
-	enum { STACK = 256 };
 	struct esource *es = es_of(s);
-	ckv_chunk_ref rstack[STACK], *refs = NULL;
-	ckv_slot *sstack[STACK], **slots = sstack;
+	struct eset set;
 	int rc;
 
 	if (n == 0)
 		return 0;
-	rc = pfx_refs(es, pid, layer, part, chunks, n, rstack, STACK, &refs);
-	if (rc < 0)
-		return rc;
-	if (n > STACK && !(slots = malloc(sizeof(*slots) * n))) {
-		rc = -ENOMEM;
-		goto out;
-	}
-	rc = ckv_engine_get_ready(es->engine, refs, n, CKV_GET_ALL, slots);
+	rc = set_get(es, &set, pid, layer, part, chunks, n);
+	if (rc == 0)
+		rc = ckv_engine_get_ready(es->engine, set.refs, n, CKV_GET_ALL, set.slots);
 	if (rc > 0)
 		rc = 1; /* not all resident: nothing pinned */
 	for (uint32_t i = 0; rc == 0 && i < n; i++) {
-		tok[i] = (uint64_t)(uintptr_t)slots[i];
-		if (slot_out(slots[i], &off[i], &len[i]) < 0) {
-			ckv_engine_release_n(es->engine, slots, n);
+		tok[i] = (uint64_t)(uintptr_t)set.slots[i];
+		if (slot_out(set.slots[i], &off[i], &len[i]) < 0) {
+			ckv_engine_release_n(es->engine, set.slots, n);
 			rc = 1; /* a detached slot: the general path says what is wrong */
 		}
 	}
-out:
-	if (slots != sstack)
-		free(slots);
-	if (refs != rstack)
-		free(refs);
+	set_free(&set);
 	return rc;
 }
 
