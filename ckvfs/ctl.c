@@ -285,7 +285,7 @@ static int put_path(char *out, size_t len, const char *p)
 
 int ckv_ctl_find_path(const char *path, char *out, size_t len)
 {
-	char link[PATH_MAX], tgt[PATH_MAX], cand[PATH_MAX + 16], rp[PATH_MAX];
+	char link[PATH_MAX], tgt[PATH_MAX], cand[PATH_MAX + 16], rp[PATH_MAX], tmp[64];
 	struct stat st;
 	ssize_t n;
 	uint64_t h;
@@ -325,12 +325,10 @@ int ckv_ctl_find_path(const char *path, char *out, size_t len)
 	snprintf(cand, sizeof(cand), "%s/%016" PRIx64 ".sock", CTL_RUN_DIR, h);
 	if (dir_trusted(CTL_RUN_DIR) && is_socket(cand))
 		return put_path(out, len, cand);
-	snprintf(cand, sizeof(cand), "/tmp/ckvfs-%u", (unsigned)geteuid());
-	if (dir_ours(cand) == 0) {
-		snprintf(cand, sizeof(cand), "/tmp/ckvfs-%u/%016" PRIx64 ".sock", (unsigned)geteuid(), h);
-		if (is_socket(cand))
-			return put_path(out, len, cand);
-	}
+	snprintf(tmp, sizeof(tmp), "/tmp/ckvfs-%u", (unsigned)geteuid());
+	snprintf(cand, sizeof(cand), "%s/%016" PRIx64 ".sock", tmp, h);
+	if (dir_ours(tmp) == 0 && is_socket(cand))
+		return put_path(out, len, cand);
 	return -ENOENT;
 }
 

@@ -650,7 +650,6 @@ int ckv_keyq_mass_cpu(const ckv_shape *sh, const struct ckv_keyq *kq, const floa
 	return rc;
 }
 
-
 int ckv_keyq_mass_dev(ckv_prefix *p, uint32_t layer, const ckv_shape *sh,
 		      const struct ckv_keyq *kq, const float *query, const float *keys,
 		      uint32_t q_tokens, uint32_t q_heads, float *scores, void *stream)
